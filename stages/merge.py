@@ -1,0 +1,109 @@
+"""Stage `merge`: fold the LoRA adapter into a 16-bit copy of the base, in models/merged/.
+
+    python -m stages.merge
+
+The adapter is merged in float32 into the 16-bit base weights (upcast exactly), and the
+result is stored in base.dtype: one rounding step, never a merge into 4-bit weights. The
+stage then checks on the validation split that the merged model's loss matches
+(1) the adapter on the same 16-bit base, within merge.max_loss_gap_vs_adapter (rounding
+only), and (2) the adapter on the 4-bit base it was trained on: the merged loss may exceed it by at
+most merge.max_loss_gap_vs_trained (the NF4 -> 16-bit switch; lower is fine). Either gap over its tolerance
+fails the stage and publishes nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.errors import PipelineError, run_stage
+from ftpipe.io import atomic_dir, file_hashes, read_json, tree_digest, write_json
+from ftpipe.modeling import (cuda_available, inference_dtype, load_model, load_tokenizer, mean_loss,
+                             resolve_compute_dtype, torch_dtype)
+from ftpipe.params import MergeParams, Params, QuantizationParams, flatten, load_params
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
+from ftpipe.provenance import stage_record
+from ftpipe.tracking import stage_run
+
+LOSS_BATCH = 16
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, out_dir: Path) -> None:
+    model = load_model(base_dir, "float32", adapter_dir=adapter_dir)
+    merged = model.merge_and_unload().to(torch_dtype(dtype))
+    merged.save_pretrained(str(out_dir))
+    load_tokenizer(base_dir).save_pretrained(str(out_dir))
+
+
+def check_parity(params: MergeParams, quantization: QuantizationParams, base_dir: Path, adapter_dir: Path,
+                 merged_dir: Path, rows: list[dict]) -> dict:
+    """Validation losses of the merged model and both adapter settings; raise if a gap is too large."""
+    pad_id = load_tokenizer(base_dir).pad_token_id
+    dtype = inference_dtype()
+    trained_dtype = resolve_compute_dtype(quantization.compute_dtype, cuda_available())
+    models = {
+        "adapter_16bit": lambda: load_model(base_dir, dtype, adapter_dir=adapter_dir),
+        "adapter_as_trained": lambda: load_model(base_dir, trained_dtype, adapter_dir=adapter_dir,
+                                                 quantization=quantization),
+        "merged": lambda: load_model(merged_dir, dtype),
+    }
+    losses = {name: mean_loss(make(), rows, pad_id, LOSS_BATCH, f"{name} validation loss")["loss"]
+              for name, make in models.items()}
+    metrics = {
+        "validation_loss": losses,
+        "gap_vs_adapter": abs(losses["merged"] - losses["adapter_16bit"]),
+        # Signed: the 16-bit merge removes the NF4 rounding the adapter was trained with, so the merged
+        # model is often *better* than the 4-bit adapter; only a loss increase is a problem.
+        "gap_vs_trained": losses["merged"] - losses["adapter_as_trained"],
+    }
+    failures = [
+        f"{key}: {losses['merged']:.4f} (merged) vs {losses[other]:.4f} ({other}): gap {metrics[key]:.4f} "
+        f"> merge.max_{limit_key} "
+        f"= {limit}"
+        for key, other, limit_key, limit in (
+            ("gap_vs_adapter", "adapter_16bit", "loss_gap_vs_adapter", params.max_loss_gap_vs_adapter),
+            ("gap_vs_trained", "adapter_as_trained", "loss_gap_vs_trained", params.max_loss_gap_vs_trained))
+        if metrics[key] > limit
+    ]
+    if failures:
+        raise PipelineError(
+            "the merged model's validation loss does not match the adapter's:\n  " + "\n  ".join(failures)
+            + "\nThe merged model was not published. A gap vs the 16-bit adapter means the merge is broken; "
+              "a gap vs the 4-bit adapter means the adapter leans on NF4 rounding (train longer or with a "
+              "lower learning rate), or raise the tolerance in params.yaml if you accept it."
+        )
+    return metrics
+
+
+def tracked_params(params: Params) -> dict:
+    """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
+    return {**flatten(params.merge, "merge"), "base.dtype": params.base.dtype,
+            **flatten(params.train.quantization, "train.quantization")}
+
+
+def main() -> None:
+    params = load_params()
+    stage_params = tracked_params(params)
+    from stages.tokenize import load_tokenized
+
+    rows = load_tokenized("validation")
+    with stage_run("merge", stage_params) as tracker:
+        with atomic_dir(MERGED_DIR) as out_dir:
+            merge_adapter(BASE_DIR, ADAPTER_DIR, params.base.dtype, out_dir)
+            metrics = check_parity(params.merge, params.train.quantization, BASE_DIR, ADAPTER_DIR, out_dir, rows)
+            hashes = file_hashes(out_dir)
+            write_json(out_dir / PROVENANCE_FILE, stage_record(
+                "merge", stage_params, metrics=metrics, files_sha256=hashes, digest=tree_digest(hashes),
+                merged_into={"base_digest": read_json(BASE_DIR / PROVENANCE_FILE)["digest"],
+                             "dtype": params.base.dtype, "merge_compute_dtype": "float32"},
+                adapter_sha256=file_hashes(ADAPTER_DIR)))
+        write_json(metrics_file("merge"), metrics)
+        tracker.log_metrics({f"validation_loss.{k}": v for k, v in metrics["validation_loss"].items()})
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("gap")})
+        tracker.log_artifact(MERGED_DIR / PROVENANCE_FILE)
+    losses = metrics["validation_loss"]
+    print(f"merge: validation loss merged {losses['merged']:.4f}, adapter 16-bit {losses['adapter_16bit']:.4f}, "
+          f"adapter as trained (4-bit) {losses['adapter_as_trained']:.4f} -> {MERGED_DIR}/")
+
+
+if __name__ == "__main__":
+    run_stage(main)

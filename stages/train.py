@@ -1,0 +1,248 @@
+"""Stage `train`: QLoRA fine-tuning of the base model on the tokenized train split.
+
+    python -m stages.train
+
+Backends (train.backend): `unsloth` on a CUDA GPU (FastLanguageModel, 4-bit base, LoRA);
+`cpu`: transformers + peft + bitsandbytes NF4 on the CPU, still QLoRA; `auto` picks
+Unsloth when a CUDA GPU is present. Writes the adapter to models/adapter/, the per-step
+curve to metrics/plots/train_loss.csv and metrics/train.json. Checkpoints go to
+models/checkpoints/<fingerprint>/ every train.checkpoint_every steps; a rerun with the same
+params, data and base resumes from the last one instead of starting over.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.errors import PipelineError, run_stage
+from ftpipe.io import atomic_dir, atomic_write_text, file_hashes, read_json, sha256_text, tree_digest, write_json
+from ftpipe.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, require_model_dir, resolve_compute_dtype,
+                             torch_dtype)
+from ftpipe.params import Params, TrainParams, flatten, load_params
+from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PROVENANCE_FILE, TOKENIZED_DIR,
+                          metrics_file)
+from ftpipe.provenance import stage_record
+from ftpipe.tracking import stage_run
+
+CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "loss_tokens", "seconds",
+                 "tokens_per_s", "peak_memory_gib")
+
+
+def resolve_backend(requested: str) -> str:
+    import torch   # torch may precede Unsloth; transformers, peft and trl may not
+
+    has_cuda = torch.cuda.is_available()
+    if requested == "unsloth" and not has_cuda:
+        raise PipelineError("params.yaml train.backend is 'unsloth', but no CUDA GPU is visible. "
+                            "Set train.backend: auto (or cpu) to train on the CPU.")
+    if requested == "cpu":
+        return "cpu"
+    return "unsloth" if has_cuda else "cpu"
+
+
+def fingerprint(params: TrainParams, base_dir: Path, tokenized_dir: Path) -> str:
+    """Identity of a training run: params + base weights + training data. Checkpoints are only
+    resumed by a run with the same fingerprint."""
+    base = read_json(base_dir / PROVENANCE_FILE)["digest"]
+    data = tree_digest(file_hashes(tokenized_dir, exclude=(PROVENANCE_FILE,)))
+    return sha256_text(json.dumps({"train": flatten(params), "base": base, "data": data}, sort_keys=True))[:16]
+
+
+def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_seq_length: int,
+                         compute_dtype: str):
+    """The 4-bit base with fresh LoRA adapters, ready to train."""
+    lora = params.lora
+    if backend == "unsloth":
+        import unsloth  # noqa: F401 - must be imported before transformers, peft and trl
+        from unsloth import FastLanguageModel
+
+        if lora.dropout != 0 or lora.bias != "none":
+            print("warning: Unsloth's fused LoRA kernels need train.lora.dropout: 0 and bias: none; "
+                  "these params make training slower", file=sys.stderr)
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(base_dir), max_seq_length=max_seq_length, load_in_4bit=True,
+            dtype=torch_dtype(compute_dtype), use_exact_model_name=True,   # a local folder: no hub lookups
+            quantization_config=bnb_config(params.quantization, compute_dtype))
+        return FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+            target_modules=lora.target_modules, random_state=params.seed,
+            use_gradient_checkpointing="unsloth" if params.gradient_checkpointing else False)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=bnb_config(params.quantization, compute_dtype),
+        device_map="cpu", dtype=torch_dtype(compute_dtype))
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+        target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def training_arguments(params: TrainParams, backend: str, compute_dtype: str, output_dir: Path):
+    from transformers import TrainingArguments
+
+    steps = {"max_steps": params.max_steps} if params.max_steps else {"num_train_epochs": params.num_epochs}
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps, learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_steps,
+        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
+        data_seed=params.seed, logging_steps=1, save_strategy="steps", save_steps=params.checkpoint_every,
+        report_to=[], use_cpu=backend == "cpu", bf16=backend == "unsloth" and compute_dtype == "bfloat16",
+        fp16=backend == "unsloth" and compute_dtype == "float16", remove_unused_columns=False,
+        dataloader_num_workers=0, save_only_model=False, **steps)
+
+
+class TokenCountingCollator:
+    """Pads batches and counts the real (non-padding) and loss tokens for throughput figures.
+
+    The trainer counts each batch as it trains on it (count()): the data loader collates one
+    batch ahead, so counting in __call__ would credit each step with the next step's batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens = 0
+        self.loss_tokens = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return pad_batch(rows, self.pad_id)
+
+    def count(self, batch: dict) -> None:
+        self.tokens += int(batch["attention_mask"].sum())
+        self.loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator, callbacks: list):
+    import torch
+    from transformers import Trainer
+
+    class MeasuringTrainer(Trainer):
+        """Adds tokens, tokens/s and peak memory to each per-step log entry."""
+        last_time = time.perf_counter()
+        last_tokens = last_loss_tokens = 0
+
+        def training_step(self, model, inputs, *args: Any, **kwargs: Any):
+            collator.count(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs:
+                now = time.perf_counter()
+                seconds = now - self.last_time
+                logs["tokens"] = collator.tokens - self.last_tokens
+                logs["loss_tokens"] = collator.loss_tokens - self.last_loss_tokens
+                logs["seconds"] = round(seconds, 4)
+                logs["tokens_per_s"] = round(logs["tokens"] / seconds, 1) if seconds > 0 else 0.0
+                if torch.cuda.is_available():
+                    logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                self.last_time, self.last_tokens, self.last_loss_tokens = now, collator.tokens, collator.loss_tokens
+            super().log(logs, *args, **kwargs)
+
+    return MeasuringTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                            callbacks=callbacks)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path,
+                  checkpoints_root: Path, out_dir: Path, callbacks: list | None = None) -> dict:
+    """Train LoRA adapters on the 4-bit base; save them into `out_dir`; return metrics and curve."""
+    from stages.tokenize import load_tokenized
+
+    rows = load_tokenized("train", tokenized_dir)
+    pad_id = load_tokenizer(base_dir).pad_token_id
+    backend = resolve_backend(params.backend)
+    compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend == "unsloth")
+    run_id = fingerprint(params, base_dir, tokenized_dir)
+    checkpoint_dir = checkpoints_root / run_id
+    for stale in checkpoints_root.glob("*"):   # checkpoints of other params/data can never be resumed
+        if stale != checkpoint_dir and stale.is_dir():
+            shutil.rmtree(stale)
+    resume_from = last_checkpoint(checkpoint_dir)
+    print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}"
+          + (f", resuming from {resume_from}" if resume_from else ""))
+
+    from transformers import set_seed
+
+    set_seed(params.seed)
+    model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
+    collator = TokenCountingCollator(pad_id)
+    trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, checkpoint_dir),
+                           rows, collator, callbacks or [])
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.model.save_pretrained(str(out_dir))
+    curve = [{key: entry.get(key) for key in CURVE_COLUMNS} for entry in trainer.state.log_history
+             if "loss" in entry]
+    trainable, total = model.get_nb_trainable_parameters()
+    timed = [row for row in curve if row["seconds"]]
+    metrics = {
+        "backend": backend, "compute_dtype": compute_dtype, "run_fingerprint": run_id,
+        "resumed_from": Path(resume_from).name if resume_from else None,
+        "steps": trainer.state.global_step, "final_loss": curve[-1]["loss"],
+        "mean_loss_last_10_steps": sum(row["loss"] for row in curve[-10:]) / len(curve[-10:]),
+        # over the whole curve: the trainer's training_loss leaves out the steps before a resume
+        "train_loss": sum(row["loss"] for row in curve) / len(curve),
+        "seconds": round(time.perf_counter() - started, 1),
+        "tokens_per_s": round(sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed), 1),
+        "trainable_parameters": trainable, "total_parameters": total,
+    }
+    return {"metrics": metrics, "curve": curve}
+
+
+def curve_csv(curve: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(curve)
+    return buffer.getvalue()
+
+
+def tracked_params(params: Params) -> dict:
+    """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
+    return {**flatten(params.train, "train"), "tokenize.max_seq_length": params.tokenize.max_seq_length}
+
+
+def main() -> None:
+    params = load_params()
+    stage_params = tracked_params(params)
+    base_dir = require_model_dir(BASE_DIR, "base model")
+    with stage_run("train", stage_params) as tracker:
+        with atomic_dir(ADAPTER_DIR) as out_dir:
+            result = train_adapter(params.train, params.tokenize.max_seq_length, base_dir, TOKENIZED_DIR,
+                                   CHECKPOINTS_DIR, out_dir)
+            base_provenance = read_json(base_dir / PROVENANCE_FILE)
+            write_json(out_dir / PROVENANCE_FILE, stage_record(
+                "train", stage_params, metrics=result["metrics"],
+                trained_on={"base_digest": base_provenance["digest"], "base_dtype": base_provenance["dtype"],
+                            "quantized_as": f"bitsandbytes {params.train.quantization.quant_type} 4-bit "
+                                            f"(double quant: {params.train.quantization.double_quant}) "
+                                            f"of {BASE_DIR}"},
+                data_sha256=file_hashes(TOKENIZED_DIR)))
+        atomic_write_text(PLOTS_DIR / "train_loss.csv", curve_csv(result["curve"]))
+        write_json(metrics_file("train"), result["metrics"])
+        for row in result["curve"]:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        tracker.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
+        tracker.log_artifact(ADAPTER_DIR, "adapter")
+    m = result["metrics"]
+    print(f"train: {m['steps']} steps, final loss {m['final_loss']:.4f}, {m['tokens_per_s']} tokens/s "
+          f"-> {ADAPTER_DIR}/")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,120 @@
+"""Shared pieces of the model-stage tests: synthetic chat data, small params, and the builders
+behind the session fixtures in conftest.py (one tiny base folder, one tokenized data set, one
+trained adapter and one merged model, reused by test_train, test_evaluate, test_merge and
+test_quantize).
+
+torch/transformers are imported inside the functions: collecting the tests stays fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ftpipe.io import write_json
+from ftpipe.params import BaseParams, LoraParams, QuantizationParams, TokenizeParams, TrainParams, flatten
+from ftpipe.paths import PROVENANCE_FILE
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE_LICENSE, BASE_DTYPE = "MIT", "bfloat16"
+TOKENIZE = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=True)
+TRAIN = TrainParams(
+    backend="cpu", seed=0, max_steps=6, num_epochs=None, batch_size=4, gradient_accumulation_steps=1,
+    learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=1, weight_decay=0.0, max_grad_norm=1.0,
+    gradient_checkpointing=False, checkpoint_every=2,
+    lora=LoraParams(r=4, alpha=8, dropout=0.0, bias="none", target_modules=TARGET_MODULES),
+    quantization=QuantizationParams(quant_type="nf4", double_quant=True, compute_dtype="float32"))
+# 24 training rows = exactly 6 steps of 4: one epoch, so every row is trained on once.
+SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
+
+
+def row_id(messages: list[dict]) -> str:
+    """A content hash, like the clean stage's ids: their order is not the order rows are written in."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def chat_row(n: int) -> dict:
+    """A conversation with digits, non-ASCII text and a newline in the answer; every third has a
+    system prompt, every fifth a second turn."""
+    messages = [{"role": "user", "content": f"Convert {n} °C to Fahrenheit."},
+                {"role": "assistant", "content": f"{n} °C is {n * 9 / 5 + 32:g} °F.\n"
+                                                 f"Fahrenheit = Celsius × 9/5 + 32 (café rule)."}]
+    if n % 3 == 0:
+        messages.insert(0, {"role": "system", "content": "Answer in two lines."})
+    if n % 5 == 0:
+        messages += [{"role": "user", "content": "And in kelvin?"},
+                     {"role": "assistant", "content": f"{n + 273.15:g} K."}]
+    return {"id": row_id(messages), "source": "unit", "source_row": n, "format": "chat", "messages": messages}
+
+
+def clean_splits() -> dict[str, list[dict]]:
+    splits, n = {}, 0
+    for split, size in SPLIT_SIZES.items():
+        splits[split] = [chat_row(n + i) for i in range(size)]
+        n += size
+    return splits
+
+
+def write_clean(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+                                               encoding="utf-8")
+    return folder
+
+
+def build_base(model_dir: Path, out_dir: Path) -> Path:
+    """models/base/ as the base stage publishes it: the model folder plus provenance.json."""
+    from ftpipe.provenance import stage_record
+    from stages.base import materialize_base
+
+    params = BaseParams(model=str(model_dir), license=BASE_LICENSE, dtype=BASE_DTYPE)
+    out_dir.mkdir(parents=True)
+    info = materialize_base(params, out_dir)
+    write_json(out_dir / PROVENANCE_FILE, stage_record("base", flatten(params, "base"), **info))
+    return out_dir
+
+
+def build_tokenized(base_dir: Path, root: Path) -> tuple[Path, Path]:
+    """Clean splits of synthetic rows and their tokenized form: (clean_dir, tokenized_dir)."""
+    from ftpipe.modeling import load_tokenizer
+    from stages.tokenize import tokenize_splits
+
+    clean_dir = write_clean(root / "clean", clean_splits())
+    tokenized_dir = root / "tokenized"
+    tokenized_dir.mkdir()
+    stats = tokenize_splits(clean_dir, load_tokenizer(base_dir), TOKENIZE, tokenized_dir)
+    write_json(tokenized_dir / "stats.json", stats)
+    return clean_dir, tokenized_dir
+
+
+def model_probe():
+    """A TrainerCallback that records, when training begins, how the model being trained is built."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    class ModelProbe(TrainerCallback):
+        def __init__(self):
+            self.seen: dict = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            four_bit = {name: module for name, module in model.named_modules()
+                        if isinstance(module, bnb.nn.Linear4bit)}
+            self.seen = {
+                "linear4bit": sorted(four_bit),
+                "storage_dtypes": {str(m.weight.dtype) for m in four_bit.values()},
+                "quant_types": {m.weight.quant_type for m in four_bit.values()},
+                "compute_dtypes": {str(m.compute_dtype) for m in four_bit.values()},
+                "trainable": sorted(name for name, p in model.named_parameters() if p.requires_grad),
+            }
+
+    return ModelProbe()
+
+
+def train_tiny(params: TrainParams, base_dir: Path, tokenized_dir: Path, checkpoints_root: Path, out_dir: Path,
+               callbacks: list | None = None) -> dict:
+    from stages.train import train_adapter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return train_adapter(params, TOKENIZE.max_seq_length, base_dir, tokenized_dir, checkpoints_root, out_dir,
+                         callbacks)

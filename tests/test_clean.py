@@ -1,0 +1,376 @@
+"""Stage `clean`: every record format, normalization, each rejection reason, counts that add up,
+a split that depends only on content and salt, and main() end to end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.io import read_json, read_jsonl
+from ftpipe.params import CleanParams
+from stages import clean
+from stages.clean import (
+    RECORD_FORMATS, UnknownFormat, assign_split, clean_sources, content_id, normalize, rejection_reason, to_messages,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=100, max_answer_chars=200,
+                     placeholder_answers=["n/a", "none", "TODO", "..."], split_salt="s1",
+                     validation_fraction=0.1, test_fraction=0.2)
+ANSWER = "A clear answer of enough length."
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def qa(i: int, answer: str = ANSWER) -> dict:
+    return {"instruction": f"Question number {i}?", "output": answer}
+
+
+def write_raw(raw_dir: Path, sources: dict[str, list[dict]], licenses: dict[str, str] | None = None) -> Path:
+    """data/raw as ingest writes it: <name>.jsonl of {"row", "record"} plus provenance.json."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, records in sources.items():
+        lines = [json.dumps({"row": n, "record": record}) + "\n" for n, record in enumerate(records, start=1)]
+        (raw_dir / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
+        entries.append({"name": name, "file": f"{name}.jsonl", "license": (licenses or {}).get(name, "MIT")})
+    (raw_dir / "provenance.json").write_text(json.dumps({"stage": "ingest", "sources": entries}), encoding="utf-8")
+    return raw_dir
+
+
+def split_of(splits: dict[str, list]) -> dict[str, str]:
+    return {row["id"]: split for split, rows in splits.items() for row in rows}
+
+
+# --- to_messages -------------------------------------------------------------------------------
+
+def test_alpaca_without_input():
+    assert to_messages({"instruction": "Say hi.", "output": "Hi!"}) == (
+        "alpaca", [user("Say hi."), assistant("Hi!")])
+
+
+def test_alpaca_with_empty_input_and_extra_keys():
+    record = {"instruction": "Say hi.", "input": "  ", "output": "Hi!", "id": 7, "category": "greeting"}
+    assert to_messages(record) == ("alpaca", [user("Say hi."), assistant("Hi!")])
+
+
+def test_alpaca_with_input():
+    record = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
+    assert to_messages(record) == ("alpaca", [user("Translate to French.\n\nGood morning"), assistant("Bonjour")])
+
+
+def test_alpaca_with_system():
+    record = {"system": "Be terse.", "instruction": "Sum 2 and 2.", "input": None, "output": "4"}
+    assert to_messages(record) == (
+        "alpaca", [{"role": "system", "content": "Be terse."}, user("Sum 2 and 2."), assistant("4")])
+
+
+def test_chat_messages():
+    messages = [{"role": "system", "content": "Be kind."}, user("Hi?"), assistant("Hello."),
+                user("And?"), {"role": "assistant", "content": None}]
+    fmt, out = to_messages({"messages": messages, "meta": {"x": 1}})
+    assert fmt == "chat"
+    assert out == messages[:4] + [assistant("")]   # a missing content becomes "" (rejected later as empty)
+
+
+def test_chat_non_string_content_becomes_json_text():
+    assert to_messages({"messages": [user("Give a list."), {"role": "assistant", "content": [1, "ä"]}]}) == (
+        "chat", [user("Give a list."), assistant('[1, "ä"]')])
+
+
+def test_sharegpt_conversations():
+    record = {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi?"},
+                                {"from": "gpt", "value": "Hello."}, {"from": "Human", "value": "More?"},
+                                {"from": "GPT", "value": "Sure."}]}
+    assert to_messages(record) == ("sharegpt", [{"role": "system", "content": "Be kind."}, user("Hi?"),
+                                                assistant("Hello."), user("More?"), assistant("Sure.")])
+
+
+def test_sharegpt_with_role_and_content_keys():
+    record = {"conversations": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    assert to_messages(record) == ("sharegpt", [user("Hi?"), assistant("Hello.")])
+
+
+def test_prompt_completion():
+    assert to_messages({"prompt": "2+2=", "completion": "4"}) == ("prompt_completion", [user("2+2="), assistant("4")])
+
+
+@pytest.mark.parametrize("record", [
+    {"text": "just text"},
+    {"instruction": "no output"},
+    {"prompt": "no completion"},
+    {},
+])
+def test_unknown_format(record):
+    with pytest.raises(UnknownFormat, match=r"unknown record format \(keys: "):
+        to_messages(record)
+
+
+@pytest.mark.parametrize("record", [{"messages": "not a list"}, {"conversations": [["a", "b"]]}])
+def test_malformed_turns_are_unknown_format(record):
+    with pytest.raises(UnknownFormat, match="must be a list of objects"):
+        to_messages(record)
+
+
+# --- normalize ---------------------------------------------------------------------------------
+
+def test_normalize_nfc():
+    decomposed = "Cafe\u0301 nai\u0308ve"
+    assert decomposed != "Café naïve"
+    assert normalize(decomposed) == "Café naïve"
+
+
+def test_normalize_line_endings_trailing_spaces_and_blank_runs():
+    assert normalize("line one  \r\nline two\t\rline three") == "line one\nline two\nline three"
+    assert normalize("a\n\n\n\n\nb\n\n\nc\n\nd") == "a\n\nb\n\nc\n\nd"
+    assert normalize("a \n \n\t\n  \nb") == "a\n\nb"             # whitespace-only lines are blank too
+    assert normalize("\n\n  text with  inner  spaces  \n\n") == "text with  inner  spaces"
+    assert normalize("    indented code\n        keeps indentation") == "indented code\n        keeps indentation"
+
+
+def test_normalize_is_idempotent():
+    text = "x  \r\n\r\n\r\n\r\ny\u0301 "
+    assert normalize(normalize(text)) == normalize(text) == "x\n\ný"
+
+
+# --- rejection_reason --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("messages, reason", [
+    ([user("Q?"), assistant(ANSWER)], None),
+    ([user("Q?"), assistant("")], "empty_answer"),
+    ([user("Q?"), assistant(ANSWER), user("More?"), assistant("")], "empty_answer"),
+    ([user("Q?"), assistant("N/A")], "placeholder_answer"),
+    ([user("Q?"), assistant("None.")], "placeholder_answer"),
+    ([user("Q?"), assistant("todo!")], "placeholder_answer"),
+    ([user("Q?"), assistant("...")], "placeholder_answer"),
+    ([user("Q?"), assistant("Too short")], "answer_too_short"),          # 9 < 10 chars
+    ([user("Q?"), assistant("x" * 10)], None),                           # exactly the minimum
+    ([user("Q?"), assistant("x" * 200)], None),                          # exactly the maximum
+    ([user("Q?"), assistant("x" * 201)], "answer_too_long"),
+    ([user("x" * 101), assistant(ANSWER)], "prompt_too_long"),
+    ([{"role": "system", "content": "x" * 60}, user("y" * 41), assistant(ANSWER)], "prompt_too_long"),
+    ([{"role": "system", "content": "x" * 60}, user("y" * 40), assistant(ANSWER)], None),
+    ([user("Q?")], "no_assistant_turn"),
+    ([user("Q?"), {"role": "gpt", "content": ANSWER}], "no_assistant_turn"),
+])
+def test_rejection_reasons(messages, reason):
+    assert rejection_reason(messages, PARAMS) == reason
+
+
+# --- clean_sources -----------------------------------------------------------------------------
+
+@pytest.fixture
+def mixed_raw(tmp_path) -> Path:
+    first = [
+        qa(1),                                                    # kept
+        qa(2, "N/A"),                                             # placeholder
+        qa(3, "short"),                                           # too short
+        qa(4, "x" * 300),                                         # too long
+        {"instruction": "p" * 150, "output": ANSWER},             # prompt too long
+        {"messages": [user("Only a question?")]},                 # no assistant turn
+        {"prompt": "Empty?", "completion": "   "},                # empty after normalization
+        qa(1),                                                    # exact duplicate of row 1
+        {"instruction": "Question number 1?  ", "output": ANSWER + "\r\n"},   # duplicate after normalization
+        {"messages": [user("Hello there?"), assistant("General Kenobi, indeed.")]},   # kept
+    ]
+    second = [
+        {"conversations": [{"from": "human", "value": "Question number 1?"}, {"from": "gpt", "value": ANSWER}]},
+        {"prompt": "Capital of France?", "completion": "Paris is the capital of France."},
+        {"conversations": [{"from": "human", "value": "Ping?"}, {"from": "gpt", "value": "Pong, from the gpt."}]},
+    ]
+    return write_raw(tmp_path / "raw", {"first": first, "second": second}, {"first": "MIT", "second": "CC0-1.0"})
+
+
+def test_clean_sources_counts_add_up(mixed_raw):
+    splits, rejected, summary = clean_sources(mixed_raw, PARAMS)
+    assert summary["sources"]["first"] == {
+        "rows_in": 10, "kept": 2, "license": "MIT",
+        "rejected": {"placeholder_answer": 1, "answer_too_short": 1, "answer_too_long": 1, "prompt_too_long": 1,
+                     "no_assistant_turn": 1, "empty_answer": 1, "duplicate": 2},
+        "formats": {"alpaca": 7, "chat": 2, "prompt_completion": 1},
+    }
+    assert summary["sources"]["second"] == {"rows_in": 3, "kept": 2, "license": "CC0-1.0",
+                                            "rejected": {"duplicate": 1},
+                                            "formats": {"sharegpt": 2, "prompt_completion": 1}}
+    for name, source in summary["sources"].items():
+        assert source["rows_in"] == source["kept"] + sum(source["rejected"].values()), name
+    assert summary["rows_in"] == 13
+    assert summary["kept"] == {split: len(rows) for split, rows in splits.items()}
+    assert set(summary["kept"]) == {"train", "validation", "test"}
+    assert sum(summary["kept"].values()) == 4
+    assert summary["rows_in"] == sum(summary["kept"].values()) + len(rejected)
+    assert summary["rejected"] == dict(Counter(r["reason"] for r in rejected))
+    assert summary["rejected"]["duplicate"] == 3
+
+
+def test_every_rejected_row_says_where_it_came_from_and_why(mixed_raw):
+    _, rejected, _ = clean_sources(mixed_raw, PARAMS)
+    assert [(r["source"], r["row"], r["reason"]) for r in rejected] == [
+        ("first", 2, "placeholder_answer"), ("first", 3, "answer_too_short"), ("first", 4, "answer_too_long"),
+        ("first", 5, "prompt_too_long"), ("first", 6, "no_assistant_turn"), ("first", 7, "empty_answer"),
+        ("first", 8, "duplicate"), ("first", 9, "duplicate"), ("second", 1, "duplicate"),
+    ]
+    by_row = {(r["source"], r["row"]): r for r in rejected}
+    assert by_row[("first", 2)]["record"] == qa(2, "N/A")   # the original record, for inspection
+    assert by_row[("first", 2)]["detail"] is None
+    assert by_row[("first", 8)]["detail"] == "same content as first row 1"
+    assert by_row[("second", 1)]["detail"] == "same content as first row 1"   # across sources and formats
+
+
+def test_kept_rows_are_canonical_and_the_first_duplicate_wins(mixed_raw):
+    splits, _, _ = clean_sources(mixed_raw, PARAMS)
+    kept = {(row["source"], row["source_row"]): row for rows in splits.values() for row in rows}
+    assert set(kept) == {("first", 1), ("first", 10), ("second", 2), ("second", 3)}
+    row = kept[("first", 1)]
+    assert row["format"] == "alpaca"
+    assert row["messages"] == [user("Question number 1?"), assistant(ANSWER)]
+    assert row["id"] == content_id(row["messages"]) and len(row["id"]) == 16
+    assert kept[("second", 3)]["messages"] == [user("Ping?"), assistant("Pong, from the gpt.")]
+    for split, rows in splits.items():
+        for row in rows:
+            assert set(row) == {"id", "source", "source_row", "format", "messages"}
+            assert assign_split(row["id"], PARAMS) == split
+
+
+def test_unknown_record_format_names_source_row_and_formats(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"good": [qa(1)], "odd": [qa(2), qa(3), {"text": "free text"}]})
+    with pytest.raises(PipelineError) as error:
+        clean_sources(raw, PARAMS)
+    message = str(error.value)
+    assert "source 'odd'" in message and "row 3" in message
+    assert "unknown record format (keys: ['text'])" in message
+    assert all(fmt in message for fmt in RECORD_FORMATS)
+
+
+def test_all_rows_rejected_is_an_error(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"bad": [qa(1, "n/a"), qa(2, "tiny"), qa(3, "")]})
+    with pytest.raises(PipelineError) as error:
+        clean_sources(raw, PARAMS)
+    message = str(error.value)
+    assert message.startswith("no training rows left after cleaning (3 rows in")
+    assert "placeholder_answer" in message and "answer_too_short" in message and "clean.*" in message
+
+
+def test_missing_raw_provenance_says_to_run_ingest_first(tmp_path):
+    with pytest.raises(PipelineError, match=r"provenance\.json: file not found.*dvc repro"):
+        clean_sources(tmp_path / "raw", PARAMS)
+
+
+def test_broken_raw_line_names_file_and_line(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"src": [qa(1), qa(2)]})
+    with open(raw / "src.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"row": 3, "record": \n')
+    with pytest.raises(PipelineError, match=r"src\.jsonl: line 3: invalid JSON"):
+        clean_sources(raw, PARAMS)
+
+
+# --- the deterministic split -------------------------------------------------------------------
+
+def many(count: int, start: int = 0) -> list[dict]:
+    return [qa(i, f"Answer {i} with enough characters.") for i in range(start, start + count)]
+
+
+def test_assign_split_depends_only_on_content_and_salt():
+    row_id = content_id([user("Q?"), assistant(ANSWER)])
+    assert assign_split(row_id, PARAMS) == assign_split(row_id, dataclasses.replace(PARAMS, min_answer_chars=1))
+    assert {assign_split(row_id, PARAMS) for _ in range(5)} == {assign_split(row_id, PARAMS)}
+
+
+def test_existing_rows_keep_their_split_when_rows_are_added(tmp_path):
+    before, _, _ = clean_sources(write_raw(tmp_path / "a", {"src": many(300)}), PARAMS)
+    # new rows appended, others inserted before the old ones, plus a whole new source
+    grown = {"src": many(100, start=1000) + many(300) + many(100, start=2000), "extra": many(50, start=5000)}
+    after, _, summary = clean_sources(write_raw(tmp_path / "b", grown), PARAMS)
+    old, new = split_of(before), split_of(after)
+    assert len(old) == 300 and len(new) == 550 and summary["rows_in"] == 550
+    assert {row_id: new[row_id] for row_id in old} == old
+    assert len(set(old.values())) == 3   # the check covers rows of every split
+
+
+def test_changing_the_salt_changes_some_splits(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"src": many(300)})
+    first = split_of(clean_sources(raw, PARAMS)[0])
+    again = split_of(clean_sources(raw, PARAMS)[0])
+    salted = split_of(clean_sources(raw, dataclasses.replace(PARAMS, split_salt="s2"))[0])
+    assert again == first
+    assert set(salted) == set(first)
+    moved = sum(salted[row_id] != first[row_id] for row_id in first)
+    assert 50 < moved < 250   # about 1 - (0.7² + 0.1² + 0.2²) = 46% of the rows move
+
+
+def test_split_fractions_roughly_match(tmp_path):
+    splits, rejected, _ = clean_sources(write_raw(tmp_path / "raw", {"src": many(2000)}), PARAMS)
+    assert rejected == []
+    counts = {split: len(rows) for split, rows in splits.items()}
+    assert sum(counts.values()) == 2000
+    assert abs(counts["validation"] - 200) < 50    # 0.1 of 2000, sd ~13
+    assert abs(counts["test"] - 400) < 60          # 0.2 of 2000, sd ~18
+    assert abs(counts["train"] - 1400) < 70
+
+
+# --- main() ------------------------------------------------------------------------------------
+
+def write_params(**clean_overrides) -> None:
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    data["clean"].update(clean_overrides)
+    Path("params.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def test_main_end_to_end(in_tmp_project, capsys):
+    write_params(validation_fraction=0.2, test_fraction=0.2)
+    good = [qa(i, f"Answer number {i}, long enough to keep.") for i in range(60)]
+    write_raw(Path("data/raw"), {"docs": good + [qa(0, "Answer number 0, long enough to keep."), qa(99, "n/a")],
+                                 "chat": [{"messages": [user("Hello?"), assistant("Hi, nice to meet you!")]}]})
+    clean.main()
+
+    out = Path("data/clean")
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "rejected.jsonl", "summary.json",
+                                                    "test.jsonl", "train.jsonl", "validation.jsonl"]
+    splits = {split: read_jsonl(out / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    for split, rows in splits.items():
+        assert rows, split
+        assert [row["id"] for row in rows] == sorted(row["id"] for row in rows)   # stable file content
+        assert all(assign_split(row["id"], dataclasses.replace(PARAMS, validation_fraction=0.2,
+                                                               test_fraction=0.2, split_salt="v1")) == split
+                   for row in rows)
+    ids = [row["id"] for rows in splits.values() for row in rows]
+    assert len(ids) == len(set(ids)) == 61
+
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert [(r["source"], r["row"], r["reason"]) for r in rejected] == [("docs", 61, "duplicate"),
+                                                                       ("docs", 62, "placeholder_answer")]
+    summary = read_json(out / "summary.json")
+    assert summary["rows_in"] == 63
+    assert summary["kept"] == {split: len(rows) for split, rows in splits.items()}
+    assert summary["rejected"] == {"duplicate": 1, "placeholder_answer": 1}
+    assert summary["sources"]["chat"] == {"rows_in": 1, "kept": 1, "rejected": {}, "formats": {"chat": 1},
+                                          "license": "MIT"}
+    provenance = read_json(out / "provenance.json")
+    assert provenance["stage"] == "clean" and provenance["params"]["clean.split_salt"] == "v1"
+    assert provenance["params"]["clean.validation_fraction"] == 0.2
+
+    metrics = read_json(Path("metrics/clean.json"))
+    assert metrics == {"rows_in": 63, "rejected": 2, "rows_train": len(splits["train"]),
+                       "rows_validation": len(splits["validation"]), "rows_test": len(splits["test"])}
+    assert sorted(p.name for p in Path("data").iterdir()) == ["clean", "raw"]   # no temp folder left
+    assert "clean: 63 rows in" in capsys.readouterr().out
+
+
+def test_main_failure_publishes_nothing(in_tmp_project):
+    write_params()
+    write_raw(Path("data/raw"), {"docs": [qa(1, "n/a")]})
+    with pytest.raises(PipelineError, match="no training rows left"):
+        clean.main()
+    assert not Path("data/clean").exists() and not Path("metrics/clean.json").exists()
+    assert sorted(p.name for p in Path("data").iterdir()) == ["raw"]

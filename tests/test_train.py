@@ -1,0 +1,174 @@
+"""Stage `train`: real QLoRA on the CPU (bitsandbytes NF4 base, LoRA adapters), the per-step curve,
+checkpoints keyed by a fingerprint, and a resume after an interruption that ends exactly where an
+uninterrupted run ends."""
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftpipe.errors import PipelineError
+from ftpipe.io import read_json
+from stages.train import CURVE_COLUMNS, curve_csv, fingerprint, resolve_backend
+
+from tests.model_fixtures import TARGET_MODULES, TRAIN, train_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+N_LAYERS = 2   # the tiny model's (tests/conftest.py)
+
+
+def interrupt_at(step: int):
+    """A TrainerCallback that stops training like Ctrl-C once `step` has run (before its checkpoint)."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    return Interrupt()
+
+
+def lora_parameter_count(config: dict, r: int) -> int:
+    """r * (fan_in + fan_out) per targeted linear layer, from the model config."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+              "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+    return config["num_hidden_layers"] * sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes.values())
+
+
+def adapter_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_cpu_backend_trains_qlora_on_a_4bit_base(tiny_trained):
+    seen = tiny_trained["model"]   # the model the trainer actually trained, probed at on_train_begin
+    assert len(seen["linear4bit"]) == N_LAYERS * len(TARGET_MODULES)
+    assert all(name.endswith("_proj.base_layer") for name in seen["linear4bit"])
+    assert seen["storage_dtypes"] == {"torch.uint8"}   # packed 4-bit weights, not a 16-bit copy
+    assert seen["quant_types"] == {"nf4"} and seen["compute_dtypes"] == {"torch.float32"}
+    assert seen["trainable"] and all(".lora_A." in name or ".lora_B." in name for name in seen["trainable"])
+
+
+def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, tiny_data):
+    adapter, result = tiny_trained["adapter"], tiny_trained["result"]
+    metrics, curve = result["metrics"], result["curve"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], set(config["target_modules"])) == (4, 8, set(TARGET_MODULES))
+    tensors = adapter_tensors(adapter)
+    assert len(tensors) == 2 * N_LAYERS * len(TARGET_MODULES)
+    assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)   # zero at init
+
+    assert [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(row["loss"]) and row["tokens"] > 0 and 0 < row["loss_tokens"] < row["tokens"]
+               for row in curve)
+    stats = read_json(tiny_data[1] / "stats.json")["train"]   # 6 steps of 4 = one epoch: each row once
+    assert sum(row["tokens"] for row in curve) == stats["tokens"]
+    assert sum(row["loss_tokens"] for row in curve) == stats["loss_tokens"]
+
+    model_config = read_json(tiny_base / "config.json")
+    assert metrics["backend"] == "cpu" and metrics["compute_dtype"] == "float32"
+    assert (metrics["steps"], metrics["resumed_from"]) == (6, None)
+    assert metrics["final_loss"] == curve[-1]["loss"]
+    assert metrics["train_loss"] == pytest.approx(sum(row["loss"] for row in curve) / 6)
+    assert metrics["trainable_parameters"] == lora_parameter_count(model_config, 4)
+    assert metrics["run_fingerprint"] == fingerprint(TRAIN, tiny_base, tiny_data[1])
+    assert metrics["tokens_per_s"] > 0
+
+    checkpoints = tiny_trained["checkpoints"] / metrics["run_fingerprint"]
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    lines = curve_csv(curve).splitlines()
+    assert lines[0] == ",".join(CURVE_COLUMNS) and len(lines) == 7
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, tiny_base, tiny_data):
+    """Train with TRAIN params, interrupted after step 3 (checkpoint-2 saved), then rerun."""
+    root = tmp_path_factory.mktemp("resume")
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(TRAIN, tiny_base, tiny_data[1], root / "checkpoints", root / "interrupted",
+                   callbacks=[interrupt_at(3)])
+    (run_dir,) = (root / "checkpoints").iterdir()
+    left = {"checkpoints": sorted(path.name for path in run_dir.iterdir()),
+            "adapter_files": list((root / "interrupted").iterdir())}
+    result = train_tiny(TRAIN, tiny_base, tiny_data[1], root / "checkpoints", root / "adapter")
+    return {"root": root, "left": left, "result": result}
+
+
+def test_interrupted_run_leaves_only_its_checkpoint(resumed):
+    assert resumed["left"] == {"checkpoints": ["checkpoint-2"], "adapter_files": []}
+
+
+def test_rerun_resumes_and_ends_where_an_uninterrupted_run_ends(resumed, tiny_trained):
+    metrics, curve = resumed["result"]["metrics"], resumed["result"]["curve"]
+    reference = tiny_trained["result"]   # same params, base and data, never interrupted
+    assert metrics["resumed_from"] == "checkpoint-2"
+    assert metrics["steps"] == 6 and [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6]
+    assert metrics["run_fingerprint"] == reference["metrics"]["run_fingerprint"]
+    # CPU training here is deterministic (seeded LoRA init, data order and RNG state restored from the
+    # checkpoint): the measured difference of the final losses is exactly 0.0. Allow float noise only.
+    assert abs(metrics["final_loss"] - reference["metrics"]["final_loss"]) <= 1e-5
+    assert [row["loss"] for row in curve] == pytest.approx([row["loss"] for row in reference["curve"]], abs=1e-5)
+    assert metrics["train_loss"] == pytest.approx(reference["metrics"]["train_loss"], abs=1e-5)
+    # Each step is credited with the tokens of its own batch, also across the resume.
+    assert [(row["tokens"], row["loss_tokens"]) for row in curve] == \
+        [(row["tokens"], row["loss_tokens"]) for row in reference["curve"]]
+    resumed_tensors, reference_tensors = adapter_tensors(resumed["root"] / "adapter"), \
+        adapter_tensors(tiny_trained["adapter"])
+    assert resumed_tensors.keys() == reference_tensors.keys()
+    assert all((resumed_tensors[k] - reference_tensors[k]).abs().max() <= 1e-6 for k in reference_tensors)
+
+
+def test_changed_params_start_over_and_delete_stale_checkpoints(tmp_path, tiny_base, tiny_data, tiny_trained):
+    old_id = tiny_trained["result"]["metrics"]["run_fingerprint"]
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_trained["checkpoints"], root)
+    changed = dataclasses.replace(TRAIN, learning_rate=TRAIN.learning_rate / 2)
+    new_id = fingerprint(changed, tiny_base, tiny_data[1])
+    assert new_id != old_id
+
+    result = train_tiny(changed, tiny_base, tiny_data[1], root, tmp_path / "adapter")
+    assert result["metrics"]["run_fingerprint"] == new_id and result["metrics"]["resumed_from"] is None
+    assert [path.name for path in root.iterdir()] == [new_id]
+    assert result["curve"][-1]["loss"] != tiny_trained["result"]["curve"][-1]["loss"]
+
+
+def test_fingerprint_follows_base_and_data_but_not_provenance(tmp_path, tiny_base, tiny_data):
+    tokenized = shutil.copytree(tiny_data[1], tmp_path / "tokenized")
+    original = fingerprint(TRAIN, tiny_base, tokenized)
+    assert fingerprint(TRAIN, tiny_base, tokenized) == original
+    (tokenized / "provenance.json").write_text("{}")   # written after the data: not part of it
+    assert fingerprint(TRAIN, tiny_base, tokenized) == original
+    (tokenized / "stats.json").write_text("{}")
+    assert fingerprint(TRAIN, tiny_base, tokenized) != original
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "provenance.json").write_text(json.dumps({"digest": "another base"}))
+    assert fingerprint(TRAIN, base, tiny_data[1]) != fingerprint(TRAIN, tiny_base, tiny_data[1])
+
+
+def test_resolve_backend_on_a_machine_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert resolve_backend("auto") == "cpu" and resolve_backend("cpu") == "cpu"
+    with pytest.raises(PipelineError, match=r"train\.backend is 'unsloth', but no CUDA GPU is visible"):
+        resolve_backend("unsloth")
+
+
+def test_importing_the_train_stage_imports_neither_unsloth_nor_transformers():
+    """On the CPU, Unsloth is never imported; and since it must be imported before transformers, peft and
+    trl on a GPU, importing the stage (and resolving the backend) must not import those either."""
+    code = ("import sys, stages.train as t; t.resolve_backend('auto'); "
+            "print(sorted(m for m in ('unsloth', 'transformers', 'peft', 'trl') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.strip() == "[]"
