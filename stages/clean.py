@@ -3,12 +3,14 @@
     python -m stages.clean
 
 Reads every data/raw/<source>.jsonl written by ingest. Each record is recognised as one of
-Alpaca (instruction/input/output), chat `messages`, ShareGPT `conversations` or
-prompt/completion, turned into {"role", "content"} messages, normalized (Unicode NFC,
-line endings, trailing spaces, blank-line runs), filtered by the params' length limits,
+Alpaca (instruction/input/output), chat `messages`, ShareGPT `conversations`,
+prompt/completion or plain `text`, turned into {"role", "content"} messages, checked for
+structure (field types, roles, turn order), normalized (Unicode NFC, line endings, control
+characters, trailing spaces, blank-line runs), filtered by the params' length limits,
 placeholder answers and exact duplicates, and split by a hash of its content, so adding
-rows never moves existing ones. Every input row ends up either in a split or in
-rejected.jsonl with its reason: summary.json shows the counts add up.
+rows never moves existing ones. Hostile input is repaired or rejected, never a crash: every
+input row ends up either in a split or in rejected.jsonl with its source, row and reason
+(rows ingest could not parse included): summary.json shows the counts add up.
 """
 from __future__ import annotations
 
@@ -32,54 +34,134 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 RECORD_FORMATS = ("alpaca (instruction, input?, output)", "chat (messages: [{role, content}])",
                   "sharegpt (conversations: [{from, value}])", "prompt/completion")
+ROLES = {"system", "user", "assistant"}
 BLANK_LINE_RUN = re.compile(r"\n{3,}")
 TRAILING_SPACE = re.compile(r"[ \t]+\n")
+# Control characters (Unicode category Cc: C0, DEL, C1) other than newline and tab: NUL and friends
+# are never meaningful in training text and break tokenizers and viewers, so normalize drops them
+# (and clean counts the rows repaired).
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")   # \r: a line ending, normalized
+# A record with more text than this is rejected before it is normalized or compared: no training
+# example is near it (clean.max_answer_chars would reject it anyway), and a multi-megabyte record
+# must not be copied around several times. Ingest applies the same limit while reading.
+MAX_RECORD_CHARS = 1 << 20
+# Why ingest could not turn a row into a record (its "error" text starts with the key).
+INGEST_ERRORS = {"malformed JSON": "malformed_json", "not an object": "not_an_object",
+                 "record too large": "record_too_large", "nested too deeply": "too_deeply_nested",
+                 "malformed CSV": "malformed_csv"}
 
 
-class UnknownFormat(ValueError):
-    pass
+class RecordRejected(ValueError):
+    """A record that cannot become a training example: `reason` is the rejected.jsonl reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class UnknownFormat(RecordRejected):
+    def __init__(self, detail: str):
+        super().__init__("unknown_format", detail)
 
 
 def to_messages(record: dict) -> tuple[str, list[dict]]:
-    """Recognise a record's format and return (format name, messages)."""
+    """Recognise a record's format and return (format name, messages); raise RecordRejected when a
+    field is missing or has the wrong type, UnknownFormat when no format matches. A plain `text`
+    record has no turns at all (it is rejected later: no assistant turn to learn from)."""
     if "messages" in record:
-        return "chat", [{"role": str(m.get("role", "")), "content": _text(m.get("content"))}
-                        for m in _turns(record["messages"], "messages")]
+        messages = []
+        for number, turn in enumerate(_turns(record["messages"], "messages"), start=1):
+            if "role" not in turn:
+                raise RecordRejected("missing_field", f"messages turn {number} has no 'role'")
+            if "content" not in turn:
+                raise RecordRejected("missing_field", f"messages turn {number} has no 'content'")
+            messages.append({"role": _role(turn["role"], f"messages turn {number}"),
+                             "content": _text(turn["content"], f"messages turn {number} 'content'")})
+        return "chat", messages
     if "conversations" in record:
         messages = []
-        for turn in _turns(record["conversations"], "conversations"):
-            speaker = str(turn.get("from", turn.get("role", ""))).lower()
+        for number, turn in enumerate(_turns(record["conversations"], "conversations"), start=1):
+            where = f"conversations turn {number}"
+            if "from" not in turn and "role" not in turn:
+                raise RecordRejected("missing_field", f"{where} has no 'from' (or 'role')")
+            if "value" not in turn and "content" not in turn:
+                raise RecordRejected("missing_field", f"{where} has no 'value' (or 'content')")
+            speaker = _role(turn.get("from", turn.get("role")), where).lower()
             messages.append({"role": SHAREGPT_ROLES.get(speaker, speaker),
-                             "content": _text(turn.get("value", turn.get("content")))})
+                             "content": _text(turn.get("value", turn.get("content")), f"{where} 'value'")})
         return "sharegpt", messages
     if "instruction" in record and "output" in record:
-        prompt = _text(record["instruction"])
-        if _text(record.get("input")).strip():
-            prompt = f"{prompt}\n\n{_text(record['input'])}"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record["output"])}]
-        if _text(record.get("system")).strip():
-            messages.insert(0, {"role": "system", "content": _text(record["system"])})
+        prompt = _text(record["instruction"], "'instruction'")
+        extra = _text(record.get("input"), "'input'")
+        if extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(record["output"], "'output'")}]
+        system = _text(record.get("system"), "'system'")
+        if system.strip():
+            messages.insert(0, {"role": "system", "content": system})
         return "alpaca", messages
     if "prompt" in record and "completion" in record:
-        return "prompt_completion", [{"role": "user", "content": _text(record["prompt"])},
-                                     {"role": "assistant", "content": _text(record["completion"])}]
-    raise UnknownFormat(f"unknown record format (keys: {sorted(record)[:10]})")
+        return "prompt_completion", [{"role": "user", "content": _text(record["prompt"], "'prompt'")},
+                                     {"role": "assistant", "content": _text(record["completion"], "'completion'")}]
+    if "text" in record:
+        _text(record["text"], "'text'")
+        return "text", []
+    keys = [str(key)[:50] for key in sorted(record, key=str)[:10]]
+    raise UnknownFormat(f"unknown record format (keys: {keys}{', ...' if len(record) > 10 else ''}); "
+                        f"supported: {'; '.join(RECORD_FORMATS)}")
 
 
 def _turns(value: object, key: str) -> list[dict]:
-    if not isinstance(value, list) or not all(isinstance(turn, dict) for turn in value):
-        raise UnknownFormat(f"'{key}' must be a list of objects")
+    if not isinstance(value, list):
+        raise RecordRejected("bad_field_type", f"'{key}' must be a list of objects, got {type(value).__name__}")
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict):
+            raise RecordRejected("bad_field_type",
+                                 f"'{key}' must be a list of objects; turn {number} is {type(turn).__name__}")
     return value
 
 
-def _text(value: object) -> str:
+def _role(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise RecordRejected("bad_field_type", f"{where}: the role must be a string, got {type(value).__name__}")
+    return value
+
+
+def _text(value: object, where: str = "field") -> str:
+    """A text field: a string; None is empty; a number or boolean becomes its JSON text; anything else
+    (an object, a list) is rejected: guessing how to flatten it would invent training text."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return json.dumps(value)
+    raise RecordRejected("bad_field_type", f"{where} must be a string, got {type(value).__name__}")
+
+
+def structure_reason(messages: list[dict]) -> tuple[str, str] | None:
+    """(reason, detail) when the turns cannot be trained with assistant-only loss: known roles only,
+    an optional single system turn first, then user/assistant alternating, ending with the assistant."""
+    roles = [m["role"] for m in messages]
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        return "unknown_role", f"role {unknown[0][:50]!r}; allowed: {sorted(ROLES)}"
+    if "assistant" not in roles:
+        return None   # rejection_reason says no_assistant_turn
+    body = roles[1:] if roles[0] == "system" else roles
+    for position, role in enumerate(body):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if role != expected:
+            return "bad_role_order", f"turn {position + 1 + len(roles) - len(body)} is {role!r}, expected {expected!r}"
+    if roles[-1] != "assistant":
+        return "last_turn_not_assistant", f"the last turn is {roles[-1]!r}"
+    return None
 
 
 def normalize(text: str) -> str:
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = CONTROL_CHARS.sub("", text)
     text = TRAILING_SPACE.sub("\n", text)
     return BLANK_LINE_RUN.sub("\n\n", text).strip()
 
@@ -118,6 +200,30 @@ def rejection_reason(messages: list[dict], params: CleanParams) -> str | None:
     return None
 
 
+def _recognise(raw: dict) -> tuple[str | None, list[dict], str | None, str | None]:
+    """(format, messages, reason, detail) for one raw row; reason is None while the row may be kept."""
+    if "error" in raw:   # ingest could not read this row into a record: quarantine it as it is
+        error = str(raw["error"])
+        reason = next((key for prefix, key in INGEST_ERRORS.items() if error.startswith(prefix)), "unreadable_row")
+        return None, [], reason, error
+    record = raw.get("record")
+    if not isinstance(record, dict):
+        return None, [], "not_an_object", f"expected a JSON object, got {type(record).__name__}"
+    try:
+        fmt, messages = to_messages(record)
+    except RecordRejected as err:
+        return None, [], err.reason, err.detail
+    size = sum(len(m["content"]) for m in messages)
+    if size > MAX_RECORD_CHARS:
+        return fmt, [], "record_too_large", f"{size} characters of text (limit {MAX_RECORD_CHARS})"
+    problem = structure_reason(messages)
+    if problem is not None:
+        return fmt, [], problem[0], problem[1]
+    if not messages:   # a plain `text` record: nothing to learn the assistant's turns from
+        return fmt, [], "no_assistant_turn", "a plain 'text' record has no assistant turn"
+    return fmt, messages, None, None
+
+
 def clean_sources(raw_dir: Path, params: CleanParams) -> tuple[dict[str, list], list[dict], dict]:
     """Clean every source listed in raw_dir's provenance. Returns (splits, rejected, summary)."""
     sources = read_json(raw_dir / PROVENANCE_FILE)["sources"]
@@ -127,27 +233,27 @@ def clean_sources(raw_dir: Path, params: CleanParams) -> tuple[dict[str, list], 
     summary: dict = {"sources": {}}
     for source in sources:
         name, path = source["name"], raw_dir / source["file"]
-        formats, reasons, kept = Counter(), Counter(), 0
+        formats, reasons, kept, control_rows = Counter(), Counter(), 0, 0
         rows = read_jsonl(path)
         for raw in rows:
-            try:
-                fmt, messages = to_messages(raw["record"])
-            except UnknownFormat as err:
-                raise PipelineError(
-                    f"source '{name}' (params.yaml ingest.sources), row {raw['row']}: {err}. "
-                    f"Supported formats: {'; '.join(RECORD_FORMATS)}. Convert the file, or remove the row."
-                ) from err
-            formats[fmt] += 1
-            messages = [{"role": m["role"], "content": normalize(m["content"])} for m in messages]
-            reason = rejection_reason(messages, params)
-            row_id = content_id(messages)
-            detail = None
-            if reason is None and row_id in seen:
-                reason, detail = "duplicate", f"same content as {seen[row_id]}"
+            fmt, messages, reason, detail = _recognise(raw)
+            if fmt is not None:
+                formats[fmt] += 1
+            if reason is None:
+                if any(CONTROL_CHARS.search(m["content"]) for m in messages):
+                    control_rows += 1
+                messages = [{"role": m["role"], "content": normalize(m["content"])} for m in messages]
+                reason = rejection_reason(messages, params)
+                row_id = content_id(messages)
+                if reason is None and row_id in seen:
+                    reason, detail = "duplicate", f"same content as {seen[row_id]}"
             if reason is not None:
                 reasons[reason] += 1
-                rejected.append({"source": name, "row": raw["row"], "reason": reason, "detail": detail,
-                                 "record": raw["record"]})
+                entry = {"source": name, "row": raw.get("row"), "reason": reason, "detail": detail,
+                         "record": raw.get("record")}
+                if "error" in raw:
+                    entry["text"] = raw.get("text")
+                rejected.append(entry)
                 continue
             seen[row_id] = f"{name} row {raw['row']}"
             split = assign_split(row_id, params)
@@ -156,8 +262,10 @@ def clean_sources(raw_dir: Path, params: CleanParams) -> tuple[dict[str, list], 
             kept += 1
         if kept + sum(reasons.values()) != len(rows):   # the promise: nothing is lost silently
             raise AssertionError(f"{name}: {len(rows)} rows in, {kept} kept + {sum(reasons.values())} rejected")
+        repaired = {"control_chars": control_rows,
+                    "invalid_utf8": source.get("repaired", {}).get("invalid_utf8", 0)}
         summary["sources"][name] = {"rows_in": len(rows), "kept": kept, "rejected": dict(reasons),
-                                    "formats": dict(formats), "license": source["license"]}
+                                    "formats": dict(formats), "repaired": repaired, "license": source["license"]}
     summary["rows_in"] = sum(s["rows_in"] for s in summary["sources"].values())
     summary["kept"] = {split: len(rows) for split, rows in splits.items()}
     summary["rejected"] = dict(Counter(r["reason"] for r in rejected))

@@ -15,7 +15,8 @@ from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import CleanParams
 from stages import clean
 from stages.clean import (
-    RECORD_FORMATS, UnknownFormat, assign_split, clean_sources, content_id, normalize, rejection_reason, to_messages,
+    RECORD_FORMATS, RecordRejected, UnknownFormat, assign_split, clean_sources, content_id, normalize,
+    rejection_reason, structure_reason, to_messages,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,9 +85,33 @@ def test_chat_messages():
     assert out == messages[:4] + [assistant("")]   # a missing content becomes "" (rejected later as empty)
 
 
-def test_chat_non_string_content_becomes_json_text():
-    assert to_messages({"messages": [user("Give a list."), {"role": "assistant", "content": [1, "ä"]}]}) == (
-        "chat", [user("Give a list."), assistant('[1, "ä"]')])
+def test_chat_number_content_becomes_its_text():
+    assert to_messages({"messages": [user("Two plus two?"), {"role": "assistant", "content": 4}]}) == (
+        "chat", [user("Two plus two?"), assistant("4")])
+
+
+@pytest.mark.parametrize("record, reason, detail", [
+    ({"messages": [user("List?"), {"role": "assistant", "content": [1, "ä"]}]}, "bad_field_type",
+     "messages turn 2 'content' must be a string, got list"),
+    ({"messages": [user("Dict?"), {"role": "assistant", "content": {"text": "x"}}]}, "bad_field_type",
+     "messages turn 2 'content' must be a string, got dict"),
+    ({"messages": [user("Q?"), {"content": "no role"}]}, "missing_field", "messages turn 2 has no 'role'"),
+    ({"messages": [user("Q?"), {"role": "assistant"}]}, "missing_field", "messages turn 2 has no 'content'"),
+    ({"messages": [user("Q?"), {"role": 3, "content": "x"}]}, "bad_field_type",
+     "messages turn 2: the role must be a string, got int"),
+    ({"conversations": [{"value": "Hi?"}]}, "missing_field", "conversations turn 1 has no 'from' (or 'role')"),
+    ({"conversations": [{"from": "human"}]}, "missing_field", "conversations turn 1 has no 'value' (or 'content')"),
+    ({"instruction": ["a"], "output": "b"}, "bad_field_type", "'instruction' must be a string, got list"),
+    ({"prompt": "p", "completion": {"a": 1}}, "bad_field_type", "'completion' must be a string, got dict"),
+])
+def test_missing_or_wrongly_typed_fields_are_rejected(record, reason, detail):
+    with pytest.raises(RecordRejected) as error:
+        to_messages(record)
+    assert (error.value.reason, error.value.detail) == (reason, detail)
+
+
+def test_plain_text_record_is_format_text_without_turns():
+    assert to_messages({"text": "just text"}) == ("text", [])
 
 
 def test_sharegpt_conversations():
@@ -107,7 +132,6 @@ def test_prompt_completion():
 
 
 @pytest.mark.parametrize("record", [
-    {"text": "just text"},
     {"instruction": "no output"},
     {"prompt": "no completion"},
     {},
@@ -115,12 +139,33 @@ def test_prompt_completion():
 def test_unknown_format(record):
     with pytest.raises(UnknownFormat, match=r"unknown record format \(keys: "):
         to_messages(record)
+    with pytest.raises(RecordRejected) as error:
+        to_messages(record)
+    assert error.value.reason == "unknown_format"
 
 
 @pytest.mark.parametrize("record", [{"messages": "not a list"}, {"conversations": [["a", "b"]]}])
-def test_malformed_turns_are_unknown_format(record):
-    with pytest.raises(UnknownFormat, match="must be a list of objects"):
+def test_malformed_turns_are_bad_field_type(record):
+    with pytest.raises(RecordRejected, match="must be a list of objects") as error:
         to_messages(record)
+    assert error.value.reason == "bad_field_type"
+
+
+@pytest.mark.parametrize("roles, reason", [
+    (["user", "assistant"], None),
+    (["system", "user", "assistant"], None),
+    (["user", "assistant", "user", "assistant"], None),
+    (["user"], None),                                    # rejection_reason: no_assistant_turn
+    (["user", "gpt"], "unknown_role"),
+    (["assistant", "user", "assistant"], "bad_role_order"),
+    (["user", "user", "assistant"], "bad_role_order"),
+    (["user", "system", "assistant"], "bad_role_order"),
+    (["system", "system", "user", "assistant"], "bad_role_order"),
+    (["user", "assistant", "user"], "last_turn_not_assistant"),
+])
+def test_structure_reasons(roles, reason):
+    problem = structure_reason([{"role": role, "content": "x"} for role in roles])
+    assert (problem[0] if problem else None) == reason
 
 
 # --- normalize ---------------------------------------------------------------------------------
@@ -137,6 +182,10 @@ def test_normalize_line_endings_trailing_spaces_and_blank_runs():
     assert normalize("a \n \n\t\n  \nb") == "a\n\nb"             # whitespace-only lines are blank too
     assert normalize("\n\n  text with  inner  spaces  \n\n") == "text with  inner  spaces"
     assert normalize("    indented code\n        keeps indentation") == "indented code\n        keeps indentation"
+
+
+def test_normalize_removes_control_characters_but_newlines_and_tabs():
+    assert normalize("a\x00b\x07c\x1bd\x7fe\x85f\tg\nh") == "abcdef\tg\nh"
 
 
 def test_normalize_is_idempotent():
@@ -199,10 +248,12 @@ def test_clean_sources_counts_add_up(mixed_raw):
         "rejected": {"placeholder_answer": 1, "answer_too_short": 1, "answer_too_long": 1, "prompt_too_long": 1,
                      "no_assistant_turn": 1, "empty_answer": 1, "duplicate": 2},
         "formats": {"alpaca": 7, "chat": 2, "prompt_completion": 1},
+        "repaired": {"control_chars": 0, "invalid_utf8": 0},
     }
     assert summary["sources"]["second"] == {"rows_in": 3, "kept": 2, "license": "CC0-1.0",
                                             "rejected": {"duplicate": 1},
-                                            "formats": {"sharegpt": 2, "prompt_completion": 1}}
+                                            "formats": {"sharegpt": 2, "prompt_completion": 1},
+                                            "repaired": {"control_chars": 0, "invalid_utf8": 0}}
     for name, source in summary["sources"].items():
         assert source["rows_in"] == source["kept"] + sum(source["rejected"].values()), name
     assert summary["rows_in"] == 13
@@ -243,14 +294,45 @@ def test_kept_rows_are_canonical_and_the_first_duplicate_wins(mixed_raw):
             assert assign_split(row["id"], PARAMS) == split
 
 
-def test_unknown_record_format_names_source_row_and_formats(tmp_path):
-    raw = write_raw(tmp_path / "raw", {"good": [qa(1)], "odd": [qa(2), qa(3), {"text": "free text"}]})
-    with pytest.raises(PipelineError) as error:
-        clean_sources(raw, PARAMS)
-    message = str(error.value)
-    assert "source 'odd'" in message and "row 3" in message
-    assert "unknown record format (keys: ['text'])" in message
-    assert all(fmt in message for fmt in RECORD_FORMATS)
+def test_unknown_record_format_is_quarantined_with_the_keys_found(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"good": [qa(1)], "odd": [qa(2), qa(3), {"body": "free text", "id": 1}]})
+    splits, rejected, summary = clean_sources(raw, PARAMS)
+    assert [(r["source"], r["row"], r["reason"]) for r in rejected] == [("odd", 3, "unknown_format")]
+    assert "keys: ['body', 'id']" in rejected[0]["detail"]
+    assert all(fmt in rejected[0]["detail"] for fmt in RECORD_FORMATS)
+    assert summary["sources"]["odd"]["rejected"] == {"unknown_format": 1}
+
+
+def test_ingest_error_rows_are_quarantined_with_their_reason(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"src": [qa(1), qa(2)]})
+    with open(raw / "src.jsonl", "a", encoding="utf-8") as handle:
+        for row, error in [(3, "malformed JSON: Expecting value at column 5"), (4, "not an object: got list"),
+                           (5, "record too large: 31457300 bytes (limit 1048576)"),
+                           (6, "nested too deeply: more than 64 levels")]:
+            handle.write(json.dumps({"row": row, "error": error, "text": "xyz"}) + "\n")
+    splits, rejected, summary = clean_sources(raw, PARAMS)
+    assert [(r["row"], r["reason"]) for r in rejected] == [
+        (3, "malformed_json"), (4, "not_an_object"), (5, "record_too_large"), (6, "too_deeply_nested")]
+    assert rejected[0]["detail"] == "malformed JSON: Expecting value at column 5" and rejected[0]["text"] == "xyz"
+    source = summary["sources"]["src"]
+    assert source["rows_in"] == 6 == source["kept"] + sum(source["rejected"].values())
+
+
+def test_text_records_are_counted_as_format_text_and_rejected(tmp_path):
+    raw = write_raw(tmp_path / "raw", {"src": [qa(1), {"text": "Free text to pretrain on, not to chat."}]})
+    _, rejected, summary = clean_sources(raw, PARAMS)
+    assert [(r["row"], r["reason"]) for r in rejected] == [(2, "no_assistant_turn")]
+    assert summary["sources"]["src"]["formats"] == {"alpaca": 1, "text": 1}
+
+
+def test_control_characters_are_removed_and_counted(tmp_path):
+    rows = [qa(1, ANSWER + "\x00\x07"), qa(2), qa(3, "A\x1bclean answer, long enough.")]
+    raw = write_raw(tmp_path / "raw", {"src": rows})
+    splits, rejected, summary = clean_sources(raw, PARAMS)
+    assert rejected == []
+    assert summary["sources"]["src"]["repaired"] == {"control_chars": 2, "invalid_utf8": 0}
+    answers = {row["source_row"]: row["messages"][-1]["content"] for rows in splits.values() for row in rows}
+    assert answers == {1: ANSWER, 2: ANSWER, 3: "Aclean answer, long enough."}
 
 
 def test_all_rows_rejected_is_an_error(tmp_path):
@@ -355,7 +437,7 @@ def test_main_end_to_end(in_tmp_project, capsys):
     assert summary["kept"] == {split: len(rows) for split, rows in splits.items()}
     assert summary["rejected"] == {"duplicate": 1, "placeholder_answer": 1}
     assert summary["sources"]["chat"] == {"rows_in": 1, "kept": 1, "rejected": {}, "formats": {"chat": 1},
-                                          "license": "MIT"}
+                                          "repaired": {"control_chars": 0, "invalid_utf8": 0}, "license": "MIT"}
     provenance = read_json(out / "provenance.json")
     assert provenance["stage"] == "clean" and provenance["params"]["clean.split_salt"] == "v1"
     assert provenance["params"]["clean.validation_fraction"] == 0.2

@@ -60,12 +60,13 @@ def test_json_that_is_not_an_array(tmp_path):
         list(read_file_source(path))
 
 
-def test_json_array_item_that_is_not_an_object(tmp_path):
+def test_json_array_item_that_is_not_an_object_becomes_an_error_row(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([alpaca(1), "just a string"]), encoding="utf-8")
-    with pytest.raises(PipelineError) as error:
-        list(read_file_source(path))
-    assert str(error.value) == f"{path}: item 2: expected a JSON object, got str"
+    assert list(read_file_source(path)) == [
+        {"row": 1, "record": alpaca(1)},
+        {"row": 2, "error": "not an object: got str", "text": "just a string"},
+    ]
 
 
 def test_malformed_json_array_names_the_line(tmp_path):
@@ -150,23 +151,35 @@ def test_unsupported_extension(tmp_path):
     assert ".jsonl" in message and ".csv" in message and ".parquet" in message
 
 
-def test_malformed_json_line_names_file_line_and_fix(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca(1)), "", '{"instruction": "x", "output": }',
-                                             json.dumps(alpaca(4))])
-    rows = read_file_source(path)
-    assert next(rows) == {"row": 1, "record": alpaca(1)}   # rows before the bad line stream out
-    with pytest.raises(PipelineError) as error:
-        next(rows)
-    message = str(error.value)
-    assert message.startswith(f"{path}: line 3: malformed JSON")
-    assert "column" in message and "fix or delete that line" in message
+def test_malformed_json_line_becomes_an_error_row_and_reading_goes_on(tmp_path):
+    bad = '{"instruction": "x", "output": }'
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca(1)), "", bad, json.dumps(alpaca(4))])
+    assert list(read_file_source(path)) == [
+        {"row": 1, "record": alpaca(1)},
+        {"row": 3, "error": "malformed JSON: Expecting value at column 32", "text": bad},
+        {"row": 4, "record": alpaca(4)},
+    ]
 
 
-def test_json_line_that_is_not_an_object(tmp_path):
+def test_json_line_that_is_not_an_object_becomes_an_error_row(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca(1)), json.dumps(["a", "list"])])
-    with pytest.raises(PipelineError) as error:
-        list(read_file_source(path))
-    assert str(error.value) == f"{path}: line 2: expected a JSON object, got list"
+    assert list(read_file_source(path))[1] == {"row": 2, "error": "not an object: got list", "text": '["a", "list"]'}
+
+
+def test_error_row_keeps_at_most_200_characters_of_the_line(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", ['{"x": ' + "1" * 500])
+    (row,) = read_file_source(path)
+    assert row["error"].startswith("malformed JSON") and row["text"] == ('{"x": ' + "1" * 500)[:200]
+
+
+def test_invalid_utf8_is_replaced_and_counted(in_tmp_project):
+    path = Path("data/sources/bad.jsonl")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(json.dumps(alpaca(1)).encode() + b"\n" + b'{"instruction": "caf\xe9?", "output": "ok"}\n')
+    Path("out").mkdir()
+    entry = ingest_source(file_source("bad", str(path)), Path("out"))
+    assert entry["repaired"] == {"invalid_utf8": 1} and entry["rows"] == 2
+    assert read_jsonl(Path("out/bad.jsonl"))[1]["record"]["instruction"] == "caf\ufffd?"
 
 
 # --- the built-in stdlib source ----------------------------------------------------------------
@@ -345,8 +358,9 @@ def test_main_failure_keeps_the_previous_raw_data(in_tmp_project):
     ingest.main()
     before = Path("data/raw/mine.jsonl").read_text(encoding="utf-8")
 
-    write_lines(Path("data/sources/mine.jsonl"), [json.dumps(alpaca(1)), json.dumps(alpaca(2)), "{broken"])
-    with pytest.raises(PipelineError, match=r"mine\.jsonl: line 3: malformed JSON"):
+    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.json", "license": "MIT"}])
+    Path("data/sources/mine.json").write_text(json.dumps(alpaca(1)), encoding="utf-8")   # not an array
+    with pytest.raises(PipelineError, match=r"mine\.json: a \.json source must hold an array"):
         ingest.main()
     assert Path("data/raw/mine.jsonl").read_text(encoding="utf-8") == before
     assert read_json(Path("metrics/ingest.json")) == {"rows_total": 1, "rows.mine": 1}
