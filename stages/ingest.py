@@ -49,7 +49,6 @@ MAX_RECORD_BYTES = 1 << 20
 MAX_NESTING = 64
 ERROR_TEXT_CHARS = 200   # how much of an unreadable line an error row keeps, for the quarantine file
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json")
-BOM = b"\xef\xbb\xbf"
 
 
 def read_file_source(path: Path, repaired: Counter | None = None) -> Iterator[dict]:
@@ -127,8 +126,6 @@ def _binary_lines(handle) -> Iterator[tuple[int, bytes, int]]:
         if not line:
             return
         number += 1
-        if number == 1:
-            line = line.removeprefix(BOM)
         size = len(line.rstrip(b"\r\n"))
         if size > MAX_RECORD_BYTES and not line.endswith(b"\n"):   # skip the rest of this line unread
             while True:
@@ -159,9 +156,9 @@ def _decode(line: bytes, repaired: Counter | None) -> str:
 
 
 def _read_csv(path: Path, delimiter: str, repaired: Counter) -> Iterator[dict]:
-    def lines() -> Iterator[str]:
+    def lines() -> Iterator[str]:   # whole lines: a quoted field may span several
         with open(path, "rb") as handle:
-            for _, line, _ in _binary_lines_unbounded(handle):
+            for line in handle:
                 yield _decode(line, repaired)
 
     # (process-wide; the default 128 KiB would reject legitimate long fields) a longer field is a
@@ -174,7 +171,6 @@ def _read_csv(path: Path, delimiter: str, repaired: Counter) -> Iterator[dict]:
         return
     except csv.Error as err:
         raise PipelineError(f"{path}: cannot read the header row ({err}); fix the first line.") from err
-    header = [name.strip("\ufeff") for name in header]
     number = 0
     while True:
         try:
@@ -190,11 +186,6 @@ def _read_csv(path: Path, delimiter: str, repaired: Counter) -> Iterator[dict]:
             continue
         number += 1
         yield _as_record({key: value for key, value in zip(header, values)}, number, None)
-
-
-def _binary_lines_unbounded(handle) -> Iterator[tuple[int, bytes, int]]:
-    for number, line in enumerate(handle, start=1):
-        yield number, line.removeprefix(BOM) if number == 1 else line, len(line)
 
 
 def _read_hf_dataset(path: Path) -> Iterator[dict]:
