@@ -1,10 +1,14 @@
 # `make pipeline`: set up .venv, then run the whole pipeline (`dvc repro`) on the embedded default.
-# `make test`:     set up .venv, then run the tests.
+# `make test`:     set up .venv and Chromium, then run the tests. Chromium (Debian's package) renders
+#                  the validate stage's Data Docs in tests/test_validate.py; when /usr/bin/chromium is
+#                  missing it is installed with apt-get, as root or through sudo. The pipeline never needs it.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Stages run `python -m stages.<name>`: DVC must find the venv's python first.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+CHROMIUM := /usr/bin/chromium
+APT := env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: setup pipeline test
 
@@ -19,5 +23,15 @@ $(STAMP): pyproject.toml requirements.lock
 pipeline: setup
 	$(RUN) dvc repro
 
-test: setup
+# A file target: nothing to do when Chromium is there already.
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "make test: $(CHROMIUM) is missing and this machine has no apt-get:" \
+	  "install Chromium so that $(CHROMIUM) exists (the Data Docs test runs it)." >&2; exit 1; }
+	@if [ "$$(id -u)" -eq 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else \
+	  echo "make test: $(CHROMIUM) is missing and installing it needs root, but sudo is not available:" \
+	  "run \`apt-get install chromium\` as root, or \`make test\` as root." >&2; exit 1; fi; \
+	set -x; $$sudo $(APT) update -qq && $$sudo $(APT) install -y -qq --no-install-recommends chromium
+	@test -x $(CHROMIUM) || { echo "make test: apt-get installed chromium, but $(CHROMIUM) is still missing." >&2; exit 1; }
+
+test: setup $(CHROMIUM)
 	$(RUN) python -m pytest -q

@@ -27,6 +27,12 @@ WORDS = ("the a function returns value list of data file string number object wh
          "from into each new given this that path name key error time user file line result").split()
 
 
+# What real data throws at the gate, planted at these rates (the gate's counts must find them):
+NEAR_DUPLICATE_RATE = 0.02   # a copy of an earlier row with one word of the answer changed
+PII_RATE = 0.01              # an e-mail address or a phone number in the answer
+REPEATED_PROMPT_RATE = 0.01  # an earlier row's question with a new answer (contamination if split apart)
+
+
 def synthetic_rows(count: int, seed: int = 0):
     """Chat rows of realistic, varied length (a 1-3 sentence question, a 1-6 sentence answer)."""
     rng = random.Random(seed)
@@ -35,9 +41,23 @@ def synthetic_rows(count: int, seed: int = 0):
         return " ".join(" ".join(rng.choices(WORDS, k=rng.randint(6, 18))).capitalize() + "."
                         for _ in range(rng.randint(low, high)))
 
+    earlier: list[tuple[str, str]] = []
     for index in range(count):
-        yield {"messages": [{"role": "user", "content": f"Question {index}: {sentences(1, 3)}"},
-                            {"role": "assistant", "content": sentences(1, 6)}]}
+        question, answer = f"Question {index}: {sentences(1, 3)}", sentences(1, 6)
+        roll = rng.random()
+        if earlier and roll < NEAR_DUPLICATE_RATE:
+            question, answer = rng.choice(earlier)
+            words = answer.split()
+            words[rng.randrange(len(words))] = "changed"
+            answer = " ".join(words)
+        elif earlier and roll < NEAR_DUPLICATE_RATE + REPEATED_PROMPT_RATE:
+            question = rng.choice(earlier)[0]
+        elif roll < NEAR_DUPLICATE_RATE + REPEATED_PROMPT_RATE + PII_RATE:
+            answer += rng.choice([f" Write to user{index}@example.com for details.",
+                                  f" Call (555) {rng.randint(200, 999)}-{rng.randint(1000, 9999)} for help."])
+        if len(earlier) < 5000:
+            earlier.append((question, answer))
+        yield {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
 def make_project(folder: Path, rows: int) -> None:
@@ -75,10 +95,14 @@ def main() -> None:
                 sys.exit(f"{stage} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
             print(f"{stage}: {seconds[stage]} s")
         stats = json.loads((folder / "data/tokenized/stats.json").read_text())
+        clean = json.loads((folder / "data/clean/summary.json").read_text())
     gate = round(seconds["clean"] + seconds["validate"] + seconds["tokenize"], 1)
     result = {"rows": args.rows, "seconds": seconds, "clean_validate_tokenize_seconds": gate,
               "target_seconds": 180, "meets_target": gate < 180, "cpu_count": os.cpu_count(),
-              "tokens": {split: s["tokens"] for split, s in stats.items()}}
+              "planted_rates": {"near_duplicate": NEAR_DUPLICATE_RATE, "pii": PII_RATE,
+                                "repeated_prompt": REPEATED_PROMPT_RATE},
+              "clean": {"kept": clean["kept"], "rejected": clean["rejected"], "pii": clean["pii"]},
+              "tokenize": stats}
     out = REPO / "bench/results/data_gate_throughput.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

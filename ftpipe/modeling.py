@@ -90,6 +90,14 @@ def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
                                          add_generation_prompt=add_generation_prompt)
 
 
+def render_chats(tokenizer, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = False) -> list[str]:
+    """render_chat of each conversation, in one call: the template's setup is paid once per batch."""
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template([list(messages) for messages in conversations], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
 def pad_batch(rows: Sequence[dict], pad_id: int) -> dict:
     """Right-pad token rows ({input_ids, labels}) into tensors; padding is masked out of the loss."""
     import torch
@@ -104,6 +112,48 @@ def pad_batch(rows: Sequence[dict], pad_id: int) -> dict:
         labels[index, :n] = torch.tensor(row["labels"])
         attention[index, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pad_packed_batch(rows: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad packed rows ({input_ids, labels, position_ids}) into tensors, with position_ids and no
+    attention_mask.
+
+    Without an attention mask (and without a KV cache: train with use_cache off), transformers builds a
+    block-diagonal causal mask from the position ids: a new block starts wherever a position id is not
+    the previous one + 1 (masking_utils.find_packed_sequence_indices), so no token attends to another
+    example of its row. The padding's position ids restart at 0, a block of its own; being after every
+    real token, causal attention keeps it out of them, and its labels are IGNORE_INDEX."""
+    import torch
+
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)
+    for index, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[index, :n] = torch.tensor(row["input_ids"])
+        labels[index, :n] = torch.tensor(row["labels"])
+        position_ids[index, :n] = torch.tensor(row["position_ids"])
+        position_ids[index, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def padding_free_batch(rows: Sequence[dict]) -> dict:
+    """Packed rows concatenated into one row of shape (1, all tokens): no padding at all, position_ids
+    restarting at 0 for each example, and `packed_seq_lengths` (int32, the length of each example): the
+    padding-free layout Unsloth's varlen attention kernels take. Unsloth infers example boundaries from
+    position_ids alone only for a batch of one row, so a padded batch of several packed rows would let
+    its attention cross examples. Checked on an H100 with Unsloth 2026.10.9 (SmolLM2-135M, random
+    weights): this batch gives each example exactly the logits it gets alone (max difference 0.0), the
+    padded batch of two packed rows moves the second example's logits by up to 2.3."""
+    import torch
+
+    position_ids = torch.tensor([position for row in rows for position in row["position_ids"]], dtype=torch.long)
+    starts = torch.nonzero(position_ids == 0).flatten()
+    lengths = torch.diff(starts, append=torch.tensor([len(position_ids)]))
+    return {"input_ids": torch.tensor([[token for row in rows for token in row["input_ids"]]], dtype=torch.long),
+            "labels": torch.tensor([[label for row in rows for label in row["labels"]]], dtype=torch.long),
+            "position_ids": position_ids.unsqueeze(0), "packed_seq_lengths": lengths.to(torch.int32)}
 
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:

@@ -76,8 +76,13 @@ class CleanParams:
     split_salt: str                  # change it to draw a different (still deterministic) split
     validation_fraction: float
     test_fraction: float
+    pii_action: Literal["redact", "reject"]   # e-mail, phone, IP, card, API/private keys: placeholder or drop
+    near_duplicate_threshold: float           # Jaccard of word 3-gram sets at which two rows are one
+    decontamination_threshold: float          # same, between a train prompt and a validation/test prompt
 
     def __post_init__(self) -> None:
+        _check(0 < self.near_duplicate_threshold <= 1 and 0 < self.decontamination_threshold <= 1,
+               "near_duplicate_threshold and decontamination_threshold must be in (0, 1]")
         _check(0 <= self.min_answer_chars < self.max_answer_chars,
                "min_answer_chars must be >= 0 and below max_answer_chars")
         _check(self.max_prompt_chars > 0, "max_prompt_chars: must be positive")
@@ -92,6 +97,15 @@ class ValidateParams:
     min_validation_rows: int
     min_test_rows: int
     allowed_roles: list[str]
+    max_rejection_rate: float        # share of a source's (and all) input rows clean may reject
+    pii_shape_mostly: float          # share of rows free of phone- and card-shaped digit runs
+    answer_not_prompt_mostly: float  # share of examples whose answer is not a copy of the prompt
+    min_unique_answer_share: float   # distinct answers / examples: catches templated or collapsed data
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_rejection_rate <= 1, "max_rejection_rate must be in [0, 1]")
+        for key in ("pii_shape_mostly", "answer_not_prompt_mostly", "min_unique_answer_share"):
+            _check(0 < getattr(self, key) <= 1, f"{key} must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class TokenizeParams:
     max_seq_length: int
     truncation: Literal["truncate", "drop"]   # what to do with an example longer than max_seq_length
     assistant_only_loss: bool
+    packing: bool                             # pack train examples into max_seq_length sequences
 
     def __post_init__(self) -> None:
         _check(self.max_seq_length >= 16, "max_seq_length: must be at least 16 tokens")

@@ -23,8 +23,8 @@ from typing import Any
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
 from ftpipe.io import atomic_dir, atomic_write_text, file_hashes, read_json, sha256_text, tree_digest, write_json
-from ftpipe.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, require_model_dir, resolve_compute_dtype,
-                             torch_dtype)
+from ftpipe.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, pad_packed_batch, padding_free_batch,
+                             require_model_dir, resolve_compute_dtype, torch_dtype)
 from ftpipe.params import Params, TrainParams, flatten, load_params
 from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PROVENANCE_FILE, TOKENIZED_DIR,
                           metrics_file)
@@ -33,6 +33,7 @@ from ftpipe.tracking import stage_run
 
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "loss_tokens", "seconds",
                  "tokens_per_s", "peak_memory_gib")
+TOKENS_KEY = "real_tokens"   # the collator's count of a batch's non-padding tokens; the model never sees it
 
 
 def resolve_backend(requested: str) -> str:
@@ -98,28 +99,46 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
         lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
         data_seed=params.seed, logging_steps=1, save_strategy="steps", save_steps=params.checkpoint_every,
+        # No KV cache while training: with one, transformers no longer derives the block-diagonal mask of
+        # packed rows from their position_ids, and attention would cross examples.
+        use_cache=False,
         report_to=[], use_cpu=backend == "cpu", bf16=backend == "unsloth" and compute_dtype == "bfloat16",
         fp16=backend == "unsloth" and compute_dtype == "float16", remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False, **steps)
 
 
 class TokenCountingCollator:
-    """Pads batches and counts the real (non-padding) and loss tokens for throughput figures.
+    """Builds batches and counts the real (non-padding) and loss tokens for throughput figures.
 
-    The trainer counts each batch as it trains on it (count()): the data loader collates one
-    batch ahead, so counting in __call__ would credit each step with the next step's batch."""
+    One example per row: right-padded, with an attention mask. Packed rows (they have position_ids):
+    right-padded with position_ids and no attention mask (pad_packed_batch), or, with `padding_free`
+    (the Unsloth backend), concatenated into one row (padding_free_batch). The trainer counts each
+    batch as it trains on it (count()): the data loader collates one batch ahead, so counting in
+    __call__ would credit each step with the next step's batch."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, padding_free: bool):
         self.pad_id = pad_id
+        self.padding_free = padding_free
         self.tokens = 0
         self.loss_tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict:
-        return pad_batch(rows, self.pad_id)
+        import torch
 
-    def count(self, batch: dict) -> None:
-        self.tokens += int(batch["attention_mask"].sum())
+        if "position_ids" not in rows[0]:
+            batch = pad_batch(rows, self.pad_id)
+        elif self.padding_free:
+            batch = padding_free_batch(rows)
+        else:
+            batch = pad_packed_batch(rows, self.pad_id)
+        batch[TOKENS_KEY] = torch.tensor(sum(len(row["input_ids"]) for row in rows))
+        return batch
+
+    def count(self, batch: dict) -> dict:
+        """Credit this batch's tokens; return the batch without the count, as the model takes it."""
+        self.tokens += int(batch[TOKENS_KEY])
         self.loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return {key: value for key, value in batch.items() if key != TOKENS_KEY}
 
 
 def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator, callbacks: list):
@@ -132,8 +151,7 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
         last_tokens = last_loss_tokens = 0
 
         def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-            collator.count(inputs)
-            return super().training_step(model, inputs, *args, **kwargs)
+            return super().training_step(model, collator.count(inputs), *args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
@@ -164,6 +182,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     from stages.tokenize import load_tokenized
 
     rows = load_tokenized("train", tokenized_dir)
+    packed = "position_ids" in rows[0]   # tokenize.packing wrote packed rows
     pad_id = load_tokenizer(base_dir).pad_token_id
     backend = resolve_backend(params.backend)
     compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend == "unsloth")
@@ -173,14 +192,15 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         if stale != checkpoint_dir and stale.is_dir():
             shutil.rmtree(stale)
     resume_from = last_checkpoint(checkpoint_dir)
-    print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}"
+    print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}, "
+          f"{len(rows)} {'packed' if packed else 'one-example'} rows"
           + (f", resuming from {resume_from}" if resume_from else ""))
 
     from transformers import set_seed
 
     set_seed(params.seed)
     model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
-    collator = TokenCountingCollator(pad_id)
+    collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, checkpoint_dir),
                            rows, collator, callbacks or [])
     started = time.perf_counter()
@@ -191,7 +211,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     trainable, total = model.get_nb_trainable_parameters()
     timed = [row for row in curve if row["seconds"]]
     metrics = {
-        "backend": backend, "compute_dtype": compute_dtype, "run_fingerprint": run_id,
+        "backend": backend, "compute_dtype": compute_dtype, "run_fingerprint": run_id, "packed": packed,
         "resumed_from": Path(resume_from).name if resume_from else None,
         "steps": trainer.state.global_step, "final_loss": curve[-1]["loss"],
         "mean_loss_last_10_steps": sum(row["loss"] for row in curve[-10:]) / len(curve[-10:]),

@@ -7,6 +7,7 @@ torch/transformers are imported inside the functions: collecting the tests stays
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,7 +18,9 @@ from ftpipe.paths import PROVENANCE_FILE
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_LICENSE, BASE_DTYPE = "MIT", "bfloat16"
-TOKENIZE = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=True)
+# One example per row: the train tests count rows (24 rows = 6 steps of 4). PACKED_TOKENIZE packs them.
+TOKENIZE = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=True, packing=False)
+PACKED_TOKENIZE = dataclasses.replace(TOKENIZE, packing=True)
 TRAIN = TrainParams(
     backend="cpu", seed=0, max_steps=6, num_epochs=None, batch_size=4, gradient_accumulation_steps=1,
     learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=1, weight_decay=0.0, max_grad_norm=1.0,
@@ -75,7 +78,7 @@ def build_base(model_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_tokenized(base_dir: Path, root: Path) -> tuple[Path, Path]:
+def build_tokenized(base_dir: Path, root: Path, params: TokenizeParams = TOKENIZE) -> tuple[Path, Path]:
     """Clean splits of synthetic rows and their tokenized form: (clean_dir, tokenized_dir)."""
     from ftpipe.modeling import load_tokenizer
     from stages.tokenize import tokenize_splits
@@ -83,19 +86,23 @@ def build_tokenized(base_dir: Path, root: Path) -> tuple[Path, Path]:
     clean_dir = write_clean(root / "clean", clean_splits())
     tokenized_dir = root / "tokenized"
     tokenized_dir.mkdir()
-    stats = tokenize_splits(clean_dir, load_tokenizer(base_dir), TOKENIZE, tokenized_dir)
+    stats, _ = tokenize_splits(clean_dir, load_tokenizer(base_dir), params, tokenized_dir)
     write_json(tokenized_dir / "stats.json", stats)
     return clean_dir, tokenized_dir
 
 
 def model_probe():
-    """A TrainerCallback that records, when training begins, how the model being trained is built."""
+    """A TrainerCallback that records, when training begins, how the model being trained is built, and
+    then the sorted argument names of each of its forward calls ('forward_kwargs'): what it is given."""
     import bitsandbytes as bnb
     from transformers import TrainerCallback
 
     class ModelProbe(TrainerCallback):
         def __init__(self):
             self.seen: dict = {}
+
+        def record(self, module, args, kwargs):
+            self.seen["forward_kwargs"].append(sorted(kwargs))
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             four_bit = {name: module for name, module in model.named_modules()
@@ -106,7 +113,10 @@ def model_probe():
                 "quant_types": {m.weight.quant_type for m in four_bit.values()},
                 "compute_dtypes": {str(m.compute_dtype) for m in four_bit.values()},
                 "trainable": sorted(name for name, p in model.named_parameters() if p.requires_grad),
+                "use_cache": model.config.use_cache,
+                "forward_kwargs": [],
             }
+            model.register_forward_pre_hook(self.record, with_kwargs=True)
 
     return ModelProbe()
 

@@ -22,7 +22,8 @@ from stages.clean import (
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=100, max_answer_chars=200,
                      placeholder_answers=["n/a", "none", "TODO", "..."], split_salt="s1",
-                     validation_fraction=0.1, test_fraction=0.2)
+                     validation_fraction=0.1, test_fraction=0.2, pii_action="redact",
+                     near_duplicate_threshold=0.7, decontamination_threshold=0.8)
 ANSWER = "A clear answer of enough length."
 
 
@@ -248,12 +249,12 @@ def test_clean_sources_counts_add_up(mixed_raw):
         "rejected": {"placeholder_answer": 1, "answer_too_short": 1, "answer_too_long": 1, "prompt_too_long": 1,
                      "no_assistant_turn": 1, "empty_answer": 1, "duplicate": 2},
         "formats": {"alpaca": 7, "chat": 2, "prompt_completion": 1},
-        "repaired": {"control_chars": 0, "invalid_utf8": 0},
+        "repaired": {"control_chars": 0, "invalid_utf8": 0}, "pii": {"action": "redact", "rows": 0, "found": {}},
     }
     assert summary["sources"]["second"] == {"rows_in": 3, "kept": 2, "license": "CC0-1.0",
                                             "rejected": {"duplicate": 1},
                                             "formats": {"sharegpt": 2, "prompt_completion": 1},
-                                            "repaired": {"control_chars": 0, "invalid_utf8": 0}}
+                                            "repaired": {"control_chars": 0, "invalid_utf8": 0}, "pii": {"action": "redact", "rows": 0, "found": {}}}
     for name, source in summary["sources"].items():
         assert source["rows_in"] == source["kept"] + sum(source["rejected"].values()), name
     assert summary["rows_in"] == 13
@@ -437,14 +438,16 @@ def test_main_end_to_end(in_tmp_project, capsys):
     assert summary["kept"] == {split: len(rows) for split, rows in splits.items()}
     assert summary["rejected"] == {"duplicate": 1, "placeholder_answer": 1}
     assert summary["sources"]["chat"] == {"rows_in": 1, "kept": 1, "rejected": {}, "formats": {"chat": 1},
-                                          "repaired": {"control_chars": 0, "invalid_utf8": 0}, "license": "MIT"}
+                                          "repaired": {"control_chars": 0, "invalid_utf8": 0}, "license": "MIT",
+                                          "pii": {"action": "redact", "rows": 0, "found": {}}}
     provenance = read_json(out / "provenance.json")
     assert provenance["stage"] == "clean" and provenance["params"]["clean.split_salt"] == "v1"
     assert provenance["params"]["clean.validation_fraction"] == 0.2
 
     metrics = read_json(Path("metrics/clean.json"))
     assert metrics == {"rows_in": 63, "rejected": 2, "rows_train": len(splits["train"]),
-                       "rows_validation": len(splits["validation"]), "rows_test": len(splits["test"])}
+                       "rows_validation": len(splits["validation"]), "rows_test": len(splits["test"]),
+                       "near_duplicates": 0, "decontaminated": 0, "pii_rows": 0}
     assert sorted(p.name for p in Path("data").iterdir()) == ["clean", "raw"]   # no temp folder left
     assert "clean: 63 rows in" in capsys.readouterr().out
 
@@ -456,3 +459,68 @@ def test_main_failure_publishes_nothing(in_tmp_project):
         clean.main()
     assert not Path("data/clean").exists() and not Path("metrics/clean.json").exists()
     assert sorted(p.name for p in Path("data").iterdir()) == ["raw"]
+
+
+# --- near-duplicates and decontamination ---------------------------------------------------------
+
+def _lands_in(split: str, make) -> dict:
+    """The first record make(i) whose content the split hash puts in `split`."""
+    for i in range(1000):
+        record = make(i)
+        _, messages = to_messages(record)
+        if assign_split(content_id(messages), PARAMS) == split:
+            return record
+    raise AssertionError(f"no record lands in {split}")
+
+
+def test_a_training_row_with_an_evaluation_prompt_is_dropped(tmp_path):
+    question = "Which planet in the solar system has the largest number of confirmed moons today?"
+    test_row = _lands_in("test", lambda i: {"instruction": question, "output": f"Saturn, with well over {100 + i} moons."})
+    # The same question with another answer, and with one word changed: both would teach the test answer.
+    leak = _lands_in("train", lambda i: {"instruction": question, "output": f"It is Saturn; answer variant {i}."})
+    near = _lands_in("train", lambda i: {"instruction": question.replace("today", "now"),
+                                         "output": f"Probably Saturn, says variant {i}."})
+    others = [qa(i, f"Answer number {i}, long enough to keep.") for i in range(20)]
+    raw = write_raw(tmp_path / "raw", {"docs": others + [test_row, leak, near]})
+    splits, rejected, summary = clean_sources(raw, PARAMS)
+    test_id = content_id(to_messages(test_row)[1])
+    assert test_id in {row["id"] for row in splits["test"]}                    # the evaluation set is kept
+    assert [(r["row"], r["reason"]) for r in rejected] == [(22, "contaminates_evaluation"),
+                                                           (23, "contaminates_evaluation")]
+    assert rejected[0]["detail"] == f"prompt Jaccard 1.00 with the test example {test_id} (docs row 21)"
+    assert rejected[1]["detail"].startswith("prompt Jaccard 0.8")                 # 12 of 14 shingles shared
+    assert summary["sources"]["docs"]["rejected"] == {"contaminates_evaluation": 2}
+    prompts = {row["messages"][0]["content"] for row in splits["train"]}
+    assert question not in prompts
+
+
+def test_no_evaluation_example_is_a_near_duplicate_of_a_training_example(tmp_path):
+    """Property over a noisy corpus: after clean, no validation/test prompt or conversation is within
+    the thresholds of any training row (checked by brute force, not with the MinHash index)."""
+    import random
+
+    from ftpipe.near_dup import shingles
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(60)]
+    base = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(40)]
+    records = []
+    for i in range(300):
+        text = rng.choice(base).split()
+        for _ in range(rng.randrange(3)):
+            text[rng.randrange(len(text))] = rng.choice(words)
+        records.append({"instruction": " ".join(text), "output": f"Answer {i}: " + " ".join(rng.sample(words, 8))})
+    splits, _, _ = clean_sources(write_raw(tmp_path / "raw", {"noisy": records}), PARAMS)
+
+    def jaccard(a: str, b: str) -> float:
+        x, y = shingles(a), shingles(b)
+        return len(x & y) / len(x | y)
+
+    def full(row):
+        return "\n".join(m["content"] for m in row["messages"])
+
+    assert splits["train"] and splits["test"]
+    for held_out in splits["validation"] + splits["test"]:
+        for train in splits["train"]:
+            assert jaccard(held_out["messages"][0]["content"], train["messages"][0]["content"]) < 0.8
+            assert jaccard(full(held_out), full(train)) < 0.7

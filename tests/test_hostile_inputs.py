@@ -6,6 +6,7 @@ The small files live in tests/data/hostile/; the huge (30 MB) and deeply nested 
 Hugging Face dataset folder are generated at run time instead of being committed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,12 +23,14 @@ HOSTILE = Path(__file__).resolve().parent / "data" / "hostile"
 # Tiny held-out fractions: nearly every kept row lands in train, so no file can empty the train split.
 PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=1000, max_answer_chars=1000,
                      placeholder_answers=["n/a", "none", "todo"], split_salt="h1",
-                     validation_fraction=0.01, test_fraction=0.01)
+                     validation_fraction=0.01, test_fraction=0.01, pii_action="redact",
+                     near_duplicate_threshold=0.7, decontamination_threshold=0.8)
 ANSWER = "A clear answer of enough length."
 ANCHOR = [{"instruction": f"Anchor question {i}?", "output": f"Anchor answer {i}, long enough."} for i in range(3)]
 
 
-def run_pipeline(tmp_path: Path, source_path: Path) -> tuple[dict, dict, list[dict], dict, dict]:
+def run_pipeline(tmp_path: Path, source_path: Path, params: CleanParams = PARAMS
+                 ) -> tuple[dict, dict, list[dict], dict, dict]:
     """ingest `source_path` (plus a small anchor source), then clean. Returns (provenance entry, the
     hostile source's summary, its rejected rows, its kept rows by source row, the whole summary)."""
     out = tmp_path / "raw"
@@ -37,7 +40,7 @@ def run_pipeline(tmp_path: Path, source_path: Path) -> tuple[dict, dict, list[di
     entries = [ingest_source(SourceParams(name="hostile", type="file", license="MIT", path=str(source_path)), out),
                ingest_source(SourceParams(name="anchor", type="file", license="MIT", path=str(anchor)), out)]
     (out / "provenance.json").write_text(json.dumps({"stage": "ingest", "sources": entries}), encoding="utf-8")
-    splits, rejected, summary = clean_sources(out, PARAMS)
+    splits, rejected, summary = clean_sources(out, params)
     kept = {row["source_row"]: row for rows in splits.values() for row in rows if row["source"] == "hostile"}
     return entries[0], summary["sources"]["hostile"], [r for r in rejected if r["source"] == "hostile"], kept, summary
 
@@ -58,6 +61,9 @@ CASES = [
                                   4: "bad_role_order"}, {"chat": 5}, {}),
     ("multiline.csv", 3, {1, 2}, {3: "placeholder_answer"}, {"alpaca": 3}, {}),
     ("data.tsv", 2, {1}, {2: "answer_too_short"}, {"prompt_completion": 2}, {}),
+    ("pii.jsonl", 7, {1, 2, 3, 4, 5, 6, 7}, {}, {"alpaca": 7}, {}),   # clean.pii_action: redact
+    ("near_duplicates.jsonl", 5, {1, 4}, {2: "near_duplicate", 3: "duplicate", 5: "near_duplicate"},
+     {"alpaca": 5}, {}),
 ]
 
 
@@ -185,3 +191,67 @@ def test_raw_error_rows_have_the_documented_shape(tmp_path):
     rows = read_jsonl(tmp_path / "raw" / "hostile.jsonl")
     assert [set(row) for row in rows] == [{"row", "record"}, {"row", "error", "text"}, {"row", "error", "text"},
                                           {"row", "error", "text"}, {"row", "record"}]
+
+
+# The values planted in tests/data/hostile/pii.jsonl: none may survive anywhere clean writes.
+PII_VALUES = ["jane.doe@example.com", "(555) 123-4567", "10.20.30.40", "2001:db8:85a3::8a2e:370:7334",
+              "4111 1111 1111 1111", "AKIAIOSFODNN7EXAMPLE", "q8Zt3LmN0pRx7VbW2kYs", "MIIEowIBAAKCAQEA7bq9r2Xq1Z"]
+PII_FOUND = {"email": 1, "phone": 1, "ip_address": 2, "payment_card": 1, "api_key": 2, "private_key": 1}
+
+
+def test_pii_is_redacted_with_typed_placeholders_and_counted_by_kind(tmp_path):
+    _, source, _, kept, summary = run_pipeline(tmp_path, HOSTILE / "pii.jsonl")
+    answers = {row: kept[row]["messages"][1]["content"] for row in kept}
+    assert answers[1] == "Write to [EMAIL] or call [PHONE] during office hours."
+    assert answers[2] == "The wiki runs on [IP_ADDRESS], and on [IP_ADDRESS] for IPv6."
+    assert answers[3] == "The card [PAYMENT_CARD] was charged on the first of the month."
+    assert answers[5] == 'Your key id is [API_KEY] and the config says api_key = "[API_KEY]".'
+    assert answers[6] == "Here it is:\n[PRIVATE_KEY]"
+    # A 16-digit number that fails the Luhn check is not a card: kept as written.
+    assert kept[4]["messages"][0]["content"] == "Is 4111 1111 1111 1112 a card number?"
+    assert source["pii"] == {"action": "redact", "rows": 5, "found": PII_FOUND}
+    assert summary["pii"] == {"action": "redact", "rows": 5, "found": PII_FOUND}   # the anchor source has none
+    assert not any(value in json.dumps(summary) for value in PII_VALUES)
+
+
+def test_pii_reject_quarantines_the_rows_without_the_values(tmp_path):
+    params = dataclasses.replace(PARAMS, pii_action="reject")
+    _, source, rejected, kept, summary = run_pipeline(tmp_path, HOSTILE / "pii.jsonl", params)
+    assert set(kept) == {4, 7}
+    assert {r["row"]: r["reason"] for r in rejected} == {1: "pii", 2: "pii", 3: "pii", 5: "pii", 6: "pii"}
+    assert rejected[0]["detail"] == "contains email (1), phone (1)"
+    assert rejected[0]["messages"][1]["content"] == "Write to [EMAIL] or call [PHONE] during office hours."
+    assert rejected[0]["record"]["output"] == "Write to [EMAIL] or call [PHONE] during office hours."
+    assert source["pii"] == {"action": "reject", "rows": 5, "found": PII_FOUND}
+    assert source["rejected"] == {"pii": 5}
+    quarantine = json.dumps(rejected) + json.dumps(summary)
+    assert not any(value in quarantine for value in PII_VALUES)
+
+
+def test_quarantined_rows_of_any_reason_hold_no_pii(tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"instruction": "Mail?", "output": "a@b.co"}) + "\n"
+                    + '{"instruction": "Broken, mail x.y@example.org", "output": \n', encoding="utf-8")
+    _, _, rejected, _, _ = run_pipeline(tmp_path, path)
+    assert [(r["row"], r["reason"]) for r in rejected] == [(1, "answer_too_short"), (2, "malformed_json")]
+    assert rejected[0]["record"] == {"instruction": "Mail?", "output": "[EMAIL]"}
+    assert "x.y@example.org" not in json.dumps(rejected) and "[EMAIL]" in rejected[1]["text"]
+
+
+def test_near_duplicates_name_the_row_they_repeat(tmp_path):
+    _, _, rejected, kept, _ = run_pipeline(tmp_path, HOSTILE / "near_duplicates.jsonl")
+    details = {r["row"]: r["detail"] for r in rejected}
+    assert details[2] == "Jaccard 0.75 with hostile row 1 (kept)"   # two words of 41 changed
+    assert details[3] == "same content as hostile row 1"
+    assert details[5] == "Jaccard 1.00 with hostile row 1 (kept)"   # only case and punctuation differ
+    assert [m["content"] for m in rejected[1]["messages"]][0] == "Describe the river."
+
+
+def test_a_lower_threshold_is_stricter_a_higher_one_looser(tmp_path):
+    strict = dataclasses.replace(PARAMS, near_duplicate_threshold=0.75)
+    _, _, rejected, _, _ = run_pipeline(tmp_path, HOSTILE / "near_duplicates.jsonl", strict)
+    assert {r["row"] for r in rejected if r["reason"] == "near_duplicate"} == {2, 5}
+    (tmp_path / "b").mkdir()
+    loose = dataclasses.replace(PARAMS, near_duplicate_threshold=0.8)
+    _, _, rejected, kept, _ = run_pipeline(tmp_path / "b", HOSTILE / "near_duplicates.jsonl", loose)
+    assert {r["row"] for r in rejected if r["reason"] == "near_duplicate"} == {5} and 2 in kept

@@ -123,9 +123,9 @@ def test_optional_source_keys_may_be_left_out(tmp_path):
 
 
 def test_wrong_type_names_key_and_value(tmp_path):
-    path = edited_text(tmp_path, "  batch_size: 8\n", "  batch_size: eight\n")
+    path = edited_text(tmp_path, "  max_steps: 200\n", "  max_steps: two hundred\n")
     message = load_error(path)
-    assert "'train.batch_size' must be of type int, got 'eight'" in message
+    assert "'train.max_steps' must be of type int, got 'two hundred'" in message
 
 
 @pytest.mark.parametrize("line, new, expected", [
@@ -227,7 +227,8 @@ def test_source_name_must_be_usable_as_a_file_name(tmp_path):
 def test_dataclasses_check_directly():
     with pytest.raises(ValueError, match="min_answer_chars"):
         CleanParams(min_answer_chars=50, max_prompt_chars=10, max_answer_chars=40, placeholder_answers=[],
-                    split_salt="s", validation_fraction=0.1, test_fraction=0.1)
+                    split_salt="s", validation_fraction=0.1, test_fraction=0.1, pii_action="redact",
+                    near_duplicate_threshold=0.7, decontamination_threshold=0.8)
     with pytest.raises(ValueError, match="tolerance for 'f16'"):
         QuantizeParams(types=["f16"], max_loss_gap={})
 

@@ -1,7 +1,9 @@
 """Stage `tokenize`: chat-rendered token ids, labels on exactly the assistant's turns (end-of-turn
-marker included), truncation and dropping, and the parquet splits with their stats."""
+marker included), truncation and dropping, packing of the train split, the parquet splits with their
+stats, and the token-length histogram."""
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,11 +15,12 @@ from ftpipe.io import read_json, sha256_text
 from ftpipe.modeling import IGNORE_INDEX, render_chat
 from ftpipe.params import TokenizeParams
 from ftpipe.paths import SPLITS
-from stages.tokenize import TOKENIZER_FILES, load_tokenized, tokenize_example, tokenize_splits
+from stages.tokenize import (TOKENIZER_FILES, length_histogram, load_tokenized, pack_examples, tokenize_batch,
+                             tokenize_example, tokenize_splits)
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 
-PARAMS = TokenizeParams(max_seq_length=1024, truncation="truncate", assistant_only_loss=True)
+PARAMS = TokenizeParams(max_seq_length=1024, truncation="truncate", assistant_only_loss=True, packing=False)
 END = "<|im_end|>\n"
 ANSWER = "Yes: 42 °C.\nThat is 107.6 °F, not 108."
 LONG_ANSWER = " ".join(f"word{i}" for i in range(100))
@@ -66,7 +69,7 @@ def test_multi_turn_labels_both_answers_and_nothing_else(smollm2_tokenizer):
 
 
 def test_without_assistant_only_loss_every_token_is_a_label(smollm2_tokenizer):
-    params = TokenizeParams(max_seq_length=256, truncation="truncate", assistant_only_loss=False)
+    params = TokenizeParams(max_seq_length=256, truncation="truncate", assistant_only_loss=False, packing=False)
     result = tokenize_example(smollm2_tokenizer, chat(("user", "Hi?"), ("assistant", ANSWER)), params)
     assert result["labels"] == result["input_ids"] and len(result["input_ids"]) > 20
 
@@ -75,7 +78,7 @@ def test_truncate_cuts_to_max_seq_length(smollm2_tokenizer):
     messages = chat(("system", "S"), ("user", "Q?"), ("assistant", LONG_ANSWER))
     full = tokenize_example(smollm2_tokenizer, messages, PARAMS)
     assert 300 < len(full["input_ids"]) < 1024 and full["truncated"] is False
-    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True)
+    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True, packing=False)
     result = tokenize_example(smollm2_tokenizer, messages, params)
     assert result["truncated"] is True
     assert result["input_ids"] == full["input_ids"][:32] and result["labels"] == full["labels"][:32]
@@ -86,13 +89,13 @@ def test_truncate_cuts_to_max_seq_length(smollm2_tokenizer):
 def test_drop_drops_a_too_long_example(smollm2_tokenizer):
     messages = chat(("system", "S"), ("user", "Q?"), ("assistant", LONG_ANSWER))
     full_length = len(tokenize_example(smollm2_tokenizer, messages, PARAMS)["input_ids"])
-    params = TokenizeParams(max_seq_length=32, truncation="drop", assistant_only_loss=True)
+    params = TokenizeParams(max_seq_length=32, truncation="drop", assistant_only_loss=True, packing=False)
     assert tokenize_example(smollm2_tokenizer, messages, params) == {"dropped": "too_long", "length": full_length}
 
 
 def test_an_answer_cut_off_entirely_is_dropped(smollm2_tokenizer):
     messages = chat(("user", LONG_ANSWER), ("assistant", ANSWER))
-    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True)
+    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True, packing=False)
     assert tokenize_example(smollm2_tokenizer, messages, params) == {"dropped": "no_loss_tokens", "length": 32}
 
 
@@ -136,10 +139,10 @@ def write_clean(folder: Path, splits: dict[str, list[dict]]) -> Path:
 ])
 def test_tokenize_splits_writes_parquet_and_matching_stats(smollm2_tokenizer, tmp_path, truncation, kept_train,
                                                            truncated, dropped):
-    params = TokenizeParams(max_seq_length=96, truncation=truncation, assistant_only_loss=True)
+    params = TokenizeParams(max_seq_length=96, truncation=truncation, assistant_only_loss=True, packing=False)
     out_dir = tmp_path / "tokenized"
     out_dir.mkdir()
-    stats = tokenize_splits(write_clean(tmp_path / "clean", SPLIT_ROWS), smollm2_tokenizer, params, out_dir)
+    stats, lengths = tokenize_splits(write_clean(tmp_path / "clean", SPLIT_ROWS), smollm2_tokenizer, params, out_dir)
 
     assert sorted(path.name for path in out_dir.iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
     assert set(stats) == set(SPLITS)
@@ -151,11 +154,11 @@ def test_tokenize_splits_writes_parquet_and_matching_stats(smollm2_tokenizer, tm
         for row in rows:
             expected = tokenize_example(smollm2_tokenizer, by_id[row["id"]]["messages"], params)
             assert (row["input_ids"], row["labels"]) == (expected["input_ids"], expected["labels"])
-        lengths = [len(row["input_ids"]) for row in rows]
+        assert lengths[split] == [len(row["input_ids"]) for row in rows]
         assert stats[split]["examples"] == len(rows)
-        assert stats[split]["tokens"] == sum(lengths)
-        assert stats[split]["max_length"] == max(lengths) <= 96
-        assert stats[split]["mean_length"] == round(sum(lengths) / len(lengths), 1)
+        assert stats[split]["tokens"] == sum(lengths[split])
+        assert stats[split]["max_length"] == max(lengths[split]) <= 96
+        assert stats[split]["mean_length"] == round(sum(lengths[split]) / len(rows), 1)
         assert stats[split]["loss_tokens"] == sum(sum(label != IGNORE_INDEX for label in row["labels"][1:])
                                                   for row in rows) > 0
     assert (stats["train"]["truncated"], stats["train"]["dropped"]) == (truncated, dropped)
@@ -164,7 +167,7 @@ def test_tokenize_splits_writes_parquet_and_matching_stats(smollm2_tokenizer, tm
 
 def test_every_training_example_dropped_is_an_error(smollm2_tokenizer, tmp_path):
     splits = {"train": SPLIT_ROWS["train"][3:], "validation": SPLIT_ROWS["validation"], "test": SPLIT_ROWS["test"]}
-    params = TokenizeParams(max_seq_length=96, truncation="drop", assistant_only_loss=True)
+    params = TokenizeParams(max_seq_length=96, truncation="drop", assistant_only_loss=True, packing=False)
     with pytest.raises(PipelineError, match=r"every training example was dropped \(\{'too_long': 2\}\)"):
         tokenize_splits(write_clean(tmp_path / "clean", splits), smollm2_tokenizer, params, tmp_path)
 
@@ -174,22 +177,146 @@ def test_load_tokenized_names_the_stage_to_run(tmp_path):
         load_tokenized("validation", tmp_path)
 
 
-def test_stage_writes_splits_stats_metrics_and_provenance(in_tmp_project, tiny_base):
+def test_a_batch_is_tokenized_exactly_as_each_conversation_alone(smollm2_tokenizer):
+    """tokenize_batch renders and encodes a batch in one call each: no result may depend on its neighbours."""
+    conversations = [chat(("user", "Hi?"), ("assistant", ANSWER)),
+                     chat(("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "More?"),
+                          ("assistant", ANSWER)),
+                     chat(("user", LONG_ANSWER), ("assistant", ANSWER)),   # dropped: no answer left in 80 tokens
+                     chat(("user", "Q?"), ("assistant", LONG_ANSWER)),     # truncated
+                     chat(("user", "Again?"), ("assistant", "Yes."), ("user", "Sure?"), ("assistant", "Yes!"))]
+    params = TokenizeParams(max_seq_length=80, truncation="truncate", assistant_only_loss=True, packing=False)
+    batched = tokenize_batch(smollm2_tokenizer, conversations, params)
+    alone = [tokenize_batch(smollm2_tokenizer, [messages], params)[0] for messages in conversations]
+    assert [result.get("dropped") for result in batched] == [None, None, "no_loss_tokens", None, None]
+    for got, expected in zip(batched, alone):
+        assert got.keys() == expected.keys()
+        assert all(got[key] == expected[key] if key in ("truncated", "dropped", "length")
+                   else got[key].tolist() == expected[key].tolist() for key in got)
+    assert [result.get("truncated") for result in batched] == [False, False, None, True, False]
+    multi_turn = labelled_runs({key: batched[4][key].tolist() for key in ("input_ids", "labels")})
+    assert [smollm2_tokenizer.decode(run) for run in multi_turn] == ["Yes." + END, "Yes!" + END]
+
+
+def test_pack_examples_fills_rows_best_fit_decreasing():
+    #            a  b  c  d  e: longest first, each into the fullest row it fits: [a, c] and [b, d, e]
+    lengths = [6, 5, 4, 3, 2]
+    bins = pack_examples(lengths, ["a", "b", "c", "d", "e"], capacity=10)
+    assert bins == [[0, 2], [1, 3, 4]]
+    # Equal lengths go by id: the order of the input does not matter.
+    assert pack_examples([4, 4, 4], ["z", "x", "y"], capacity=8) == [[1, 2], [0]]
+    with pytest.raises(ValueError, match="'b' has 11 tokens, more than a row's 10"):
+        pack_examples([3, 11], ["a", "b"], capacity=10)
+
+
+def test_pack_examples_is_a_partition_independent_of_input_order():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(500)]
+    ids = [f"id{index:03d}" for index in range(500)]
+    bins = pack_examples(lengths, ids, capacity=128)
+    assert sorted(index for members in bins for index in members) == list(range(500))
+    assert all(sum(lengths[index] for index in members) <= 128 for members in bins)
+    assert len(bins) <= sum(lengths) / 128 * 1.05 + 1   # within 5% of the no-padding bound on these lengths
+
+    order = list(range(500))
+    rng.shuffle(order)
+    shuffled = pack_examples([lengths[index] for index in order], [ids[index] for index in order], capacity=128)
+    assert [[ids[order[index]] for index in members] for members in shuffled] == \
+        [[ids[index] for index in members] for members in bins]
+
+
+PACK_ROWS = {
+    "train": [clean_row(f"p{i}", ("user", f"Question {i}?"), ("assistant", " ".join(f"w{j}" for j in range(6 * i))))
+              for i in range(8)]
+    + [clean_row("p-multi", ("user", "Hi?"), ("assistant", "Hello."), ("user", "More?"), ("assistant", ANSWER))],
+    "validation": SPLIT_ROWS["validation"],
+    "test": SPLIT_ROWS["test"],
+}
+
+
+def segments(row: dict) -> list[tuple[int, int]]:
+    """(start, end) of each example in a packed row: where its position ids restart at 0."""
+    starts = [index for index, position in enumerate(row["position_ids"]) if position == 0]
+    return list(zip(starts, starts[1:] + [len(row["position_ids"])]))
+
+
+@pytest.mark.parametrize("assistant_only_loss", [True, False])
+def test_packing_packs_train_rows_of_whole_examples(smollm2_tokenizer, tmp_path, assistant_only_loss):
+    clean_dir = write_clean(tmp_path / "clean", PACK_ROWS)
+    outputs = {}
+    for packing in (False, True):
+        params = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=assistant_only_loss,
+                                packing=packing)
+        out_dir = tmp_path / f"packing-{packing}"
+        out_dir.mkdir()
+        outputs[packing] = (out_dir, *tokenize_splits(clean_dir, smollm2_tokenizer, params, out_dir))
+    (plain_dir, plain_stats, plain_lengths), (packed_dir, stats, lengths) = outputs[False], outputs[True]
+    examples = {row["id"]: row for row in load_tokenized("train", plain_dir)}
+    rows = load_tokenized("train", packed_dir)
+
+    assert list(rows[0]) == ["ids", "input_ids", "labels", "position_ids"]
+    assert sorted(example_id for row in rows for example_id in row["ids"]) == sorted(examples) and len(examples) == 9
+    assert 1 < len(rows) < len(examples)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 128
+        assert len(segments(row)) == len(row["ids"])
+        for example_id, (start, end) in zip(row["ids"], segments(row)):
+            example = examples[example_id]
+            assert row["input_ids"][start:end] == example["input_ids"]
+            assert row["position_ids"][start:end] == list(range(end - start))
+            # The first label of every example is masked, even when every token is a label: the last
+            # token of the previous example must not learn to predict it.
+            assert row["labels"][start] == IGNORE_INDEX
+            assert row["labels"][start + 1:end] == example["labels"][1:]
+    if not assistant_only_loss:
+        assert all(example["labels"] == example["input_ids"] for example in examples.values())
+
+    for split in ("validation", "test"):   # one example per row, exactly as without packing
+        assert (packed_dir / f"{split}.parquet").read_bytes() == (plain_dir / f"{split}.parquet").read_bytes()
+    assert lengths == plain_lengths
+    assert stats == plain_stats   # the same stats: padding shares are reported either way
+    train = stats["train"]
+    assert train["packed_rows"] == len(rows)
+    assert train["padding_share_unpacked"] == round(1 - train["tokens"] / (len(examples) * 128), 4)
+    assert train["padding_share_packed"] == round(1 - train["tokens"] / (len(rows) * 128), 4)
+    assert train["padding_share_packed"] < train["padding_share_unpacked"]
+    assert train["loss_tokens"] == sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+    assert "packed_rows" not in stats["validation"] and "padding_share_packed" not in stats["test"]
+
+
+def test_length_histogram_counts_every_example_in_its_bin():
+    rows = length_histogram({"train": [1, 3, 4, 96, 95], "validation": [50], "test": []}, max_seq_length=96)
+    assert len(rows) == 32 and [row["tokens"] for row in rows] == list(range(0, 96, 3))
+    assert list(rows[0]) == ["tokens", "train", "validation", "test"]
+    assert [(row["tokens"], row["train"]) for row in rows if row["train"]] == [(0, 1), (3, 2), (93, 2)]
+    assert [(row["tokens"], row["validation"]) for row in rows if row["validation"]] == [(48, 1)]
+    assert sum(row["test"] for row in rows) == 0
+
+
+def test_stage_writes_splits_stats_metrics_plots_and_provenance(in_tmp_project, tiny_base, capsys):
     from stages.tokenize import main
 
     params = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
-    params["tokenize"] = {"max_seq_length": 96, "truncation": "truncate", "assistant_only_loss": True}
+    params["tokenize"] = {"max_seq_length": 96, "truncation": "truncate", "assistant_only_loss": True,
+                          "packing": True}
     (in_tmp_project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     shutil.copytree(tiny_base, in_tmp_project / "models" / "base")
     write_clean(in_tmp_project / "data" / "clean", SPLIT_ROWS)
+    threads_setting = os.environ.get("TOKENIZERS_PARALLELISM")
     main()
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == threads_setting   # on only while the stage encodes
 
     out_dir = in_tmp_project / "data" / "tokenized"
     assert sorted(path.name for path in out_dir.iterdir()) == [
         "provenance.json", "stats.json", "test.parquet", "train.parquet", "validation.parquet"]
     stats = read_json(out_dir / "stats.json")
-    assert [row["id"] for row in load_tokenized("train", out_dir)] == ["tr0", "tr1", "tr2", "tr-long-answer"]
+    packed = load_tokenized("train", out_dir)
+    # tr-long-answer fills a row (truncated to 96 tokens); the three 66-token examples cannot share one.
+    assert [row["ids"] for row in packed] == [["tr-long-answer"], ["tr0"], ["tr1"], ["tr2"]]
     assert (stats["train"]["truncated"], stats["train"]["dropped"]) == (1, {"no_loss_tokens": 1})
+    assert stats["train"]["packed_rows"] == 4
     provenance = read_json(out_dir / "provenance.json")
     assert provenance["params"] == {f"tokenize.{key}": value for key, value in params["tokenize"].items()}
     assert provenance["tokenizer_files_sha256"] == {
@@ -198,3 +325,17 @@ def test_stage_writes_splits_stats_metrics_and_provenance(in_tmp_project, tiny_b
     metrics = read_json(in_tmp_project / "metrics" / "tokenize.json")
     assert metrics == {f"{split}.{key}": value for split, s in stats.items() for key, value in s.items()
                        if key != "dropped"}
+    assert {"train.padding_share_unpacked", "train.padding_share_packed", "train.packed_rows"} <= set(metrics)
+
+    plots = in_tmp_project / "metrics" / "plots"
+    lines = (plots / "token_lengths.csv").read_text().splitlines()
+    assert lines[0] == "tokens,train,validation,test" and len(lines) == 33
+    counts = [list(map(int, line.split(","))) for line in lines[1:]]
+    assert [sum(row[column] for row in counts) for column in (1, 2, 3)] == [4, 2, 1]
+    assert counts[-1][:2] == [93, 1]   # the truncated example, 96 tokens, in the last bin
+    png = (plots / "token_lengths.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    printed = capsys.readouterr().out
+    expected = (f"train padding at max_seq_length 96: {stats['train']['padding_share_unpacked']:.1%} one example "
+                f"per row, {stats['train']['padding_share_packed']:.1%} packed into 4 rows (written packed)")
+    assert expected in printed

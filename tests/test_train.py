@@ -1,6 +1,6 @@
 """Stage `train`: real QLoRA on the CPU (bitsandbytes NF4 base, LoRA adapters), the per-step curve,
-checkpoints keyed by a fingerprint, and a resume after an interruption that ends exactly where an
-uninterrupted run ends."""
+checkpoints keyed by a fingerprint, a resume after an interruption that ends exactly where an
+uninterrupted run ends, and packed rows whose examples never attend to each other."""
 import dataclasses
 import json
 import math
@@ -13,9 +13,12 @@ import pytest
 
 from ftpipe.errors import PipelineError
 from ftpipe.io import read_json
-from stages.train import CURVE_COLUMNS, curve_csv, fingerprint, resolve_backend
+from ftpipe.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
+from stages.tokenize import load_tokenized, packed_rows
+from stages.train import CURVE_COLUMNS, TOKENS_KEY, TokenCountingCollator, curve_csv, fingerprint, resolve_backend
 
-from tests.model_fixtures import TARGET_MODULES, TRAIN, train_tiny
+from tests.conftest import EMBEDDED_EOS_ID
+from tests.model_fixtures import PACKED_TOKENIZE, TARGET_MODULES, TRAIN, build_tokenized, model_probe, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 N_LAYERS = 2   # the tiny model's (tests/conftest.py)
@@ -55,6 +58,10 @@ def test_cpu_backend_trains_qlora_on_a_4bit_base(tiny_trained):
     assert seen["storage_dtypes"] == {"torch.uint8"}   # packed 4-bit weights, not a 16-bit copy
     assert seen["quant_types"] == {"nf4"} and seen["compute_dtypes"] == {"torch.float32"}
     assert seen["trainable"] and all(".lora_A." in name or ".lora_B." in name for name in seen["trainable"])
+    # One example per row: padded with an attention mask, as before packing existed; no KV cache.
+    assert seen["use_cache"] is False and len(seen["forward_kwargs"]) == 6
+    assert all({"input_ids", "labels", "attention_mask"} <= set(keys) and "position_ids" not in keys
+               and TOKENS_KEY not in keys for keys in seen["forward_kwargs"])
 
 
 def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, tiny_data):
@@ -172,3 +179,140 @@ def test_importing_the_train_stage_imports_neither_unsloth_nor_transformers():
             "print(sorted(m for m in ('unsloth', 'transformers', 'peft', 'trl') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert done.stdout.strip() == "[]"
+
+
+# Packed rows. PAD_ID is the tiny model's pad (and end-of-turn) token.
+PAD_ID = EMBEDDED_EOS_ID
+
+
+@pytest.fixture(scope="module")
+def float_model(tiny_model_dir):
+    """The tiny Llama in float32 (exact enough to compare losses to 1e-5), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+def packed(examples: list[dict]) -> dict:
+    """One packed row of `examples`, as the tokenize stage writes it."""
+    import numpy as np
+
+    arrays = [{"id": row["id"], "input_ids": np.array(row["input_ids"]), "labels": np.array(row["labels"])}
+              for row in examples]
+    columns = packed_rows(arrays, [list(range(len(arrays)))])
+    return {key: values[0].tolist() if hasattr(values[0], "tolist") else values[0] for key, values in columns.items()}
+
+
+def loss(model, batch: dict, **kwargs) -> float:
+    """The model's own training loss (mean over label tokens), as the trainer computes it."""
+    import torch
+
+    with torch.no_grad():
+        return model(**batch, **kwargs).loss.item()
+
+
+def separate_losses(model, examples: list[dict]) -> tuple[float, int]:
+    """Token-weighted mean loss of the examples, each run alone, and its number of loss tokens."""
+    import torch
+
+    total, count = 0.0, 0
+    for row in examples:
+        tokens = int(sum(label != IGNORE_INDEX for label in row["labels"][1:]))
+        total += loss(model, {"input_ids": torch.tensor([row["input_ids"]]), "labels": torch.tensor([row["labels"]])},
+                      use_cache=False) * tokens
+        count += tokens
+    return total / count, count
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_data) -> list[dict]:
+    """Three tokenized training examples (one per row, assistant-only labels) of different lengths."""
+    rows = load_tokenized("train", tiny_data[1])[:3]
+    assert len({len(row["input_ids"]) for row in rows}) > 1   # different lengths: padding shows
+    return rows
+
+
+def test_a_packed_row_scores_each_example_as_if_alone(float_model, examples):
+    """Attention stays within each example of a packed row: its loss is the token-weighted mean of the
+    examples' own losses. The negative controls show that the test can fail: the same row with
+    contiguous position ids, or with a KV cache (transformers then ignores the position ids' blocks),
+    lets examples attend to each other and the loss moves by ~5e-3, 500 times the tolerance."""
+    import torch
+
+    expected, tokens = separate_losses(float_model, examples)
+    row = packed(examples)
+    batch = pad_packed_batch([row], PAD_ID)
+    assert sorted(batch) == ["input_ids", "labels", "position_ids"]   # no attention mask
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == tokens
+    assert loss(float_model, batch, use_cache=False) == pytest.approx(expected, abs=1e-5)
+
+    contiguous = dict(batch, position_ids=torch.arange(len(row["input_ids"])).unsqueeze(0))
+    assert abs(loss(float_model, contiguous, use_cache=False) - expected) > 1e-3
+    assert abs(loss(float_model, batch, use_cache=True) - expected) > 1e-3
+
+
+def test_a_padded_batch_of_packed_rows_and_its_padding_free_form_score_the_same(float_model, examples):
+    """Two packed rows of different lengths, right-padded (the CPU batch), or concatenated into one row
+    without padding (the Unsloth batch): the padding never changes the loss of the real tokens."""
+    expected, _ = separate_losses(float_model, examples)
+    rows = [packed(examples[:2]), packed(examples[2:])]
+    padded = pad_packed_batch(rows, PAD_ID)
+    width = len(rows[0]["input_ids"])
+    assert padded["input_ids"].shape == (2, width) and len(rows[1]["input_ids"]) < width
+    tail = padded["position_ids"][1, len(rows[1]["input_ids"]):]
+    assert tail.tolist() == list(range(len(tail)))   # the padding is a block of its own
+    assert (padded["labels"][1, len(rows[1]["input_ids"]):] == IGNORE_INDEX).all()
+    assert loss(float_model, padded, use_cache=False) == pytest.approx(expected, abs=1e-5)
+
+    flat = padding_free_batch(rows)
+    assert flat["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    assert flat["packed_seq_lengths"].tolist() == [len(row["input_ids"]) for row in examples]
+    transformers_input = {key: value for key, value in flat.items() if key != "packed_seq_lengths"}
+    assert loss(float_model, transformers_input, use_cache=False) == pytest.approx(expected, abs=1e-5)
+
+
+def test_collator_counts_real_tokens_and_hides_the_count_from_the_model(examples):
+    rows = [packed(examples[:2]), packed(examples[2:])]
+    real = sum(len(row["input_ids"]) for row in examples)
+    loss_tokens = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in examples)
+    for padding_free, keys in ((False, ["input_ids", "labels", "position_ids"]),
+                               (True, ["input_ids", "labels", "packed_seq_lengths", "position_ids"])):
+        collator = TokenCountingCollator(PAD_ID, padding_free=padding_free)
+        batch = collator(rows)
+        assert sorted(collator.count(batch)) == keys
+        assert (collator.tokens, collator.loss_tokens) == (real, loss_tokens)
+    collator = TokenCountingCollator(PAD_ID, padding_free=True)   # one example per row: padded, masked
+    assert sorted(collator.count(collator(examples))) == ["attention_mask", "input_ids", "labels"]
+    assert (collator.tokens, collator.loss_tokens) == (real, loss_tokens)
+
+
+@pytest.fixture(scope="module")
+def packed_trained(tmp_path_factory, tiny_base) -> dict:
+    """One epoch of QLoRA on the packed form of the tiny data set."""
+    root = tmp_path_factory.mktemp("packed")
+    _, tokenized_dir = build_tokenized(tiny_base, root, PACKED_TOKENIZE)
+    params = dataclasses.replace(TRAIN, max_steps=None, num_epochs=1.0)
+    probe = model_probe()
+    result = train_tiny(params, tiny_base, tokenized_dir, root / "checkpoints", root / "adapter", [probe])
+    return {"result": result, "model": probe.seen, "tokenized": tokenized_dir, "adapter": root / "adapter"}
+
+
+def test_training_on_packed_rows_end_to_end(packed_trained):
+    metrics, curve = packed_trained["result"]["metrics"], packed_trained["result"]["curve"]
+    rows = load_tokenized("train", packed_trained["tokenized"])
+    stats = read_json(packed_trained["tokenized"] / "stats.json")["train"]
+    assert "position_ids" in rows[0] and stats["packed_rows"] == len(rows) < stats["examples"] == 24
+    steps = math.ceil(len(rows) / TRAIN.batch_size)   # one epoch
+    assert metrics["packed"] is True and metrics["steps"] == steps and [row["step"] for row in curve] == \
+        list(range(1, steps + 1))
+    assert all(math.isfinite(row["loss"]) and 0 < row["loss_tokens"] < row["tokens"] for row in curve)
+    # Every example trained once, its real tokens counted and padding not: the tokenize stage's totals.
+    assert sum(row["tokens"] for row in curve) == stats["tokens"]
+    assert sum(row["loss_tokens"] for row in curve) == stats["loss_tokens"]
+    seen = packed_trained["model"]
+    assert seen["use_cache"] is False and len(seen["forward_kwargs"]) == steps
+    assert all({"input_ids", "labels", "position_ids"} <= set(keys) and "attention_mask" not in keys
+               and TOKENS_KEY not in keys for keys in seen["forward_kwargs"])
+    tensors = adapter_tensors(packed_trained["adapter"])
+    assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)
