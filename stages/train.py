@@ -22,7 +22,8 @@ from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, atomic_write_text, file_hashes, read_json, sha256_text, tree_digest, write_json
+from ftpipe.io import (atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text, tree_digest,
+                       write_json)
 from ftpipe.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, pad_packed_batch, padding_free_batch,
                              require_model_dir, resolve_compute_dtype, torch_dtype)
 from ftpipe.params import Params, TrainParams, flatten, load_params
@@ -31,8 +32,10 @@ from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PRO
 from ftpipe.provenance import stage_record
 from ftpipe.tracking import stage_run
 
-CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "loss_tokens", "seconds",
-                 "tokens_per_s", "peak_memory_gib")
+# tokens: positions the model computed, padding included; useful_tokens: the real (non-padding) ones.
+# mfu: model FLOPs utilization on a GPU with a known peak (ftpipe.gpu), else empty.
+CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "useful_tokens", "loss_tokens", "seconds",
+                 "tokens_per_s", "useful_tokens_per_s", "peak_memory_gib", "mfu")
 TOKENS_KEY = "real_tokens"   # the collator's count of a batch's non-padding tokens; the model never sees it
 
 
@@ -49,11 +52,14 @@ def resolve_backend(requested: str) -> str:
 
 
 def fingerprint(params: TrainParams, base_dir: Path, tokenized_dir: Path) -> str:
-    """Identity of a training run: params + base weights + training data. Checkpoints are only
-    resumed by a run with the same fingerprint."""
+    """Identity of a training run: params + base weights + training data + this stage's code.
+    Checkpoints are only resumed by a run with the same fingerprint: a checkpoint written by other
+    code may hold a different optimizer state or per-step log."""
     base = read_json(base_dir / PROVENANCE_FILE)["digest"]
     data = tree_digest(file_hashes(tokenized_dir, exclude=(PROVENANCE_FILE,)))
-    return sha256_text(json.dumps({"train": flatten(params), "base": base, "data": data}, sort_keys=True))[:16]
+    code = sha256_file(Path(__file__))
+    return sha256_text(json.dumps({"train": flatten(params), "base": base, "data": data, "code": code},
+                                  sort_keys=True))[:16]
 
 
 def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_seq_length: int,
@@ -119,7 +125,8 @@ class TokenCountingCollator:
     def __init__(self, pad_id: int, padding_free: bool):
         self.pad_id = pad_id
         self.padding_free = padding_free
-        self.tokens = 0
+        self.tokens = 0          # positions computed, padding included
+        self.useful_tokens = 0   # real tokens
         self.loss_tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -136,38 +143,72 @@ class TokenCountingCollator:
 
     def count(self, batch: dict) -> dict:
         """Credit this batch's tokens; return the batch without the count, as the model takes it."""
-        self.tokens += int(batch[TOKENS_KEY])
+        self.tokens += batch["input_ids"].numel()
+        self.useful_tokens += int(batch[TOKENS_KEY])
         self.loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return {key: value for key, value in batch.items() if key != TOKENS_KEY}
 
 
-def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator, callbacks: list):
+def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator, callbacks: list,
+                 base_parameters: int):
     import torch
     from transformers import Trainer
 
+    from ftpipe.gpu import bf16_peak_flops, mfu
+
+    peak_flops = bf16_peak_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+
     class MeasuringTrainer(Trainer):
-        """Adds tokens, tokens/s and peak memory to each per-step log entry."""
+        """Adds tokens, useful tokens, their rates, peak GPU memory and MFU to each per-step log entry."""
         last_time = time.perf_counter()
-        last_tokens = last_loss_tokens = 0
+        last_counts = (0, 0, 0)
 
         def training_step(self, model, inputs, *args: Any, **kwargs: Any):
             return super().training_step(model, collator.count(inputs), *args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()   # the step's kernels are done: the time is the step's
                 now = time.perf_counter()
                 seconds = now - self.last_time
-                logs["tokens"] = collator.tokens - self.last_tokens
-                logs["loss_tokens"] = collator.loss_tokens - self.last_loss_tokens
+                counts = (collator.tokens, collator.useful_tokens, collator.loss_tokens)
+                logs["tokens"], logs["useful_tokens"], logs["loss_tokens"] = (
+                    now_count - last for now_count, last in zip(counts, self.last_counts))
                 logs["seconds"] = round(seconds, 4)
                 logs["tokens_per_s"] = round(logs["tokens"] / seconds, 1) if seconds > 0 else 0.0
+                logs["useful_tokens_per_s"] = round(logs["useful_tokens"] / seconds, 1) if seconds > 0 else 0.0
                 if torch.cuda.is_available():
                     logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                self.last_time, self.last_tokens, self.last_loss_tokens = now, collator.tokens, collator.loss_tokens
+                    logs["mfu"] = mfu(base_parameters, logs["tokens_per_s"], peak_flops)
+                self.last_time, self.last_counts = now, counts
             super().log(logs, *args, **kwargs)
 
     return MeasuringTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                             callbacks=callbacks)
+
+
+def throughput(curve: list[dict], skip_first: int = 1) -> dict:
+    """Rates over the timed steps: the first steps are left out (CUDA/Triton warm-up, the first batch
+    being collated), unless there are no others."""
+    def measured(rows: list[dict]) -> list[dict]:   # steps logged with every count (all, unless a resume)
+        return [row for row in rows if row.get("seconds") and row.get("tokens") and row.get("useful_tokens")]
+
+    timed = measured(curve[skip_first:]) or measured(curve)
+    if not timed:
+        return {}
+    seconds = sum(row["seconds"] for row in timed)
+    tokens, useful = sum(row["tokens"] for row in timed), sum(row["useful_tokens"] for row in timed)
+    rates = {"tokens_per_s": round(tokens / seconds, 1), "useful_tokens_per_s": round(useful / seconds, 1),
+             "useful_token_share": round(useful / tokens, 4)}
+    peaks = [row["peak_memory_gib"] for row in curve if row.get("peak_memory_gib") is not None]
+    if peaks:
+        rates["peak_memory_gib"] = max(peaks)
+    mfus = [row["mfu"] for row in timed if row.get("mfu") is not None]
+    if mfus:
+        rates["mfu"] = round(sum(row["mfu"] * row["seconds"] for row in timed if row.get("mfu") is not None)
+                             / sum(row["seconds"] for row in timed if row.get("mfu") is not None), 4)
+    return rates
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -201,15 +242,17 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     set_seed(params.seed)
     model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
     collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
+    from ftpipe.gpu import base_parameter_count
+
+    base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, checkpoint_dir),
-                           rows, collator, callbacks or [])
+                           rows, collator, callbacks or [], base_parameters)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.model.save_pretrained(str(out_dir))
     curve = [{key: entry.get(key) for key in CURVE_COLUMNS} for entry in trainer.state.log_history
              if "loss" in entry]
-    trainable, total = model.get_nb_trainable_parameters()
-    timed = [row for row in curve if row["seconds"]]
+    trainable, _ = model.get_nb_trainable_parameters()
     metrics = {
         "backend": backend, "compute_dtype": compute_dtype, "run_fingerprint": run_id, "packed": packed,
         "resumed_from": Path(resume_from).name if resume_from else None,
@@ -218,8 +261,8 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         # over the whole curve: the trainer's training_loss leaves out the steps before a resume
         "train_loss": sum(row["loss"] for row in curve) / len(curve),
         "seconds": round(time.perf_counter() - started, 1),
-        "tokens_per_s": round(sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed), 1),
-        "trainable_parameters": trainable, "total_parameters": total,
+        **throughput(curve),
+        "trainable_parameters": trainable, "base_parameters": base_parameters,
     }
     return {"metrics": metrics, "curve": curve}
 
@@ -260,8 +303,11 @@ def main() -> None:
         tracker.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
         tracker.log_artifact(ADAPTER_DIR, "adapter")
     m = result["metrics"]
-    print(f"train: {m['steps']} steps, final loss {m['final_loss']:.4f}, {m['tokens_per_s']} tokens/s "
-          f"-> {ADAPTER_DIR}/")
+    print(f"train: {m['steps']} steps, final loss {m['final_loss']:.4f}"
+          + (f", {m['useful_tokens_per_s']} useful tokens/s ({m['useful_token_share']:.0%} of the "
+             f"{m['tokens_per_s']} computed)" if "tokens_per_s" in m else "")
+          + (f", peak {m['peak_memory_gib']} GiB" if "peak_memory_gib" in m else "")
+          + (f", MFU {m['mfu']:.1%}" if "mfu" in m else "") + f" -> {ADAPTER_DIR}/")
 
 
 if __name__ == "__main__":

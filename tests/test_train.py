@@ -74,10 +74,14 @@ def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, t
     assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)   # zero at init
 
     assert [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6]
-    assert all(math.isfinite(row["loss"]) and row["tokens"] > 0 and 0 < row["loss_tokens"] < row["tokens"]
+    assert all(math.isfinite(row["loss"]) and 0 < row["loss_tokens"] < row["useful_tokens"] <= row["tokens"]
                for row in curve)
     stats = read_json(tiny_data[1] / "stats.json")["train"]   # 6 steps of 4 = one epoch: each row once
-    assert sum(row["tokens"] for row in curve) == stats["tokens"]
+    assert sum(row["useful_tokens"] for row in curve) == stats["tokens"]
+    # Rows of different lengths padded to the longest of their batch: some positions are padding.
+    assert sum(row["tokens"] for row in curve) > stats["tokens"]
+    assert metrics["useful_token_share"] == pytest.approx(
+        sum(r["useful_tokens"] for r in curve[1:]) / sum(r["tokens"] for r in curve[1:]), abs=1e-4)
     assert sum(row["loss_tokens"] for row in curve) == stats["loss_tokens"]
 
     model_config = read_json(tiny_base / "config.json")
@@ -125,8 +129,8 @@ def test_rerun_resumes_and_ends_where_an_uninterrupted_run_ends(resumed, tiny_tr
     assert [row["loss"] for row in curve] == pytest.approx([row["loss"] for row in reference["curve"]], abs=1e-5)
     assert metrics["train_loss"] == pytest.approx(reference["metrics"]["train_loss"], abs=1e-5)
     # Each step is credited with the tokens of its own batch, also across the resume.
-    assert [(row["tokens"], row["loss_tokens"]) for row in curve] == \
-        [(row["tokens"], row["loss_tokens"]) for row in reference["curve"]]
+    assert [(row["tokens"], row["useful_tokens"], row["loss_tokens"]) for row in curve] == \
+        [(row["tokens"], row["useful_tokens"], row["loss_tokens"]) for row in reference["curve"]]
     resumed_tensors, reference_tensors = adapter_tensors(resumed["root"] / "adapter"), \
         adapter_tensors(tiny_trained["adapter"])
     assert resumed_tensors.keys() == reference_tensors.keys()
@@ -281,10 +285,14 @@ def test_collator_counts_real_tokens_and_hides_the_count_from_the_model(examples
         collator = TokenCountingCollator(PAD_ID, padding_free=padding_free)
         batch = collator(rows)
         assert sorted(collator.count(batch)) == keys
-        assert (collator.tokens, collator.loss_tokens) == (real, loss_tokens)
+        assert (collator.useful_tokens, collator.loss_tokens) == (real, loss_tokens)
+        assert collator.tokens == batch["input_ids"].numel() >= real
+        assert (collator.tokens == real) is padding_free   # one row without padding
     collator = TokenCountingCollator(PAD_ID, padding_free=True)   # one example per row: padded, masked
-    assert sorted(collator.count(collator(examples))) == ["attention_mask", "input_ids", "labels"]
-    assert (collator.tokens, collator.loss_tokens) == (real, loss_tokens)
+    batch = collator(examples)
+    assert sorted(collator.count(batch)) == ["attention_mask", "input_ids", "labels"]
+    assert (collator.useful_tokens, collator.loss_tokens) == (real, loss_tokens)
+    assert collator.tokens == len(examples) * max(len(row["input_ids"]) for row in examples) > real
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +314,10 @@ def test_training_on_packed_rows_end_to_end(packed_trained):
     steps = math.ceil(len(rows) / TRAIN.batch_size)   # one epoch
     assert metrics["packed"] is True and metrics["steps"] == steps and [row["step"] for row in curve] == \
         list(range(1, steps + 1))
-    assert all(math.isfinite(row["loss"]) and 0 < row["loss_tokens"] < row["tokens"] for row in curve)
+    assert all(math.isfinite(row["loss"]) and 0 < row["loss_tokens"] < row["useful_tokens"] <= row["tokens"]
+               for row in curve)
     # Every example trained once, its real tokens counted and padding not: the tokenize stage's totals.
-    assert sum(row["tokens"] for row in curve) == stats["tokens"]
+    assert sum(row["useful_tokens"] for row in curve) == stats["tokens"]
     assert sum(row["loss_tokens"] for row in curve) == stats["loss_tokens"]
     seen = packed_trained["model"]
     assert seen["use_cache"] is False and len(seen["forward_kwargs"]) == steps

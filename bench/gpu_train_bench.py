@@ -1,0 +1,499 @@
+"""QLoRA training speed and memory on one GPU: the project's train stage against the setups users
+would otherwise pick, with the same model, data, sequence length, batch and LoRA config.
+
+Methods (each in its own process: Unsloth patches transformers when imported, so the plain
+transformers baseline must never share a process with it):
+  stage         the project's train stage (stages.train.train_adapter, backend unsloth)
+  unsloth_loop  a minimal hand-written loop over the same Unsloth model: the ceiling for the stage
+  unsloth_trl   Unsloth + TRL SFTTrainer as in Unsloth's notebooks, as it ships (packing defaults)
+  unsloth_trl_unpacked  the same with packing and padding-free turned off
+  hf_peft_bnb   transformers + peft + bitsandbytes NF4 without Unsloth (gradient checkpointing on)
+Data:
+  fixed     random token ids, every row exactly --seq-len tokens
+  variable  the default data set (data/clean/train.jsonl, carried in .gpu-payload/clean), chat
+            template applied; the stage, the loop and the baseline take it packed into rows of
+            --seq-len tokens, TRL takes one example per row and packs it itself (or not)
+Models: random-initialized Llama-architecture models built on the spot from a config (no weights
+can be downloaded on the GPU machine; speed and memory are those of the real models): 1b
+(Llama 3.2 1B dimensions) and 8b (Llama 3.1 8B dimensions).
+
+For every run: tokens/s (positions computed, padding included), useful (non-padding) tokens/s,
+peak GPU memory (torch.cuda.max_memory_allocated from the first training step on, the 4-bit
+weights included) and MFU = 4 * N * tokens/s / the GPU's dense bf16 peak (ftpipe.gpu). The first
+--warmup steps are left out of the rates.
+
+    # here (CPU): the carried folders (see bench/gpu_train_smoke.py for .gpu-site/.gpu-payload)
+    bash ../shared/gpu/make-gpu-site.sh && python bench/gpu_train_smoke.py --prepare \\
+        && python bench/gpu_train_bench.py --prepare
+    # on the GPU machine, carrying .gpu-site and .gpu-payload:
+    PYTHONPATH=$PWD/.gpu-site:$PWD python3 bench/gpu_train_bench.py --models 1b,8b --out $OUT
+Writes <out>/gpu_train_bench.json (commit it as bench/results/gpu_train_bench.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAYLOAD = REPO / ".gpu-payload"
+SKELETON = PAYLOAD / "base-skeleton"     # the embedded model's tokenizer (and config), no weights
+CARRIED_CLEAN = PAYLOAD / "clean"        # the default data set's clean train split
+LLAMA = {   # dimensions of the released models; vocabulary 128256 (our tokenizer's ids are < 49152)
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),
+}
+METHODS = ("stage", "unsloth_loop", "unsloth_trl", "unsloth_trl_unpacked", "hf_peft_bnb")
+WORKERS = METHODS + ("max_length",)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --- preparation (CPU side and GPU side) -----------------------------------------------------------
+
+def prepare() -> None:
+    """CPU side: carry the default data set's clean train split."""
+    shutil.rmtree(CARRIED_CLEAN, ignore_errors=True)
+    CARRIED_CLEAN.mkdir(parents=True)
+    shutil.copy2(REPO / "data/clean/train.jsonl", CARRIED_CLEAN / "train.jsonl")
+    for split in ("validation", "test"):   # tokenize_splits reads all three; the benchmark trains on train
+        shutil.copy2(REPO / f"data/clean/{split}.jsonl", CARRIED_CLEAN / f"{split}.jsonl")
+    print(f"wrote {CARRIED_CLEAN}")
+
+
+def build_model(size: str, folder: Path) -> None:
+    """A random-initialized Llama of `size` in bf16 safetensors, with the embedded model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SKELETON)
+    config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **LLAMA[size])
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)   # initialize in bf16 directly: 16 GB for 8B, not 32
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    tokenizer.save_pretrained(folder)
+    parameters = sum(p.numel() for p in model.parameters())
+    # train_adapter fingerprints the base by its provenance digest
+    (folder / "provenance.json").write_text(json.dumps({"digest": f"random-init-llama-{size}-seed0",
+                                                        "dtype": "bfloat16", "parameters": parameters}))
+    del model
+    torch.cuda.empty_cache()
+
+
+def build_data(model_dir: Path, seq_len: int, rows: int, folder: Path) -> dict:
+    """fixed/ (random rows of exactly seq_len), variable-packed/ and variable-unpacked/ (the default data)."""
+    import random
+
+    from ftpipe.modeling import load_tokenizer
+    from ftpipe.params import TokenizeParams
+    from stages.tokenize import tokenize_splits, write_rows
+
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "fixed").mkdir(parents=True)
+    rng = random.Random(0)
+    vocab = len(load_tokenizer(model_dir))
+    fixed = [[rng.randrange(3, vocab) for _ in range(seq_len)] for _ in range(rows)]
+    write_rows(folder / "fixed/train.parquet", {"id": [f"r{i}" for i in range(rows)], "input_ids": fixed,
+                                                "labels": fixed})
+    tokenizer = load_tokenizer(model_dir)
+    stats = {}
+    for name, packing in (("variable-packed", True), ("variable-unpacked", False)):
+        (folder / name).mkdir()
+        params = TokenizeParams(max_seq_length=seq_len, truncation="truncate", assistant_only_loss=True,
+                                packing=packing)
+        stats[name] = tokenize_splits(CARRIED_CLEAN, tokenizer, params, folder / name)[0]["train"]
+    return stats
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+class StepClock:
+    """Per-step tokens, useful tokens, seconds and peak memory; rates over the steps after warm-up."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.steps: list[dict] = []
+        self.pending = (0, 0)
+        self.last = None
+
+    def start(self) -> None:
+        self.torch.cuda.synchronize()
+        self.torch.cuda.reset_peak_memory_stats()
+        self.last = time.perf_counter()
+
+    def count(self, batch: dict) -> None:
+        tokens = batch["input_ids"].numel()
+        if "attention_mask" in batch and batch["attention_mask"] is not None:
+            useful = int(batch["attention_mask"].sum())
+        elif "real_tokens" in batch:
+            useful = int(batch["real_tokens"])
+        else:   # padding-free rows, or fixed-length rows: every position is a real token
+            useful = tokens
+        self.pending = (self.pending[0] + tokens, self.pending[1] + useful)
+
+    def step_done(self, loss: float | None = None) -> None:
+        self.torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.steps.append({"tokens": self.pending[0], "useful_tokens": self.pending[1],
+                           "seconds": now - self.last, "loss": loss,
+                           "peak_memory_gib": self.torch.cuda.max_memory_allocated() / 2**30})
+        self.pending, self.last = (0, 0), now
+
+    def summary(self, warmup: int, parameters: int) -> dict:
+        from ftpipe.gpu import bf16_peak_flops, mfu
+
+        timed = self.steps[warmup:]
+        seconds = sum(s["seconds"] for s in timed)
+        tokens, useful = sum(s["tokens"] for s in timed), sum(s["useful_tokens"] for s in timed)
+        rate = tokens / seconds
+        return {"steps": len(self.steps), "timed_steps": len(timed), "tokens_per_s": round(rate, 1),
+                "useful_tokens_per_s": round(useful / seconds, 1), "useful_token_share": round(useful / tokens, 4),
+                "peak_memory_gib": round(max(s["peak_memory_gib"] for s in self.steps), 3),
+                "mfu": mfu(parameters, rate, bf16_peak_flops(self.torch.cuda.get_device_name(0))),
+                "seconds_per_step": round(seconds / len(timed), 4),
+                "losses": [round(s["loss"], 4) for s in self.steps if s["loss"] is not None][:3]}
+
+
+def batches(rows: list[dict], batch_size: int, steps: int, layout):
+    """The full batches of `rows` in order, cycled: after one pass every batch shape has been seen."""
+    full = len(rows) // batch_size
+    for step in range(steps):
+        start = (step % full) * batch_size
+        yield layout(rows[start:start + batch_size])
+
+
+def train_params(args, steps: int):
+    """The params.yaml train section with the benchmark's settings (the same for every method)."""
+    import dataclasses
+
+    from ftpipe.params import load_params
+
+    train = load_params(REPO / "params.yaml").train
+    lora = dataclasses.replace(train.lora, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, bias="none",
+                               target_modules=TARGET_MODULES)
+    return dataclasses.replace(train, backend="unsloth", max_steps=steps, num_epochs=None, batch_size=args.batch,
+                               gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler="linear",
+                               warmup_steps=2, gradient_checkpointing=True, checkpoint_every=10_000, lora=lora)
+
+
+# --- the methods (worker side) -------------------------------------------------------------------------
+
+def run_stage(args, data_dir: Path) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from stages.train import throughput, train_adapter
+
+    class ResetPeak(TrainerCallback):   # peak memory of training, as for the other methods
+        def on_train_begin(self, *a, **k):
+            torch.cuda.reset_peak_memory_stats()
+
+    out = Path(args.work) / "stage-out"
+    shutil.rmtree(out, ignore_errors=True)
+    result = train_adapter(train_params(args, args.steps), args.seq_len, Path(args.model_dir), data_dir,
+                           Path(args.work) / "stage-checkpoints", out, [ResetPeak()])
+    curve = result["curve"]
+    timed = curve[args.warmup:]
+    return {"steps": len(curve), "timed_steps": len(timed), **throughput(curve, skip_first=args.warmup),
+            "seconds_per_step": round(sum(r["seconds"] for r in timed) / len(timed), 4),
+            "losses": [round(r["loss"], 4) for r in curve[:3]], "stage_metrics": result["metrics"]}
+
+
+def hand_loop(model, rows: list[dict], layout, args, parameters: int) -> dict:
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    clock = StepClock()
+    model.train()
+    clock.start()
+    for batch in batches(rows, args.batch, args.steps, layout):
+        clock.count(batch)
+        batch = {k: v.to("cuda") for k, v in batch.items() if k != "real_tokens"}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.step_done(float(loss))
+    return clock.summary(args.warmup, parameters)
+
+
+def with_real_tokens(layout):
+    import torch
+
+    def wrapped(rows):
+        batch = layout(rows)
+        batch["real_tokens"] = torch.tensor(sum(len(row["input_ids"]) for row in rows))
+        return batch
+    return wrapped
+
+
+def run_unsloth_loop(args, data: dict) -> dict:
+    from ftpipe.gpu import base_parameter_count
+    from ftpipe.modeling import pad_batch, padding_free_batch
+    from stages.train import load_trainable_model
+
+    model = load_trainable_model("unsloth", train_params(args, args.steps), Path(args.model_dir), args.seq_len,
+                                 "bfloat16")
+    n = base_parameter_count(args.model_dir)
+    return {"fixed": hand_loop(model, data["fixed"], lambda rows: pad_batch(rows, 0), args, n),
+            "variable": hand_loop(model, data["variable-packed"], with_real_tokens(padding_free_batch), args, n)}
+
+
+def run_trl(args, data: dict, packing_default: bool) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from ftpipe.gpu import base_parameter_count
+    from ftpipe.modeling import load_tokenizer
+    from stages.train import load_trainable_model
+
+    model = load_trainable_model("unsloth", train_params(args, args.steps), Path(args.model_dir), args.seq_len,
+                                 "bfloat16")
+    tokenizer = load_tokenizer(args.model_dir)
+    n = base_parameter_count(args.model_dir)
+    results = {}
+    for name, rows in (("fixed", data["fixed"]), ("variable", data["variable-unpacked"])):
+        dataset = datasets.Dataset.from_dict({"input_ids": [row["input_ids"] for row in rows]})
+        # Unsloth's notebook settings, with the benchmark's batch, length and steps
+        config = dict(output_dir=str(Path(args.work) / "trl"), per_device_train_batch_size=args.batch,
+                      gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=2e-4, warmup_steps=2,
+                      logging_steps=1, optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
+                      seed=3407, report_to="none", max_length=args.seq_len, bf16=True, save_strategy="no",
+                      dataset_num_proc=1)
+        if not packing_default:
+            config.update(packing=False, padding_free=False)
+        clock = StepClock()
+
+        class Clock(TrainerCallback):
+            def on_train_begin(self, *a, **k):
+                clock.start()
+
+            def on_step_end(self, *a, **k):
+                clock.step_done()
+
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                             args=SFTConfig(**config), callbacks=[Clock()])
+        original = trainer.training_step
+
+        def counted(model, inputs, *a, **k):
+            clock.count(inputs)
+            return original(model, inputs, *a, **k)
+
+        trainer.training_step = counted
+        trainer.train()
+        results[name] = clock.summary(args.warmup, n)
+        results[name]["trl_config"] = {k: getattr(trainer.args, k, None) for k in ("packing", "padding_free",
+                                                                                 "packing_strategy", "max_length")}
+        torch.cuda.empty_cache()
+    return results
+
+
+def run_hf(args, data: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ftpipe.gpu import base_parameter_count
+    from ftpipe.modeling import pad_batch, pad_packed_batch
+
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                             bias="none", target_modules=TARGET_MODULES, task_type="CAUSAL_LM"))
+    n = base_parameter_count(args.model_dir)
+    return {"fixed": hand_loop(model, data["fixed"], lambda rows: pad_batch(rows, 0), args, n),
+            "variable": hand_loop(model, data["variable-packed"],
+                                  with_real_tokens(lambda rows: pad_packed_batch(rows, 0)), args, n)}
+
+
+def run_max_length(args) -> dict:
+    """The longest sequence (batch 1) one full QLoRA step trains at on this GPU, with the stage's model
+    setup (Unsloth, 4-bit, LoRA, gradient checkpointing "unsloth"): double from --max-length-start until a step
+    runs out of memory, then bisect to --max-length-step tokens, within --max-length-seconds. Each trial
+    runs one step: a failing one leaves the model usable (the OOM is raised before any weight changes)."""
+    import random
+
+    import torch
+
+    from stages.train import load_trainable_model
+
+    model = load_trainable_model("unsloth", train_params(args, 1), Path(args.model_dir), 1 << 19, "bfloat16")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    rng = random.Random(0)
+    started, trials = time.time(), []
+
+    def fits(length: int) -> bool:
+        ids = torch.tensor([[rng.randrange(3, 49152) for _ in range(length)]], device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        began = time.time()
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        optimizer.zero_grad(set_to_none=True)
+        loss = None
+        trials.append({"length": length, "fits": ok, "seconds": round(time.time() - began, 1),
+                       "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+        print(trials[-1], flush=True)
+        return ok
+
+    def in_time() -> bool:
+        return time.time() - started < args.max_length_seconds
+
+    good, bad, length = 0, None, args.max_length_start
+    while in_time():
+        if fits(length):
+            good, length = length, length * 2
+        else:
+            bad = length
+            break
+    while bad is not None and bad - good > args.max_length_step and in_time():
+        middle = (good + bad) // 2 // args.max_length_step * args.max_length_step
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return {"longest_fitting": good, "shortest_failing": bad, "resolution": args.max_length_step,
+            "complete": bad is not None and bad - good <= args.max_length_step,
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), "trials": trials}
+
+
+def worker(args) -> None:
+    if args.worker != "hf_peft_bnb":
+        import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
+    from stages.tokenize import load_tokenized
+
+    work = Path(args.work)
+    data = {name: load_tokenized("train", work / "data" / name)
+            for name in ("fixed", "variable-packed", "variable-unpacked")}
+    if args.worker == "stage":
+        import torch
+
+        result = {"fixed": run_stage(args, work / "data/fixed")}
+        torch.cuda.empty_cache()
+        result["variable"] = run_stage(args, work / "data/variable-packed")
+    elif args.worker == "unsloth_loop":
+        result = run_unsloth_loop(args, data)
+    elif args.worker == "max_length":
+        result = run_max_length(args)
+    elif args.worker in ("unsloth_trl", "unsloth_trl_unpacked"):
+        result = run_trl(args, data, packing_default=args.worker == "unsloth_trl")
+    else:
+        result = run_hf(args, data)
+    Path(args.result).write_text(json.dumps(result, indent=2, default=str))
+
+
+# --- orchestration -----------------------------------------------------------------------------------------
+
+def run_method(args, method: str, model_dir: Path, out: Path) -> dict:
+    result_file = Path(args.work) / f"{method}.json"
+    result_file.unlink(missing_ok=True)
+    log = out / f"{model_dir.name}-{method}.log"
+    started = time.time()
+    command = [sys.executable, __file__, "--worker", method, "--model-dir", str(model_dir), "--work", args.work,
+               "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--lora-r", str(args.lora_r),
+               "--max-length-seconds", str(args.max_length_seconds), "--max-length-step", str(args.max_length_step),
+               "--max-length-start", str(args.max_length_start)]
+    with open(log, "w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
+    entry = {"exit": code, "wall_seconds": round(time.time() - started, 1)}
+    if code == 0 and result_file.exists():
+        entry.update(json.loads(result_file.read_text()))
+    else:
+        entry["log_tail"] = log.read_text()[-3000:]
+    print(f"{model_dir.name} {method}: exit {code}, {entry['wall_seconds']} s", flush=True)
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepare", action="store_true", help="CPU side: write .gpu-payload/clean")
+    parser.add_argument("--models", default="1b,8b")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results")
+    # git-ignored, so that a warm GPU machine keeps the built models between calls
+    parser.add_argument("--work", default=str(REPO / ".bench-work"))
+    # Unsloth compiles each decoder block on first use and again for each new shape until it marks the
+    # length dynamic (the variable-length batches have ~10 different lengths): steps 1-10 are warm-up.
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--max-length-seconds", type=float, default=360)
+    parser.add_argument("--max-length-step", type=int, default=8192)
+    parser.add_argument("--max-length-start", type=int, default=16384)
+    parser.add_argument("--worker", choices=WORKERS)
+    parser.add_argument("--model-dir")
+    parser.add_argument("--result")
+    args = parser.parse_args()
+    if args.prepare:
+        return prepare()
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    from ftpipe.provenance import environment
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    report = {"settings": {"seq_len": args.seq_len, "batch": args.batch, "steps": args.steps,
+                           "timed_steps": args.steps - args.warmup, "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r,
+                                                                              "dropout": 0, "bias": "none",
+                                                                              "target_modules": TARGET_MODULES},
+                           "quantization": "bitsandbytes NF4, double quant, bf16 compute",
+                           "gradient_checkpointing": "unsloth (Unsloth methods), non-reentrant (hf_peft_bnb)"},
+              "environment": environment(), "gpu": torch.cuda.get_device_name(0), "models": {}}
+    for size in args.models.split(","):
+        model_dir = work / f"llama-{size}"
+        started = time.time()
+        if not (model_dir / "provenance.json").exists():   # built by an earlier call on this machine
+            build_model(size, model_dir)
+        data_stats = build_data(model_dir, args.seq_len, args.batch * args.steps, work / "data")
+        entry = {"config": LLAMA[size], "parameters": json.loads((model_dir / "provenance.json").read_text())["parameters"],
+                 "build_seconds": round(time.time() - started, 1), "variable_data": data_stats, "methods": {}}
+        report["models"][size] = entry
+        for method in args.methods.split(","):
+            entry["methods"][method] = run_method(args, method, model_dir, args.out)
+            (args.out / "gpu_train_bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "gpu_train_bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(json.dumps({size: {m: {d: {k: v.get(k) for k in ("tokens_per_s", "useful_tokens_per_s", "peak_memory_gib",
+                                                             "mfu")} for d, v in r.items() if isinstance(v, dict)
+                                  and "tokens_per_s" in v} for m, r in e["methods"].items()}
+                      for size, e in report["models"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
