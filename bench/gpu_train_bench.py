@@ -154,17 +154,16 @@ class StepClock:
         self.pending, self.last = (0, 0), now
 
     def summary(self, warmup: int, parameters: int) -> dict:
+        """The same rates as the stage reports (stages.train.throughput), over the steps after warm-up."""
         from ftpipe.gpu import bf16_peak_flops, mfu
+        from stages.train import throughput
 
         timed = self.steps[warmup:]
-        seconds = sum(s["seconds"] for s in timed)
-        tokens, useful = sum(s["tokens"] for s in timed), sum(s["useful_tokens"] for s in timed)
-        rate = tokens / seconds
-        return {"steps": len(self.steps), "timed_steps": len(timed), "tokens_per_s": round(rate, 1),
-                "useful_tokens_per_s": round(useful / seconds, 1), "useful_token_share": round(useful / tokens, 4),
-                "peak_memory_gib": round(max(s["peak_memory_gib"] for s in self.steps), 3),
-                "mfu": mfu(parameters, rate, bf16_peak_flops(self.torch.cuda.get_device_name(0))),
-                "seconds_per_step": round(seconds / len(timed), 4),
+        rates = throughput(self.steps, skip_first=warmup)
+        rates["peak_memory_gib"] = round(rates["peak_memory_gib"], 3)
+        rates["mfu"] = mfu(parameters, rates["tokens_per_s"], bf16_peak_flops(self.torch.cuda.get_device_name(0)))
+        return {"steps": len(self.steps), "timed_steps": len(timed), **rates,
+                "seconds_per_step": round(sum(s["seconds"] for s in timed) / len(timed), 4),
                 "losses": [round(s["loss"], 4) for s in self.steps if s["loss"] is not None][:3]}
 
 
