@@ -7,7 +7,9 @@ transformers baseline must never share a process with it):
   unsloth_loop  a minimal hand-written loop over the same Unsloth model: the ceiling for the stage
   unsloth_trl   Unsloth + TRL SFTTrainer as in Unsloth's notebooks, as it ships (packing defaults)
   unsloth_trl_unpacked  the same with packing and padding-free turned off
-  hf_peft_bnb   transformers + peft + bitsandbytes NF4 without Unsloth (gradient checkpointing on)
+  hf_peft_bnb   transformers + peft + bitsandbytes NF4 without Unsloth, tuned as PEFT's QLoRA guide does
+  hf_peft_bnb_minimal  the same with the library defaults (fp4, float32 compute; fixed data only)
+  max_length    the longest sequence one training step of the stage's model setup fits (batch 1)
 Data:
   fixed     random token ids, every row exactly --seq-len tokens
   variable  the default data set (data/clean/train.jsonl, carried in .gpu-payload/clean), chat
@@ -50,7 +52,7 @@ LLAMA = {   # dimensions of the released models; vocabulary 128256 (our tokenize
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),
 }
-METHODS = ("stage", "unsloth_loop", "unsloth_trl", "unsloth_trl_unpacked", "hf_peft_bnb")
+METHODS = ("stage", "unsloth_loop", "unsloth_trl", "unsloth_trl_unpacked", "hf_peft_bnb", "hf_peft_bnb_minimal")
 WORKERS = METHODS + ("max_length",)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -305,7 +307,12 @@ def run_trl(args, data: dict, packing_default: bool) -> dict:
     return results
 
 
-def run_hf(args, data: dict) -> dict:
+def run_hf(args, data: dict, minimal: bool = False) -> dict:
+    """transformers + peft + bitsandbytes. As tuned by PEFT's QLoRA guide (NF4, double quant, bf16
+    compute, SDPA, non-reentrant checkpointing), or `minimal`: what one gets writing the least code,
+    BitsAndBytesConfig(load_in_4bit=True) and prepare_model_for_kbit_training(model) with their
+    defaults (fp4 without double quant, float32 compute; checkpointing and attention as transformers
+    defaults them: non-reentrant, SDPA). LoRA config, batches and loop are those of every other method."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -313,47 +320,81 @@ def run_hf(args, data: dict) -> dict:
     from ftpipe.gpu import base_parameter_count
     from ftpipe.modeling import pad_batch, pad_packed_batch
 
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if minimal:
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map={"": 0},
+                                                     quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+        model = prepare_model_for_kbit_training(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_dir, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa",
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                              bias="none", target_modules=TARGET_MODULES, task_type="CAUSAL_LM"))
     n = base_parameter_count(args.model_dir)
-    return {"fixed": hand_loop(model, data["fixed"], lambda rows: pad_batch(rows, 0), args, n),
-            "variable": hand_loop(model, data["variable-packed"],
-                                  with_real_tokens(lambda rows: pad_packed_batch(rows, 0)), args, n)}
+    result = {"fixed": hand_loop(model, data["fixed"], lambda rows: pad_batch(rows, 0), args, n)}
+    if not minimal:
+        result["variable"] = hand_loop(model, data["variable-packed"],
+                                       with_real_tokens(lambda rows: pad_packed_batch(rows, 0)), args, n)
+    config = model.base_model.model.config.quantization_config
+    result["quantization"] = {k: str(getattr(config, k)) for k in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                                                                   "bnb_4bit_compute_dtype")}
+    result["attention"] = model.base_model.model.config._attn_implementation
+    return result
+
+
+def host_memory() -> dict:
+    """This process's peak resident memory since the last reset and the machine's available memory (bytes)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return {"peak_rss": int(status["VmHWM"].split()[0]) * 1024,
+            "available": int(meminfo["MemAvailable"].split()[0]) * 1024}
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")   # Linux: resets VmHWM to the current resident size
 
 
 def run_max_length(args) -> dict:
-    """The longest sequence (batch 1) one full QLoRA step trains at on this GPU, with the stage's model
-    setup (Unsloth, 4-bit, LoRA, gradient checkpointing "unsloth"): double from --max-length-start until a step
-    runs out of memory, then bisect to --max-length-step tokens, within --max-length-seconds. Each trial
-    runs one step: a failing one leaves the model usable (the OOM is raised before any weight changes)."""
-    import random
+    """The longest sequence (batch 1) one full QLoRA step trains at on this machine, with the stage's
+    model setup (Unsloth, 4-bit, LoRA, gradient checkpointing "unsloth", train mode).
 
+    Two memories bound it: the GPU's, and the host's, because Unsloth's checkpointing offloads each
+    layer's input to CPU RAM (32 layers x 4096 x 2 bytes = 256 KiB per token for the 8B). Running out
+    of GPU memory raises an exception the search catches; running out of host memory gets the process
+    killed, so the host limit is predicted and never tried. A step at 2^18 tokens costs minutes
+    (attention time is quadratic), so the search does not double blindly: it measures 3 short lengths
+    (--max-length-start, x2, x4), predicts from the two longest lengths that fitted where GPU and
+    host memory run out, tries the smaller prediction, and repeats (bisecting once a length has
+    failed) until one length fits and the next --max-length-step fails on the GPU, or the host's
+    limit stops it. Trials whose predicted time would overrun --max-length-seconds are not started;
+    --max-length-resume continues from the trials an earlier call wrote."""
     import torch
 
     from stages.train import load_trainable_model
 
     model = load_trainable_model("unsloth", train_params(args, 1), Path(args.model_dir), 1 << 19, "bfloat16")
+    model.train()   # gradient checkpointing runs in train mode only: in eval mode every activation is kept
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
-    rng = random.Random(0)
     started, trials = time.time(), []
+    capacity = torch.cuda.get_device_properties(0).total_memory
 
     def fits(length: int) -> bool:
-        ids = torch.tensor([[rng.randrange(3, 49152) for _ in range(length)]], device="cuda")
+        ids = torch.randint(3, 49152, (1, length), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
+        # if host memory runs out the kernel kills this process: the parent records the length tried
+        Path(args.result).write_text(json.dumps({"trials": trials, "in_progress": length}))
         began = time.time()
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             ok = True
         except torch.OutOfMemoryError:
@@ -361,33 +402,73 @@ def run_max_length(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss = None
         trials.append({"length": length, "fits": ok, "seconds": round(time.time() - began, 1),
-                       "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+                       "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       "host_peak_rss_gib": round(host_memory()["peak_rss"] / 2**30, 2)})
         print(trials[-1], flush=True)
         return ok
 
-    def in_time() -> bool:
-        return time.time() - started < args.max_length_seconds
+    def affordable(length: int) -> bool:
+        last = max((t for t in trials if "seconds" in t), key=lambda t: t["length"])
+        if 2 * last["length"] < length:   # from the short fit lengths the length-squared guess is far too high
+            return True
+        return time.time() - started + last["seconds"] * (length / last["length"]) ** 2 < args.max_length_seconds
 
-    good, bad, length = 0, None, args.max_length_start
-    while in_time():
+    if args.max_length_resume:   # trials of an earlier call (a 10-minute call holds about two long ones)
+        earlier = json.loads(Path(args.max_length_resume).read_text())
+        earlier = earlier.get("models", {}).get("8b", {}).get("methods", {}).get("max_length", earlier)
+        trials.extend(dict(trial, call=trial.get("call", "earlier")) for trial in earlier["trials"])
+    fit_lengths = [args.max_length_start * 2**i for i in range(3)]
+    for length in fit_lengths:
+        if length not in {t["length"] for t in trials} and not fits(length):
+            raise SystemExit(f"the model does not train at {length} tokens: lower --max-length-start")
+    # what torch can hold: free memory plus its own pool (the CUDA context lies outside), less 2% that
+    # the caching allocator loses to fragmentation at these block sizes
+    gpu_budget = 0.98 * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
+    host = host_memory()
+    host_budget = 0.9 * (host["available"] + host["peak_rss"])   # keep 10% of RAM for everything else
+    step = args.max_length_step
+
+    def predict() -> dict:
+        """Where GPU and host memory run out: a line through the two longest lengths that fitted (memory
+        is affine in length there; the short ones also carry fixed costs such as compile workspaces)."""
+        done = sorted((t for t in trials if t["fits"]), key=lambda t: t["length"])[-2:]
+        limits = {}
+        for name, key, budget in (("gpu", "peak_memory_gib", gpu_budget), ("host", "host_peak_rss_gib", host_budget)):
+            (x0, y0), (x1, y1) = ((t["length"], t[key] * 2**30) for t in done)
+            slope = (y1 - y0) / (x1 - x0)
+            limits[name] = {"kib_per_token": round(slope / 2**10, 1), "through": [x0, x1],
+                            "predicted_longest": int(x1 + (budget - y1) / slope) // step * step if slope > 0 else 1 << 30}
+        return limits
+
+    good = max(t["length"] for t in trials if t["fits"])
+    failed = [t["length"] for t in trials if not t["fits"]]
+    bad = min(failed) if failed else None
+    killed = {t["length"] for t in trials if t.get("killed")}
+    predictions = []
+    while bad is None or bad - good > step:
+        predictions.append(predict())
+        host_limit = min([predictions[-1]["host"]["predicted_longest"]] + [k - step for k in killed])
+        if bad is None:   # jump to where the GPU should run out, then walk
+            length = max(min(predictions[-1]["gpu"]["predicted_longest"], host_limit), good + step)
+        else:
+            length = (good + bad) // 2 // step * step
+        if (bad is None and length > host_limit) or not affordable(length):
+            break
         if fits(length):
-            good, length = length, length * 2
+            good = length
         else:
             bad = length
-            break
-    while bad is not None and bad - good > args.max_length_step and in_time():
-        middle = (good + bad) // 2 // args.max_length_step * args.max_length_step
-        if fits(middle):
-            good = middle
-        else:
-            bad = middle
-    return {"longest_fitting": good, "shortest_failing": bad, "resolution": args.max_length_step,
-            "complete": bad is not None and bad - good <= args.max_length_step,
-            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), "trials": trials}
+    if bad is not None and bad - good <= step:
+        bound = "host" if bad in killed else "gpu"
+    else:
+        bound = "host" if predictions and good + step > predictions[-1]["host"]["predicted_longest"] else "time"
+    return {"longest_fitting": good, "shortest_failing": bad, "resolution": step, "bound_by": bound,
+            "complete": bound != "time", "gpu_budget_gib": round(gpu_budget / 2**30, 1), "host_budget_gib": round(host_budget / 2**30, 1), "predictions": predictions,
+            "gpu_memory_gib": round(capacity / 2**30, 1), "trials": trials}
 
 
 def worker(args) -> None:
-    if args.worker != "hf_peft_bnb":
+    if not args.worker.startswith("hf_peft_bnb"):
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
     from stages.tokenize import load_tokenized
 
@@ -407,7 +488,7 @@ def worker(args) -> None:
     elif args.worker in ("unsloth_trl", "unsloth_trl_unpacked"):
         result = run_trl(args, data, packing_default=args.worker == "unsloth_trl")
     else:
-        result = run_hf(args, data)
+        result = run_hf(args, data, minimal=args.worker == "hf_peft_bnb_minimal")
     Path(args.result).write_text(json.dumps(result, indent=2, default=str))
 
 
@@ -423,11 +504,17 @@ def run_method(args, method: str, model_dir: Path, out: Path) -> dict:
                "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--lora-r", str(args.lora_r),
                "--max-length-seconds", str(args.max_length_seconds), "--max-length-step", str(args.max_length_step),
                "--max-length-start", str(args.max_length_start)]
+    if args.max_length_resume:
+        command += ["--max-length-resume", str(Path(args.max_length_resume).resolve())]
     with open(log, "w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
     entry = {"exit": code, "wall_seconds": round(time.time() - started, 1)}
     if code == 0 and result_file.exists():
         entry.update(json.loads(result_file.read_text()))
+    elif method == "max_length" and result_file.exists():   # killed mid-trial: what it had done, and where it died
+        partial = json.loads(result_file.read_text())
+        entry["trials"] = partial["trials"] + [{"length": partial["in_progress"], "fits": False, "killed": True,
+                                                "exit": code, "note": "killed (host out of memory)" if code == -9 else ""}]
     else:
         entry["log_tail"] = log.read_text()[-3000:]
     print(f"{model_dir.name} {method}: exit {code}, {entry['wall_seconds']} s", flush=True)
@@ -449,9 +536,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--max-length-seconds", type=float, default=360)
+    parser.add_argument("--max-length-seconds", type=float, default=480)
     parser.add_argument("--max-length-step", type=int, default=8192)
-    parser.add_argument("--max-length-start", type=int, default=16384)
+    parser.add_argument("--max-length-start", type=int, default=8192)
+    parser.add_argument("--max-length-resume", help="a gpu_train_bench.json whose max_length trials to continue from")
     parser.add_argument("--worker", choices=WORKERS)
     parser.add_argument("--model-dir")
     parser.add_argument("--result")
