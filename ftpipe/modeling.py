@@ -86,8 +86,7 @@ def bnb_config(quantization: Any, compute_dtype: str):
 
 
 def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return render_chats(tokenizer, [messages], add_generation_prompt)[0]
 
 
 def render_chats(tokenizer, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = False) -> list[str]:

@@ -198,6 +198,17 @@ class QuantizeParams:
 
 
 @dataclass(frozen=True)
+class TrackingParams:
+    """What MLflow keeps (not how anything is computed: no stage's results depend on it)."""
+    checkpoint_artifact_max_mib: float   # larger training checkpoints are logged by path and SHA-256
+    system_metrics_interval_s: float     # CPU, memory and GPU sampling while training
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_artifact_max_mib >= 0, "checkpoint_artifact_max_mib: must be >= 0")
+        _check(self.system_metrics_interval_s > 0, "system_metrics_interval_s: must be positive")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     ingest: IngestParams
@@ -208,6 +219,7 @@ class Params:
     evaluate: EvaluateParams
     merge: MergeParams
     quantize: QuantizeParams
+    tracking: TrackingParams
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

@@ -1,22 +1,47 @@
-"""MLflow logging for a stage, imported lazily and never fatal.
+"""The MLflow record of the pipeline: one parent run per `dvc repro` (or `dvc exp run`), one child
+run per stage it executed. Imported lazily and never fatal.
 
-The GPU machine has no MLflow: there (or when the store fails) the stage still runs,
-warns once, and keeps what it could not log in `mlflow-pending/` for later upload.
+Grouping. DVC runs each stage as its own process and has no hook around a whole `dvc repro`. So a
+stage finds its invocation through its `dvc` ancestor process (host, pid, start time): the first
+stage to run creates the parent run, the next ones join it, and the `record` stage (always last,
+always run; stages/record.py) closes it, records the stages DVC skipped and names it after what
+changed.
+
+Failures. When the store is unavailable, or fails part way (disk full, locked, removed), the stage
+goes on, warns once, and writes every operation that did not reach the store to
+`mlflow-pending/<stage>-<time>.json`; `python -m ftpipe.audit upload-pending` replays them later.
+The GPU machine has no MLflow at all: there every stage keeps its whole record that way.
+
+Concurrency. Several pipelines may share one store: run creation is serialized by a file lock next
+to the store (two processes creating a fresh SQLite schema at once would collide); after that,
+SQLite's own busy timeout (20 s in MLflow) orders the writes.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from ftpipe.io import atomic_write_text, file_hashes, sha256_file, tree_digest
 from ftpipe.provenance import environment, git_state, pip_freeze, utc_now
 
 PENDING_DIR = Path("mlflow-pending")
 DEFAULT_EXPERIMENT = "ftpipe"
+# tags that tie runs together (MLflow's UI shows them; search_runs filters on them)
+KIND = "ftpipe.kind"                 # "pipeline" (one per dvc invocation) or "stage"
+INVOCATION = "ftpipe.invocation"     # host:pid:start-time of the dvc process
+STAGE = "ftpipe.stage"
+PARENT = "mlflow.parentRunId"        # MLflow's own nesting tag: the UI groups children under it
+RUN_NAME = "mlflow.runName"
+RUNNING_NAME = "dvc repro (running)"
+# timing and memory metrics are measurements of the machine, not results: never compared on reproduce
+MEASUREMENTS = ("seconds", "per_s", "peak_memory", "mfu", "_time", "system/")
 
 
 def project_root() -> Path:
@@ -28,85 +53,272 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+
+
+def is_measurement(metric: str) -> bool:
+    return any(part in metric for part in MEASUREMENTS)
+
+
+# --- which pipeline invocation this process belongs to ---------------------------------------------
+
+def _is_dvc(command: list[str]) -> bool:
+    head = [Path(arg).name for arg in command[:3]]
+    return bool(head) and (head[0] == "dvc" or (len(head) > 1 and head[1] == "dvc")
+                           or head[1:3] == ["-m", "dvc"])
+
+
+def invocation_key() -> str:
+    """The `dvc repro` / `dvc exp run` this process runs under: $FTPIPE_INVOCATION, else the nearest
+    `dvc` ancestor process, else this process alone (a stage run by hand)."""
+    if os.environ.get("FTPIPE_INVOCATION"):
+        return os.environ["FTPIPE_INVOCATION"]
+    host = socket.gethostname()
+    try:
+        import psutil  # noqa: PLC0415 - installed with MLflow; absent on the GPU machine
+
+        me = psutil.Process()
+        for ancestor in me.parents():
+            with contextlib.suppress(psutil.Error):
+                if _is_dvc(ancestor.cmdline()):
+                    return f"{host}:{ancestor.pid}:{int(ancestor.create_time())}"
+        return f"{host}:{me.pid}:{int(me.create_time())}"
+    except ImportError:
+        return f"{host}:{os.getpid()}:{int(time.time())}"
+
+
+# --- the store ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serializes run creation between processes sharing a store (a lock file beside a SQLite store,
+    else at the project root)."""
+    import fcntl  # noqa: PLC0415 - POSIX only, like the rest of the pipeline's tooling
+
+    path = Path(uri[len("sqlite:///"):] + ".lock") if uri.startswith("sqlite:///") else project_root() / ".mlflow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def connect():
+    """(mlflow module, client, experiment id) for the project's store; creates the experiment."""
+    import mlflow  # noqa: PLC0415 - optional, slow import
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        client = MlflowClient(uri)   # builds the store, a fresh SQLite schema included: under the lock
+        experiment = client.get_experiment_by_name(experiment_name())
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            experiment_name(), artifact_location=(project_root() / "mlartifacts").as_uri())
+    return mlflow, client, experiment_id
+
+
+def pipeline_run_id(client, experiment_id: str, invocation: str, create: bool = True) -> str | None:
+    """The parent run of this invocation: found by its tag, or created (by the first stage to run)."""
+    with store_lock(tracking_uri()):
+        found = client.search_runs([experiment_id], f"tags.`{KIND}` = 'pipeline' and tags.`{INVOCATION}` = '{invocation}'",
+                                   max_results=1)
+        if found or not create:
+            return found[0].info.run_id if found else None
+        git = git_state()
+        tags = {KIND: "pipeline", INVOCATION: invocation, "git.commit": str(git["commit"]),
+                "git.dirty": str(git["dirty"])}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+        if os.environ.get("FTPIPE_REPRODUCES"):
+            tags["ftpipe.reproduces"] = os.environ["FTPIPE_REPRODUCES"]
+        return client.create_run(experiment_id, run_name=RUNNING_NAME, tags=tags).info.run_id
+
+
+def mark_failed(client, pipeline_run: str, stage: str) -> None:
+    client.set_tag(pipeline_run, RUN_NAME, f"failed at {stage}")
+    client.set_terminated(pipeline_run, "FAILED")
+
+
+def environment_tags(env: dict[str, Any]) -> dict[str, str]:
+    """The environment pins worth filtering and comparing runs on, as `env.*` tags (the full
+    `pip freeze` and environment.json are artifacts of every stage run)."""
+    tags = {"env.python": env["python"], "env.os": env["platform"], "env.cpu": env["processor"],
+            "env.cpu_count": str(env["cpu_count"])}
+    tags.update({f"env.{name}": version for name, version in env["packages"].items()})
+    if env.get("torch_cuda"):
+        tags["env.torch_cuda"] = env["torch_cuda"]
+    if env.get("gpu"):
+        gpu = env["gpu"]
+        tags.update({"env.gpu": gpu["name"], "env.gpu_memory_gib": str(gpu["memory_gib"]),
+                     "env.gpu_count": str(gpu["count"]), "env.nvidia_driver": str(gpu["driver"])})
+    return tags
+
+
+# --- one stage's run --------------------------------------------------------------------------------------
+
 class StageTracker:
-    def __init__(self, stage: str, params: dict[str, Any]):
+    """The MLflow run of one executed stage. Every logging call is an operation; the ones that do not
+    reach the store are kept, in order, for upload-pending."""
+
+    def __init__(self, stage: str, params: dict[str, Any], system_metrics_interval_s: float | None = None):
         self.stage = stage
         self.params = params
-        self.record: dict[str, Any] = {"stage": stage, "params": params, "metrics": [], "artifacts": []}
-        self.mlflow = None
-        self.run_id: str | None = None
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self.invocation = invocation_key()
+        self.tags: dict[str, str] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.mlflow = self.client = None
+        self.run_id = self.parent_id = None
+        self.warned = False
+        self.started_at = utc_now()
 
+    # lifecycle
     def start(self) -> None:
+        git = git_state()
+        env = environment()
+        self.tags = {KIND: "stage", STAGE: self.stage, INVOCATION: self.invocation, RUN_NAME: self.stage,
+                     "dvc.stage": os.environ.get("DVC_STAGE", self.stage), "git.commit": str(git["commit"]),
+                     "git.dirty": str(git["dirty"]), **environment_tags(env)}
+        if os.environ.get("DVC_EXP_NAME"):
+            self.tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
         try:
-            import mlflow  # noqa: PLC0415 - optional, slow import
-
-            mlflow.set_tracking_uri(tracking_uri())
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-            if mlflow.get_experiment_by_name(name) is None:
-                mlflow.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
-            mlflow.set_experiment(name)
-            git = git_state()
-            run = mlflow.start_run(run_name=self.stage, tags={
-                "stage": self.stage, "dvc.stage": os.environ.get("DVC_STAGE", self.stage),
-                "git.commit": str(git["commit"]), "git.dirty": str(git["dirty"]),
-            })
+            self.mlflow, self.client, experiment_id = connect()
+            self.parent_id = pipeline_run_id(self.client, experiment_id, self.invocation)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if self.system_metrics_interval_s:
+                    self.mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
+                run = self.mlflow.start_run(experiment_id=experiment_id, run_name=self.stage,
+                                            tags={**self.tags, PARENT: self.parent_id},
+                                            log_system_metrics=bool(self.system_metrics_interval_s))
             self.run_id = run.info.run_id
-            mlflow.log_params({key: _short(value) for key, value in self.params.items()})
-            mlflow.log_dict(environment(), "environment/environment.json")
-            mlflow.log_text("\n".join(pip_freeze()) + "\n", "environment/pip-freeze.txt")
-            self.mlflow = mlflow
         except Exception as err:  # noqa: BLE001 - tracking must never break a stage
-            self._warn(f"MLflow unavailable ({type(err).__name__}: {err})")
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.record["metrics"].append({"step": step, **numeric})
-        self._call(lambda: self.mlflow.log_metrics(numeric, step=step))
-
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.record["artifacts"].append(str(path))
-        if Path(path).is_dir():
-            self._call(lambda: self.mlflow.log_artifacts(str(path), folder or Path(path).name))
-        else:
-            self._call(lambda: self.mlflow.log_artifact(str(path), folder))
+            self._fail(err, "MLflow unavailable")
+        self.log_params(self.params)
+        self.log_dict(env, "environment/environment.json")
+        self.log_text("\n".join(pip_freeze()) + "\n", "environment/pip-freeze.txt")
 
     def end(self, status: str) -> None:
-        if self.mlflow is not None:
-            self._call(lambda: self.mlflow.end_run(status=status))
-        if self.mlflow is None:   # nothing reached the store: keep the record for later upload
-            self.record.update(status=status, ended_at=utc_now())
+        if "torch" in sys.modules and not self.tags.get("env.torch_cuda"):
+            # torch is imported lazily, mostly after start(): describe CUDA and the GPU now that it is loaded
+            env = environment()
+            if env.get("torch_cuda"):
+                self.set_tags({k: v for k, v in environment_tags(env).items() if self.tags.get(k) != v})
+                self.log_dict(env, "environment/environment.json")
+        self._do({"op": "end", "status": status}, lambda: self.mlflow.end_run(status=status))
+        if status != "FINISHED" and self.parent_id:   # dvc stops here: the record stage will not run
+            self._do({"op": "parent_failed"}, lambda: mark_failed(self.client, self.parent_id, self.stage))
+        if self.pending:
             PENDING_DIR.mkdir(exist_ok=True)
-            pending = PENDING_DIR / f"{self.stage}-{utc_now().replace(':', '')}.json"
-            pending.write_text(json.dumps(self.record, indent=2, default=str) + "\n", encoding="utf-8")
+            path = PENDING_DIR / f"{self.stage}-{utc_now().replace(':', '')}-{os.getpid()}.json"
+            atomic_write_text(path, json.dumps({
+                "stage": self.stage, "invocation": self.invocation, "run_id": self.run_id, "parent_id": self.parent_id,
+                "tags": self.tags, "status": status, "started_at": self.started_at, "ended_at": utc_now(),
+                "ops": self.pending}, indent=2, default=str) + "\n")
+            print(f"warning: {len(self.pending)} MLflow operations of stage {self.stage} kept in {path}; "
+                  f"upload them with `python -m ftpipe.audit upload-pending`", file=sys.stderr)
 
-    def _call(self, action) -> None:
+    # logging
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._do({"op": "params", "params": params},
+                 lambda: self.mlflow.log_params({key: short_param(value) for key, value in params.items()}))
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            now = int(time.time() * 1000)   # kept with a pending op: a replayed point keeps its real time
+            self._do({"op": "metrics", "step": step, "metrics": numeric, "timestamp": now},
+                     lambda: self.mlflow.log_metrics(numeric, step=step, timestamp=now))
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        path = Path(path)
+        op = {"op": "artifact", "path": str(path.resolve()), "folder": folder,
+              "sha256": content_digest(path)}
+        if path.is_dir():
+            self._do(op, lambda: self.mlflow.log_artifacts(str(path), folder or path.name))
+        else:
+            self._do(op, lambda: self.mlflow.log_artifact(str(path), folder))
+
+    def log_reference(self, path: Path, artifact_file: str) -> None:
+        """A file too large to copy into the store: its path, size and SHA-256 instead."""
+        path = Path(path)
+        self.log_dict({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_file(path)},
+                      artifact_file)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self._do({"op": "dict", "data": data, "artifact_file": artifact_file},
+                 lambda: self.mlflow.log_dict(data, artifact_file))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._do({"op": "text", "text": text, "artifact_file": artifact_file},
+                 lambda: self.mlflow.log_text(text, artifact_file))
+
+    def log_input(self, path: Path, name: str, context: str) -> None:
+        """A data set as an MLflow input: its SHA-256 (MLflow keeps 32 hex digits as the digest; the
+        full one is a tag), rows and location."""
+        path = Path(path)
+        digest = content_digest(path)
+        tags = {"sha256": digest, "path": str(path)}
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as handle:
+                tags["rows"] = str(sum(1 for line in handle if line.strip()))
+        self._do({"op": "input", "path": str(path.resolve()), "name": name, "context": context, "tags": tags},
+                 lambda: self.mlflow.log_input(dataset_input(path, name, digest), context=context, tags=tags))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+        self._do({"op": "tags", "tags": tags}, lambda: self.mlflow.set_tags(tags))
+
+    # plumbing
+    def _do(self, op: dict[str, Any], action: Callable[[], Any]) -> None:
         if self.mlflow is None:
+            self.pending.append(op)
             return
         try:
             action()
         except Exception as err:  # noqa: BLE001
-            self._warn(f"MLflow logging failed ({type(err).__name__}: {err})")
+            self.pending.append(op)
+            self._fail(err, "MLflow logging failed")
+
+    def _fail(self, err: Exception, what: str) -> None:
+        if not self.warned:
+            print(f"warning: {what} ({type(err).__name__}: {str(err)[:300]}); the stage goes on and keeps "
+                  f"what it could not log in {PENDING_DIR}/", file=sys.stderr)
+            self.warned = True
+        if self.mlflow is not None:
             with contextlib.suppress(Exception):
                 self.mlflow.end_run(status="FAILED")
-            self.mlflow = None
-
-    def _warn(self, message: str) -> None:
-        print(f"warning: {message}; the stage goes on and keeps its record in {PENDING_DIR}/",
-              file=sys.stderr)
+        self.mlflow = None
 
 
-def _short(value: Any) -> str:
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's sorted (relative path, SHA-256) listing."""
+    return tree_digest(file_hashes(path)) if path.is_dir() else sha256_file(path)
+
+
+def dataset_input(path: Path, name: str, digest: str):
+    from mlflow.data.meta_dataset import MetaDataset  # noqa: PLC0415
+    from mlflow.data.sources import LocalArtifactDatasetSource  # noqa: PLC0415
+
+    return MetaDataset(LocalArtifactDatasetSource(str(path.resolve())), name=name, digest=digest[:32])
+
+
+def short_param(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 6000 else text[:5997] + "..."   # MLflow caps a param value at 6000 chars
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any]) -> Iterator[StageTracker]:
-    """One MLflow run for one executed stage, closed FAILED if the stage raises."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tracker = StageTracker(stage, params)
-        tracker.start()
+def stage_run(stage: str, params: dict[str, Any], system_metrics_interval_s: float | None = None
+              ) -> Iterator[StageTracker]:
+    """One MLflow run for one executed stage, closed FAILED (with its pipeline run) if the stage raises.
+    With `system_metrics_interval_s`, MLflow samples CPU, memory and GPU use at that interval."""
+    tracker = StageTracker(stage, params, system_metrics_interval_s)
+    tracker.start()
     try:
         yield tracker
     except BaseException:

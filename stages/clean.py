@@ -398,6 +398,10 @@ def main() -> None:
         write_json(metrics_file("clean"), metrics)
         tracker.log_metrics(metrics)
         tracker.log_artifact(CLEAN_DIR / "summary.json")
+        for raw in sorted(RAW_DIR.glob("*.jsonl")):
+            tracker.log_input(raw, f"raw/{raw.stem}", "source")
+        for split in splits:
+            tracker.log_input(CLEAN_DIR / f"{split}.jsonl", f"clean/{split}", split)
     print(f"clean: {summary['rows_in']} rows in -> {summary['kept']}, rejected {summary['rejected']}; "
           f"PII ({summary['pii']['action']}): {summary['pii']['found'] or 'none'} in {summary['pii']['rows']} rows")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
 from ftpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from ftpipe.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chat
+from ftpipe.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
 from ftpipe.params import EvaluateParams, Params, flatten, load_params
 from ftpipe.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, PROVENANCE_FILE, metrics_file
 from ftpipe.provenance import stage_record
@@ -56,7 +56,7 @@ def evaluate_models(params: EvaluateParams, base_dir: Path, adapter_dir: Path, e
     """Metrics for the base and the tuned model, and per-example generations."""
     examples, tokenized = select_examples(examples, tokenized, params.max_examples)
     tokenizer = load_tokenizer(base_dir)
-    prompts = [render_chat(tokenizer, e["messages"][:-1], add_generation_prompt=True) for e in examples]
+    prompts = render_chats(tokenizer, [e["messages"][:-1] for e in examples], add_generation_prompt=True)
     references = [e["messages"][-1]["content"] for e in examples]
     metrics: dict = {"examples": len(examples)}
     answers: dict[str, list[str]] = {}
@@ -100,6 +100,7 @@ def main() -> None:
                              for key, value in metrics[model].items()})
         tracker.log_metrics({"rougeL_gain": metrics["rougeL_gain"]})
         tracker.log_artifact(EVALUATION_DIR / "samples.jsonl")
+        tracker.log_input(CLEAN_DIR / "test.jsonl", "clean/test", "evaluation")
     print(f"evaluate: {metrics['examples']} test examples; ROUGE-L base {metrics['base']['rougeL']:.3f} -> "
           f"tuned {metrics['tuned']['rougeL']:.3f}; loss base {metrics['base']['loss']:.3f} -> "
           f"tuned {metrics['tuned']['loss']:.3f}")

@@ -347,6 +347,8 @@ def main() -> None:
         write_json(metrics_file("ingest"), metrics)
         tracker.log_metrics(metrics)
         tracker.log_artifact(RAW_DIR / PROVENANCE_FILE)
+        for source in sources:
+            tracker.log_input(RAW_DIR / source["file"], f"raw/{source['name']}", "raw")
     for source in sources:
         print(f"ingest: {source['name']}: {source['rows']} rows ({source['license']}) -> {RAW_DIR}/{source['file']}")
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, atomic_write_text, file_hashes, read_jsonl, sha256_text, write_json
+from ftpipe.io import atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_jsonl, sha256_text, write_json
 from ftpipe.modeling import IGNORE_INDEX, chunks, load_tokenizer, render_chats
 from ftpipe.params import Params, TokenizeParams, flatten, load_params
 from ftpipe.paths import (BASE_DIR, CLEAN_DIR, PLOTS_DIR, PROVENANCE_FILE, SPLITS, TOKENIZED_DIR,
@@ -311,13 +311,6 @@ def histogram_png(lengths: dict[str, list[int]], max_seq_length: int) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
     return flatten(params.tokenize, "tokenize")
@@ -362,6 +355,9 @@ def main() -> None:
         tracker.log_metrics(metrics)
         tracker.log_artifact(TOKENIZED_DIR / "stats.json")
         tracker.log_artifact(TOKEN_LENGTHS_PNG)
+        for split in stats:
+            tracker.log_input(CLEAN_DIR / f"{split}.jsonl", f"clean/{split}", "source")
+            tracker.log_input(TOKENIZED_DIR / f"{split}.parquet", f"tokenized/{split}", split)
     for split, s in stats.items():
         print(f"tokenize: {split}: {s['examples']} examples, {s['tokens']} tokens "
               f"(max {s['max_length']}), truncated {s['truncated']}, dropped {s['dropped']}")

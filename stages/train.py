@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+import ftpipe.modeling as modeling_module
 from ftpipe.errors import PipelineError, run_stage
 from ftpipe.io import (atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text, tree_digest,
                        write_json)
@@ -57,7 +58,7 @@ def fingerprint(params: TrainParams, base_dir: Path, tokenized_dir: Path) -> str
     code may hold a different optimizer state or per-step log."""
     base = read_json(base_dir / PROVENANCE_FILE)["digest"]
     data = tree_digest(file_hashes(tokenized_dir, exclude=(PROVENANCE_FILE,)))
-    code = sha256_file(Path(__file__))
+    code = [sha256_file(Path(__file__)), sha256_file(Path(modeling_module.__file__))]   # the step and the batches
     return sha256_text(json.dumps({"train": flatten(params), "base": base, "data": data, "code": code},
                                   sort_keys=True))[:16]
 
@@ -217,6 +218,11 @@ def last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def run_completed(checkpoint: Path) -> bool:
+    state = read_json(checkpoint / "trainer_state.json")
+    return state["global_step"] >= state["max_steps"]
+
+
 def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path,
                   checkpoints_root: Path, out_dir: Path, callbacks: list | None = None) -> dict:
     """Train LoRA adapters on the 4-bit base; save them into `out_dir`; return metrics and curve."""
@@ -233,6 +239,12 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         if stale != checkpoint_dir and stale.is_dir():
             shutil.rmtree(stale)
     resume_from = last_checkpoint(checkpoint_dir)
+    if resume_from and run_completed(Path(resume_from)):
+        # The checkpoint of a run that finished: the trainer checks for the end only after a step, so
+        # resuming it would take one step more (step 201 of 200). The stage reruns because its code or
+        # inputs changed, so it trains again from the start: same seed and data, same adapter.
+        shutil.rmtree(checkpoint_dir)
+        resume_from = None
     print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}, "
           f"{len(rows)} {'packed' if packed else 'one-example'} rows"
           + (f", resuming from {resume_from}" if resume_from else ""))
@@ -277,17 +289,51 @@ def curve_csv(curve: list[dict]) -> str:
 
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
-    return {**flatten(params.train, "train"), "tokenize.max_seq_length": params.tokenize.max_seq_length}
+    return {**flatten(params.train, "train"), "tokenize.max_seq_length": params.tokenize.max_seq_length,
+            **flatten(params.tracking, "tracking")}
+
+
+def mlflow_callback(tracker, checkpoint_max_mib: float):
+    """Logs each step's metrics to MLflow as it is taken (a killed run keeps its curve up to there)
+    and each checkpoint's adapter when it is saved: copied into the store up to `checkpoint_max_mib`,
+    else by path, size and SHA-256."""
+    from transformers import TrainerCallback
+
+    class MlflowSteps(TrainerCallback):
+        def __init__(self):
+            self.logged_steps: set[int] = set()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                tracker.log_metrics({k: v for k, v in logs.items() if k in CURVE_COLUMNS and k != "step"},
+                                    step=state.global_step)
+                self.logged_steps.add(state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                path = checkpoint / name
+                if not path.exists():
+                    continue
+                if path.stat().st_size <= checkpoint_max_mib * 2**20:
+                    tracker.log_artifact(path, f"checkpoints/{checkpoint.name}")
+                else:
+                    tracker.log_reference(path, f"checkpoints/{checkpoint.name}/{name}.reference.json")
+
+    return MlflowSteps()
 
 
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
     base_dir = require_model_dir(BASE_DIR, "base model")
-    with stage_run("train", stage_params) as tracker:
+    with stage_run("train", stage_params, params.tracking.system_metrics_interval_s) as tracker:
+        tracker.log_input(TOKENIZED_DIR / "train.parquet", "tokenized/train", "training")
+        tracker.set_tags({"base.digest": read_json(base_dir / PROVENANCE_FILE)["digest"]})
+        live = mlflow_callback(tracker, params.tracking.checkpoint_artifact_max_mib)
         with atomic_dir(ADAPTER_DIR) as out_dir:
             result = train_adapter(params.train, params.tokenize.max_seq_length, base_dir, TOKENIZED_DIR,
-                                   CHECKPOINTS_DIR, out_dir)
+                                   CHECKPOINTS_DIR, out_dir, callbacks=[live])
             base_provenance = read_json(base_dir / PROVENANCE_FILE)
             write_json(out_dir / PROVENANCE_FILE, stage_record(
                 "train", stage_params, metrics=result["metrics"],
@@ -298,8 +344,9 @@ def main() -> None:
                 data_sha256=file_hashes(TOKENIZED_DIR)))
         atomic_write_text(PLOTS_DIR / "train_loss.csv", curve_csv(result["curve"]))
         write_json(metrics_file("train"), result["metrics"])
-        for row in result["curve"]:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        for row in result["curve"]:   # the steps a resumed run took before its interruption
+            if row["step"] not in live.logged_steps:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
         tracker.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
         tracker.log_artifact(ADAPTER_DIR, "adapter")
     m = result["metrics"]

@@ -50,13 +50,13 @@ def params_subtree(dotted: str):
 
 
 def test_every_stage_has_its_module_and_the_dag_is_complete():
-    assert set(DVC) == set(OUTPUT_DIRS)
+    assert set(DVC) == set(OUTPUT_DIRS) | {"record"}
     for name, stage in DVC.items():
         assert stage["cmd"] == f"python -m stages.{name}"
         assert (REPO / "stages" / f"{name}.py").exists()
 
 
-@pytest.mark.parametrize("name", sorted(OUTPUT_DIRS))
+@pytest.mark.parametrize("name", sorted(OUTPUT_DIRS) + ["record"])
 def test_deps_list_every_imported_repository_module(name):
     module = REPO / "stages" / f"{name}.py"
     needed = {path.relative_to(REPO).as_posix() for path in repo_imports(module) | {module}}
@@ -90,6 +90,19 @@ def test_outputs_and_metrics_match_the_code(name):
 
 
 def test_only_the_checkpoints_persist():
-    persistent = [next(iter(out)) for stage in DVC.values() for out in stage["outs"]
+    persistent = [next(iter(out)) for stage in DVC.values() for out in stage.get("outs", [])
                   if isinstance(out, dict) and next(iter(out.values())).get("persist")]
     assert persistent == [paths.CHECKPOINTS_DIR.as_posix()]
+
+
+def test_record_runs_last_and_on_every_invocation():
+    """It closes the MLflow pipeline run: DVC must run it every time, after every other stage."""
+    record = DVC["record"]
+    assert record["always_changed"] is True and "params" not in record and "outs" not in record
+    assert [next(iter(m)) for m in record["metrics"]] == [paths.metrics_file("record").as_posix()]
+    produced = {stage["outs"][0] if isinstance(stage["outs"][0], str) else next(iter(stage["outs"][0]))
+                for name, stage in DVC.items() if name != "record"}
+    consumed = {dep for name, stage in DVC.items() if name != "record" for dep in stage["deps"]}
+    # the outputs no other stage reads are the DAG's ends: record depends on each of them
+    ends = {out for out in produced if not any(dep == out or dep.startswith(out + "/") for dep in consumed)}
+    assert ends == set(record["deps"]) - {dep for dep in record["deps"] if dep.endswith(".py")}

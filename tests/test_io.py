@@ -10,7 +10,7 @@ import pytest
 
 from ftpipe.errors import PipelineError
 from ftpipe.io import (
-    atomic_dir, atomic_write_text, file_hashes, read_json, read_jsonl, sha256_file, sha256_text, tree_digest,
+    atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_json, read_jsonl, sha256_file, sha256_text, tree_digest,
     write_json, write_jsonl,
 )
 
@@ -132,6 +132,20 @@ def test_atomic_write_text_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         write_json(path, {"bad": object()})          # not serializable: fails before anything is written
     assert read_json(path) == {"ok": 1}
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_write_bytes_writes_exact_bytes_and_cleans_up_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "plot.png"
+    atomic_write_bytes(path, b"\x89PNG\r\n\x00old")
+    assert path.read_bytes() == b"\x89PNG\r\n\x00old"
+
+    def no_room(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("ftpipe.io.os.replace", no_room)   # fails after the temp file was written
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"\x89PNG\r\n\x00old"
     assert leftovers(tmp_path) == []
 
 

