@@ -81,6 +81,21 @@ def stage(name: str, log: Path, stop_at_checkpoint: str | None = None) -> dict:
             "log_tail": log.read_text()[-1500:]}
 
 
+def system_metrics_of_pending_records(out: Path) -> dict:
+    """The GPU machine has no MLflow: each train run's whole record, system metrics included, is in
+    mlflow-pending/. Copies the resumed run's record to `out` and summarizes its samples."""
+    records = sorted(Path("mlflow-pending").glob("train-*.json"))
+    if not records:
+        return {"samples": 0, "max": {}, "record": None}
+    shutil.copy2(records[-1], out / "train-mlflow-pending.json")
+    ops = json.loads(records[-1].read_text())["ops"]
+    samples = [op["metrics"] for op in ops if op["op"] == "metrics" and any(k.startswith("system/") for k in op["metrics"])]
+    keys = sorted({key for sample in samples for key in sample})
+    return {"samples": len(samples), "record": "train-mlflow-pending.json",
+            "max": {key: max(sample[key] for sample in samples if key in sample) for key in keys},
+            "first": samples[0] if samples else None, "last": samples[-1] if samples else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepare", action="store_true", help="CPU side: write .gpu-payload/base-skeleton")
@@ -100,6 +115,8 @@ def main() -> None:
     curve = Path("metrics/plots/train_loss.csv").read_text().splitlines() if metrics else []
     from ftpipe.provenance import environment
 
+    system = system_metrics_of_pending_records(args.out)
+
     result = {
         "what": "train stage on CUDA via Unsloth: interrupted after checkpoint-20, rerun resumes",
         "params": SMOKE_PARAMS, "environment": environment(), "gpu": torch.cuda.get_device_name(0),
@@ -111,7 +128,9 @@ def main() -> None:
             "resumed_from_checkpoint": bool(metrics) and bool(metrics["resumed_from"]),
             "all_steps_in_curve": len(curve) - 1 == SMOKE_PARAMS["max_steps"],
             "adapter_written": Path("models/adapter/adapter_model.safetensors").exists(),
+            "gpu_system_metrics_sampled": system["samples"] > 0 and "system/gpu_0_utilization_percentage" in system["max"],
         },
+        "system_metrics": system,
     }
     (args.out / "gpu_train_smoke.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result["checks"], indent=2), json.dumps(metrics, indent=2))

@@ -33,8 +33,6 @@ from ftpipe import tracking
 from ftpipe.io import atomic_write_text
 
 UPLOADED_FROM = "ftpipe.uploaded_from_pending"
-METRICS_PER_BATCH = 1000   # MLflow's limits for one log_batch call
-PARAMS_PER_BATCH = 100
 
 
 def upload_pending(pending_dir: Path = tracking.PENDING_DIR) -> list[dict[str, Any]]:
@@ -115,8 +113,6 @@ def _run_exists(client, run_id: str) -> bool:
 def _replay(client, experiment_id: str, run_id: str, record: dict, summary: dict) -> int:
     """Replay the first of the remaining operations (consecutive metrics: as one batch); returns how
     many operations that took."""
-    from mlflow.entities import Metric, Param, RunTag  # noqa: PLC0415
-
     ops = record["ops"]
     op = ops[0]
     kind = op["op"]
@@ -124,38 +120,25 @@ def _replay(client, experiment_id: str, run_id: str, record: dict, summary: dict
         # a point gets the stage's own timestamp where it recorded one, else the stage's end: fixed, so
         # that a point replayed twice is identical to the one in the store, which the SQL store skips
         default_time = _millis(record["ended_at"])
-        points: list[Metric] = []
+        points: list = []
         count = 0
         for batch_op in ops:
-            fits = not points or len(points) + len(batch_op.get("metrics", {})) <= METRICS_PER_BATCH
+            fits = not points or len(points) + len(batch_op.get("metrics", {})) <= tracking.METRICS_PER_BATCH
             if batch_op["op"] != "metrics" or not fits:
                 break
-            time_ms = batch_op.get("timestamp") or default_time
-            points += [Metric(key, float(value), time_ms, batch_op["step"] or 0)
-                       for key, value in batch_op["metrics"].items()]
+            points += tracking.metric_points(batch_op["metrics"], batch_op.get("timestamp") or default_time,
+                                             batch_op["step"])
             count += 1
-        client.log_batch(run_id, metrics=points)
+        tracking.log_batch(client, run_id, metrics=points)
         return count
-    if kind == "params":
-        params = [Param(key, tracking.short_param(value)) for key, value in op["params"].items()]
-        for start in range(0, len(params), PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=params[start:start + PARAMS_PER_BATCH])
-    elif kind == "artifact":
+    if kind == "artifact":
         _replay_artifact(client, run_id, op, summary)
-    elif kind == "dict":
-        client.log_dict(run_id, op["data"], op["artifact_file"])
-    elif kind == "text":
-        client.log_text(run_id, op["text"], op["artifact_file"])
-    elif kind == "input":
-        _replay_input(client, run_id, op)
-    elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in op["tags"].items()])
     elif kind == "end":
-        client.set_terminated(run_id, op["status"], end_time=_millis(record["ended_at"]))
+        tracking.apply_op(client, run_id, {**op, "end_time": _millis(record["ended_at"])})
     elif kind == "parent_failed":
         tracking.mark_failed(client, _parent(client, experiment_id, record), record["stage"])
-    else:   # written by a newer ftpipe: keep the file rather than lose the operation
-        raise ValueError(f"unknown pending operation {kind!r}")
+    else:
+        tracking.apply_op(client, run_id, op)
     return 1
 
 
@@ -168,22 +151,8 @@ def _replay_artifact(client, run_id: str, op: dict, summary: dict) -> None:
                                 f"(changed after the stage ran, before upload): not uploaded.\n",
                         f"pending/changed-{path.name}.txt")
         summary["changed"].append(str(path))
-    elif path.is_dir():
-        client.log_artifacts(run_id, str(path), op["folder"] or path.name)
     else:
-        client.log_artifact(run_id, str(path), op["folder"])
-
-
-def _replay_input(client, run_id: str, op: dict) -> None:
-    """The data set as the stage saw it: its recorded digest, whatever the file holds now."""
-    from mlflow.entities import DatasetInput, InputTag  # noqa: PLC0415
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: PLC0415
-
-    dataset = tracking.dataset_input(Path(op["path"]), op["name"], op["tags"]["sha256"])
-    tags = [InputTag(key, str(value)) for key, value in op["tags"].items()]
-    if op.get("context"):
-        tags.append(InputTag(MLFLOW_DATASET_CONTEXT, op["context"]))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+        tracking.apply_op(client, run_id, op)
 
 
 # --- plumbing -------------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from ftpipe.io import atomic_write_text, file_hashes, sha256_file, tree_digest
 from ftpipe.provenance import environment, git_state, pip_freeze, utc_now
+from ftpipe.system_metrics import SystemMetricsSampler
 
 PENDING_DIR = Path("mlflow-pending")
 DEFAULT_EXPERIMENT = "ftpipe"
@@ -42,6 +43,7 @@ RUN_NAME = "mlflow.runName"
 RUNNING_NAME = "dvc repro (running)"
 # timing and memory metrics are measurements of the machine, not results: never compared on reproduce
 MEASUREMENTS = ("seconds", "per_s", "peak_memory", "mfu", "_time", "system/")
+PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000   # MLflow's limits for one log_batch call
 
 
 def project_root() -> Path:
@@ -167,11 +169,13 @@ class StageTracker:
     def __init__(self, stage: str, params: dict[str, Any], system_metrics_interval_s: float | None = None):
         self.stage = stage
         self.params = params
-        self.system_metrics_interval_s = system_metrics_interval_s
+        self.sampler = (SystemMetricsSampler(system_metrics_interval_s, lambda metrics, step: self.log_metrics(metrics, step))
+                        if system_metrics_interval_s else None)
         self.invocation = invocation_key()
         self.tags: dict[str, str] = {}
         self.pending: list[dict[str, Any]] = []
-        self.mlflow = self.client = None
+        self.lock = threading.Lock()   # the sampler thread logs too: one operation at a time, in order
+        self.client = None
         self.run_id = self.parent_id = None
         self.warned = False
         self.started_at = utc_now()
@@ -186,32 +190,31 @@ class StageTracker:
         if os.environ.get("DVC_EXP_NAME"):
             self.tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
         try:
-            self.mlflow, self.client, experiment_id = connect()
-            self.parent_id = pipeline_run_id(self.client, experiment_id, self.invocation)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if self.system_metrics_interval_s:
-                    self.mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
-                run = self.mlflow.start_run(experiment_id=experiment_id, run_name=self.stage,
-                                            tags={**self.tags, PARENT: self.parent_id},
-                                            log_system_metrics=bool(self.system_metrics_interval_s))
-            self.run_id = run.info.run_id
+            _, client, experiment_id = connect()
+            self.parent_id = pipeline_run_id(client, experiment_id, self.invocation)
+            self.run_id = client.create_run(experiment_id, run_name=self.stage,
+                                            tags={**self.tags, PARENT: self.parent_id}).info.run_id
+            self.client = client
         except Exception as err:  # noqa: BLE001 - tracking must never break a stage
             self._fail(err, "MLflow unavailable")
         self.log_params(self.params)
         self.log_dict(env, "environment/environment.json")
         self.log_text("\n".join(pip_freeze()) + "\n", "environment/pip-freeze.txt")
+        if self.sampler:
+            self.sampler.start()
 
     def end(self, status: str) -> None:
+        if self.sampler:
+            self.sampler.stop()
         if "torch" in sys.modules and not self.tags.get("env.torch_cuda"):
             # torch is imported lazily, mostly after start(): describe CUDA and the GPU now that it is loaded
             env = environment()
             if env.get("torch_cuda"):
                 self.set_tags({k: v for k, v in environment_tags(env).items() if self.tags.get(k) != v})
                 self.log_dict(env, "environment/environment.json")
-        self._do({"op": "end", "status": status}, lambda: self.mlflow.end_run(status=status))
+        self._do({"op": "end", "status": status})
         if status != "FINISHED" and self.parent_id:   # dvc stops here: the record stage will not run
-            self._do({"op": "parent_failed"}, lambda: mark_failed(self.client, self.parent_id, self.stage))
+            self._do({"op": "parent_failed", "parent_id": self.parent_id, "stage": self.stage})
         if self.pending:
             PENDING_DIR.mkdir(exist_ok=True)
             path = PENDING_DIR / f"{self.stage}-{utc_now().replace(':', '')}-{os.getpid()}.json"
@@ -224,24 +227,17 @@ class StageTracker:
 
     # logging
     def log_params(self, params: dict[str, Any]) -> None:
-        self._do({"op": "params", "params": params},
-                 lambda: self.mlflow.log_params({key: short_param(value) for key, value in params.items()}))
+        self._do({"op": "params", "params": params})
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
             now = int(time.time() * 1000)   # kept with a pending op: a replayed point keeps its real time
-            self._do({"op": "metrics", "step": step, "metrics": numeric, "timestamp": now},
-                     lambda: self.mlflow.log_metrics(numeric, step=step, timestamp=now))
+            self._do({"op": "metrics", "step": step, "metrics": numeric, "timestamp": now})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         path = Path(path)
-        op = {"op": "artifact", "path": str(path.resolve()), "folder": folder,
-              "sha256": content_digest(path)}
-        if path.is_dir():
-            self._do(op, lambda: self.mlflow.log_artifacts(str(path), folder or path.name))
-        else:
-            self._do(op, lambda: self.mlflow.log_artifact(str(path), folder))
+        self._do({"op": "artifact", "path": str(path.resolve()), "folder": folder, "sha256": content_digest(path)})
 
     def log_reference(self, path: Path, artifact_file: str) -> None:
         """A file too large to copy into the store: its path, size and SHA-256 instead."""
@@ -250,12 +246,10 @@ class StageTracker:
                       artifact_file)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        self._do({"op": "dict", "data": data, "artifact_file": artifact_file},
-                 lambda: self.mlflow.log_dict(data, artifact_file))
+        self._do({"op": "dict", "data": data, "artifact_file": artifact_file})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._do({"op": "text", "text": text, "artifact_file": artifact_file},
-                 lambda: self.mlflow.log_text(text, artifact_file))
+        self._do({"op": "text", "text": text, "artifact_file": artifact_file})
 
     def log_input(self, path: Path, name: str, context: str) -> None:
         """A data set as an MLflow input: its SHA-256 (MLflow keeps 32 hex digits as the digest; the
@@ -266,33 +260,97 @@ class StageTracker:
         if path.suffix == ".jsonl":
             with open(path, "rb") as handle:
                 tags["rows"] = str(sum(1 for line in handle if line.strip()))
-        self._do({"op": "input", "path": str(path.resolve()), "name": name, "context": context, "tags": tags},
-                 lambda: self.mlflow.log_input(dataset_input(path, name, digest), context=context, tags=tags))
+        self._do({"op": "input", "path": str(path.resolve()), "name": name, "context": context, "tags": tags})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
-        self._do({"op": "tags", "tags": tags}, lambda: self.mlflow.set_tags(tags))
+        self._do({"op": "tags", "tags": tags})
 
     # plumbing
-    def _do(self, op: dict[str, Any], action: Callable[[], Any]) -> None:
-        if self.mlflow is None:
-            self.pending.append(op)
-            return
-        try:
-            action()
-        except Exception as err:  # noqa: BLE001
-            self.pending.append(op)
-            self._fail(err, "MLflow logging failed")
+    def _do(self, op: dict[str, Any]) -> None:
+        with self.lock:
+            if self.client is None:
+                self.pending.append(op)
+                return
+            try:
+                apply_op(self.client, self.run_id, op)
+            except Exception as err:  # noqa: BLE001
+                self.pending.append(op)
+                self._fail(err, "MLflow logging failed")
 
     def _fail(self, err: Exception, what: str) -> None:
         if not self.warned:
             print(f"warning: {what} ({type(err).__name__}: {str(err)[:300]}); the stage goes on and keeps "
                   f"what it could not log in {PENDING_DIR}/", file=sys.stderr)
             self.warned = True
-        if self.mlflow is not None:
+        if self.client is not None and self.run_id:
             with contextlib.suppress(Exception):
-                self.mlflow.end_run(status="FAILED")
-        self.mlflow = None
+                self.client.set_terminated(self.run_id, "FAILED")
+        self.client = None
+
+
+# --- operations on a run: what a stage does live, and what upload-pending replays ------------------------
+
+def apply_op(client, run_id: str, op: dict[str, Any]) -> None:
+    """Perform one recorded operation on a run (through the client, naming the run: the sampler
+    thread logs too, and MLflow's fluent API keeps its active run per thread)."""
+    from mlflow.entities import RunTag  # noqa: PLC0415 - optional, slow import
+
+    kind = op["op"]
+    if kind == "params":
+        log_batch(client, run_id, params=op["params"])
+    elif kind == "metrics":
+        log_batch(client, run_id, metrics=metric_points(op["metrics"], op["timestamp"], op["step"]))
+    elif kind == "artifact":
+        path = Path(op["path"])
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), op["folder"] or path.name)
+        else:
+            client.log_artifact(run_id, str(path), op["folder"])
+    elif kind == "dict":
+        client.log_dict(run_id, op["data"], op["artifact_file"])
+    elif kind == "text":
+        client.log_text(run_id, op["text"], op["artifact_file"])
+    elif kind == "input":
+        log_dataset_input(client, run_id, op)
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in op["tags"].items()])
+    elif kind == "end":
+        client.set_terminated(run_id, op["status"], end_time=op.get("end_time"))
+    elif kind == "parent_failed":
+        mark_failed(client, op["parent_id"], op["stage"])
+    else:   # written by a newer ftpipe: the caller keeps it rather than lose it
+        raise ValueError(f"unknown MLflow operation {kind!r}")
+
+
+def metric_points(metrics: dict[str, float], timestamp_ms: int, step: int | None) -> list:
+    from mlflow.entities import Metric  # noqa: PLC0415
+
+    return [Metric(key, float(value), timestamp_ms, step or 0) for key, value in metrics.items()]
+
+
+def log_batch(client, run_id: str, params: dict[str, Any] | None = None, metrics: list | None = None) -> None:
+    """Params (any values: shortened to MLflow's limit) and metric points, in as many log_batch calls
+    as MLflow's per-call limits need."""
+    from mlflow.entities import Param  # noqa: PLC0415
+
+    param_list = [Param(key, short_param(value)) for key, value in (params or {}).items()]
+    for start in range(0, len(param_list), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=param_list[start:start + PARAMS_PER_BATCH])
+    for start in range(0, len(metrics or []), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+
+
+def log_dataset_input(client, run_id: str, op: dict[str, Any]) -> None:
+    """A data set as the stage saw it: its recorded digest, whatever the file holds now."""
+    from mlflow.entities import DatasetInput, InputTag  # noqa: PLC0415
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: PLC0415
+
+    dataset = dataset_input(Path(op["path"]), op["name"], op["tags"]["sha256"])
+    tags = [InputTag(key, str(value)) for key, value in op["tags"].items()]
+    if op.get("context"):
+        tags.append(InputTag(MLFLOW_DATASET_CONTEXT, op["context"]))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
 
 def content_digest(path: Path) -> str:
@@ -316,7 +374,8 @@ def short_param(value: Any) -> str:
 def stage_run(stage: str, params: dict[str, Any], system_metrics_interval_s: float | None = None
               ) -> Iterator[StageTracker]:
     """One MLflow run for one executed stage, closed FAILED (with its pipeline run) if the stage raises.
-    With `system_metrics_interval_s`, MLflow samples CPU, memory and GPU use at that interval."""
+    With `system_metrics_interval_s`, CPU, memory and GPU use are sampled at that interval
+    (ftpipe/system_metrics.py)."""
     tracker = StageTracker(stage, params, system_metrics_interval_s)
     tracker.start()
     try:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from ftpipe.io import write_json
 from ftpipe.params import Params, flatten, load_params
 from ftpipe.paths import PARAMS_FILE, metrics_file
 from ftpipe.tracking import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
-                             pipeline_run_id, short_param)
+                             log_batch, metric_points, pipeline_run_id)
 
 DVC_YAML, DVC_LOCK = Path("dvc.yaml"), Path("dvc.lock")
 OUTS_TAG = "dvc.outs_md5"
@@ -100,6 +101,8 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
                                   order_by=["attributes.start_time ASC"]):
         children.setdefault(run.data.tags[STAGE], run)   # a stage runs once per invocation
     executed = [name for name in stage_names if name in children]
+    now = int(time.time() * 1000)
+    stage_runs: dict[str, str] = {}
     skipped: dict[str, str | None] = {}
     stage_metrics: dict[str, float] = {}
     for name in stage_names:
@@ -107,6 +110,7 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
         digest = outs_digest(entry)
         if name in children:
             run = children[name]
+            stage_runs[name] = run.info.run_id
             client.set_tag(run.info.run_id, OUTS_TAG, str(digest))
             client.log_dict(run.info.run_id, entry or {}, "dvc/lock-entry.json")
             source = client.get_run(run.info.run_id)
@@ -115,10 +119,10 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
             skipped[name] = source.info.run_id if source else None
             tags = {PARENT: parent, KIND: "stage", STAGE: name, INVOCATION: invocation, RUN_NAME: f"{name} (skipped)",
                     "ftpipe.skipped": "true", "ftpipe.produced_by": skipped[name] or "unknown", OUTS_TAG: str(digest)}
-            run_id = client.create_run(experiment_id, run_name=f"{name} (skipped)", tags=tags).info.run_id
+            run_id = stage_runs[name] = client.create_run(experiment_id, run_name=f"{name} (skipped)", tags=tags).info.run_id
             client.log_dict(run_id, entry or {}, "dvc/lock-entry.json")
             if source:   # its params and results, so that pipeline runs compare stage by stage
-                _log_batch(client, run_id, source.data.params, source.data.metrics)
+                log_batch(client, run_id, source.data.params, metric_points(source.data.metrics, now, 0))
             client.set_terminated(run_id, "FINISHED")
         if source:
             stage_metrics.update({f"{name}.{key}": value for key, value in source.data.metrics.items()})
@@ -127,12 +131,15 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
     previous = _previous_params(client, experiment_id, parent)
     exp_name = os.environ.get("DVC_EXP_NAME")
     name = describe_changes(current, previous, executed, exp_name, os.environ.get("FTPIPE_REPRODUCES"))
-    _log_batch(client, parent, current, stage_metrics)
+    log_batch(client, parent, current, metric_points(stage_metrics, now, 0))
     for file_name, text in files.items():
         client.log_text(parent, text, f"pipeline/{file_name}")
     for key, value in {RUN_NAME: name, "stages.executed": ",".join(executed) or "-",
                        "stages.skipped": ",".join(skipped) or "-"}.items():
         client.set_tag(parent, key, value)
+    for stage, run_id in stage_runs.items():   # on a compare page, "train" of which pipeline run
+        skipped_mark = " (skipped)" if stage in skipped else ""
+        client.set_tag(run_id, RUN_NAME, f"{stage}{skipped_mark} · {name}"[:250])
     client.set_terminated(parent, "FINISHED")
     return {"pipeline_run_id": parent, "experiment": experiment_name(), "name": name, "executed": executed,
             "skipped": skipped, "tracking_uri": mlflow.get_tracking_uri()}
@@ -153,20 +160,6 @@ def _previous_params(client, experiment_id: str, parent: str) -> dict[str, str] 
                               order_by=["attributes.start_time DESC"], max_results=5)
     previous = [run for run in runs if run.info.run_id != parent]
     return previous[0].data.params if previous else None
-
-
-def _log_batch(client, run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None:
-    import time
-
-    from mlflow.entities import Metric, Param
-
-    now = int(time.time() * 1000)
-    params_list = [Param(key, short_param(value)) for key, value in params.items()]
-    metrics_list = [Metric(key, value, now, 0) for key, value in metrics.items()]
-    for start in range(0, len(params_list), 100):   # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=params_list[start:start + 100])
-    for start in range(0, len(metrics_list), 1000):
-        client.log_batch(run_id, metrics=metrics_list[start:start + 1000])
 
 
 def tracked_params(params: Params) -> dict:

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.audit import compare_metrics, external_dep_changes, main
+from ftpipe.audit import main
 from ftpipe.errors import PipelineError, run_stage
+from ftpipe.reproduce import compare_metrics, external_dep_changes
 
 STAGES = ["base", "ingest", "train"]
 SOURCE_SHA = "7bcdaee2523f2aaa8f985d4416182f346a718e110298c8f1fd161bed86d8437b"
@@ -227,7 +228,7 @@ def test_reproduce_restores_commit_params_and_data_then_reports_a_difference(rec
                    loss=2.25)
         log.write_text("faked\n")
         return 0
-    monkeypatch.setattr("ftpipe.audit.run_dvc_repro", fake_dvc_repro)
+    monkeypatch.setattr("ftpipe.reproduce.run_dvc_repro", fake_dvc_repro)
 
     with pytest.raises(SystemExit) as exit_info:
         main(["reproduce", recorded["first"], "--workdir", str(tmp_path / "work")])

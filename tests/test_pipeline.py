@@ -154,6 +154,9 @@ def test_each_invocation_is_one_mlflow_pipeline_run_with_a_run_per_stage(project
     assert first.info.run_name == "first run" and first.info.status == "FINISHED"
     assert set(first.stages) == set(STAGES) and not any("ftpipe.skipped" in r.data.tags for r in first.stages.values())
     assert nothing.info.run_name == "nothing changed" and nothing.data.tags["stages.executed"] == "-"
+    # stage runs named after their pipeline run, to tell two `train` runs apart on a compare page
+    assert first.stages["train"].info.run_name == "train · first run"
+    assert nothing.stages["base"].info.run_name == "base (skipped) · nothing changed"
     for stage, skipped in nothing.stages.items():   # skipped: linked to the run that made the outputs in place
         maker = next(p.stages[stage] for p in reversed(parents[:-1]) if "ftpipe.skipped" not in p.stages[stage].data.tags)
         assert skipped.data.tags["ftpipe.produced_by"] == maker.info.run_id
@@ -180,12 +183,15 @@ def test_each_invocation_is_one_mlflow_pipeline_run_with_a_run_per_stage(project
 
 
 def test_a_params_change_names_the_run_and_links_the_skipped_stages(project, first_repro):
-    assert_nothing_reruns(project)
-    edit_params(project, **{"train.learning_rate": 2.0e-3})
-    run(["dvc", "repro"], project)
+    """The learning-rate change of test_changed_learning_rate_reruns_train_and_after_only (made here if
+    that test did not run) is one pipeline run named after it, its skipped stages linked to their makers."""
     client, parents = pipeline_runs(project)
-    changed, before = parents[-1], parents[-2]
-    assert changed.info.run_name.startswith("train.learning_rate=0.002 (was ")
+    named = "train.learning_rate=0.001 (was 0.0005)"
+    if not any(parent.info.run_name == named for parent in parents):
+        test_changed_learning_rate_reruns_train_and_after_only(project, first_repro)
+        client, parents = pipeline_runs(project)
+    index = next(i for i, parent in enumerate(parents) if parent.info.run_name == named)
+    changed, before = parents[index], parents[index - 1]
     assert set(changed.data.tags["stages.executed"].split(",")) == AFTER_TRAIN
     for stage in set(STAGES) - AFTER_TRAIN:
         producer = changed.stages[stage].data.tags["ftpipe.produced_by"]
@@ -215,18 +221,22 @@ def test_reproduce_gives_the_first_runs_metrics_bit_for_bit(project, first_repro
 
 
 def test_dvc_experiments_are_separate_comparable_runs(project, first_repro):
-    """`dvc exp run -S` twice; each is its own pipeline run, and DVC diffs their metrics and plots."""
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "baseline"], project)
-    for rate in (3.0e-4, 1.5e-3):
-        run(["dvc", "exp", "run", "-S", f"train.learning_rate={rate}"], project)
+    """`dvc exp run -S` is its own pipeline run, comparable with the baseline's; DVC diffs their
+    metrics and plots."""
+    assert_nothing_reruns(project)   # the baseline's pipeline run, up to date
+    # -A: the metrics files (DVC outputs kept in git) are new since the first commit; without them
+    # in HEAD, `dvc metrics diff` has no old value and so no "diff"
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "baseline"], project)
+    run(["dvc", "exp", "run", "-S", "train.learning_rate=3e-4"], project)
     client, parents = pipeline_runs(project)
-    experiments = [parent for parent in parents if "dvc.exp_name" in parent.data.tags][-2:]
-    assert len(experiments) == 2 and experiments[0].data.tags["dvc.exp_name"] != experiments[1].data.tags["dvc.exp_name"]
-    for parent, rate in zip(experiments, ("0.0003", "0.0015")):
-        assert parent.info.run_name.startswith(f"exp {parent.data.tags['dvc.exp_name']}: train.learning_rate={rate}")
-        assert parent.data.params["train.learning_rate"] == rate and "train.final_loss" in parent.data.metrics
-    names = [parent.data.tags["dvc.exp_name"] for parent in experiments]
-    diff = json.loads(run(["dvc", "metrics", "diff", names[0], names[1], "--json"], project, stdout_only=True))
+    baseline, experiment = parents[-2], parents[-1]
+    name = experiment.data.tags["dvc.exp_name"]
+    assert "dvc.exp_name" not in baseline.data.tags
+    assert experiment.info.run_name.startswith(f"exp {name}: train.learning_rate=0.0003 (was ")
+    assert experiment.data.params["train.learning_rate"] == "0.0003"
+    assert experiment.data.metrics["train.final_loss"] != baseline.data.metrics["train.final_loss"]
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", name, "--json"], project, stdout_only=True))
     assert diff["metrics/train.json"]["final_loss"]["diff"] != 0
-    plots = run(["dvc", "plots", "diff", names[0], names[1], "--json"], project)
+    plots = run(["dvc", "plots", "diff", "HEAD", name, "--json"], project)
     assert "metrics/plots/train_loss.csv" in plots

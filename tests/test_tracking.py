@@ -5,7 +5,9 @@ outputs, and names the run after what changed. Without MLflow a stage goes on an
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -192,3 +194,30 @@ def test_the_gpu_is_described_at_the_end_when_torch_was_loaded_during_the_stage(
     (run,) = runs(store, "stage")
     assert run.data.tags["env.gpu"] == "NVIDIA H100 80GB HBM3" and run.data.tags["env.torch_cuda"] == "13.0"
     assert run.data.tags["env.nvidia_driver"] == "580.159.04" and run.data.tags["env.gpu_memory_gib"] == "79.2"
+
+
+def test_system_metrics_reach_the_stage_run_and_without_mlflow_its_pending_record(store, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The sampler logs into the stage's run; with no MLflow (the GPU machine) into mlflow-pending/,
+    GPU metrics included (a fake nvidia-smi on PATH stands in for the driver's)."""
+    from tests.test_system_metrics import fake_nvidia_smi
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_nvidia_smi(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FTPIPE_INVOCATION", "host:9:9")
+    with stage_run("train", {}, system_metrics_interval_s=0.05):
+        time.sleep(0.5)
+    (run,) = runs(store, "stage")
+    history = store.get_metric_history(run.info.run_id, "system/gpu_0_utilization_percentage")
+    assert len(history) >= 3 and [point.step for point in history] == list(range(len(history)))
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with stage_run("train", {}, system_metrics_interval_s=0.05):
+        time.sleep(0.3)
+    assert "MLflow unavailable" in capsys.readouterr().err
+    (pending,) = (tmp_path / "mlflow-pending").glob("train-*.json")
+    samples = [op for op in json.loads(pending.read_text())["ops"] if op["op"] == "metrics"]
+    assert samples and all(op["metrics"]["system/gpu_0_memory_usage_megabytes"] == 8243.0 for op in samples)

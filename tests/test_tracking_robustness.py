@@ -271,3 +271,33 @@ def test_two_pipelines_sharing_a_fresh_store_lose_nothing(tmp_path):
             assert len(client.get_metric_history(run_id, "learning_rate")) == STEPS
             sizes = {item.path: item.file_size for item in client.list_artifacts(run_id)}
             assert sizes[f"{stage}.txt"] == len(f"{stage} of {invocation}\n") and {"environment", "dvc"} <= set(sizes)
+
+
+# --- e. the GPU machine's record -----------------------------------------------------------------------
+
+def test_the_gpu_machines_committed_record_uploads_with_its_gpu_system_metrics(project, schema, monkeypatch):
+    """bench/results/train-mlflow-pending.json is what the train stage kept on the H100 (no MLflow
+    there; bench/gpu_train_smoke.py). Uploaded here, it becomes a finished train run with the GPU's
+    utilization, memory and power per sample; its artifacts, on the GPU machine's disk, are noted
+    as missing, not uploaded."""
+    recorded = json.loads((REPO / "bench/results/train-mlflow-pending.json").read_text())
+    PENDING_DIR.mkdir()
+    shutil.copy(REPO / "bench/results/train-mlflow-pending.json", PENDING_DIR / "train-gpu.json")
+    client = use_store(monkeypatch, project, schema)
+    (summary,) = upload_pending()
+    assert summary["error"] is None and summary["created"] and summary["remaining"] == 0
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == recorded["status"] == "FINISHED"
+    assert run.data.tags["env.gpu"].startswith("NVIDIA H100") and run.data.tags["env.torch_cuda"]
+    samples = [op for op in recorded["ops"] if op["op"] == "metrics"
+               and "system/gpu_0_utilization_percentage" in op["metrics"]]
+    assert len(samples) >= 10   # one per 5 s while training
+    for key in ("system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes",
+                "system/gpu_0_power_usage_watts", "system/gpu_0_torch_reserved_megabytes",
+                "system/cpu_utilization_percentage"):
+        points = history(client, run.info.run_id, key)
+        expected = sorted((op["step"], op["metrics"][key]) for op in recorded["ops"]
+                          if op["op"] == "metrics" and key in op["metrics"])
+        assert points == expected and len(points) >= 5, key   # torch's: once the stage started CUDA
+    assert max(value for _, value in history(client, run.info.run_id, "system/gpu_0_memory_usage_megabytes")) > 1000
+    assert summary["changed"] and all(path.startswith("/") for path in summary["changed"])   # not on this disk
