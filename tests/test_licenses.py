@@ -1,0 +1,310 @@
+"""ftpipe.licenses: the concluded license of a fine-tuned model, and the license gate. Pure and fast."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftpipe.errors import PipelineError
+from ftpipe.licenses import EXPECTED_FORM, LicenseDeclaration, LicenseError, LicenseGateError, LicensePolicy, \
+    conclude_licenses, enforce_license_gate, resolve_license_id
+
+BASE = LicenseDeclaration("HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0")
+APACHE_NOTICE = ("keep the copyright, patent and attribution notices and the license text; pass on the source's "
+                 "NOTICE file if it has one (section 4)")
+CC_BY_NC_NOTICE = ("credit the creator, keep the copyright notice, link CC BY-NC 4.0 and say that the material was "
+                   "changed (section 3(a))")
+NC_FIX = ("set intended_use to 'research' or 'internal' if the model will not be used commercially, or remove the "
+          "data source")
+UNKNOWN_FIX = ("declare a license that ftpipe/license_table.py knows (or add a row for it there), remove the data "
+               "source, or set unknown_blocks to false to only flag it")
+HOW_TO_FIX = ("To fix: change intended_use, remove the source (or choose another base model), or change the license "
+              "policy (allowed_licenses, denied_licenses, unknown_blocks).")
+
+
+def policy(intended_use: str, *, allowed: list[str], denied: list[str], unknown_blocks: bool) -> LicensePolicy:
+    return LicensePolicy(intended_use=intended_use, allowed_licenses=allowed, denied_licenses=denied,
+                         unknown_blocks=unknown_blocks)
+
+
+OPEN_COMMERCIAL = policy("commercial", allowed=[], denied=[], unknown_blocks=True)
+OPEN_RESEARCH = policy("research", allowed=[], denied=[], unknown_blocks=True)
+
+
+def conclude(sources: dict[str, str | None], license_policy: LicensePolicy, base: LicenseDeclaration = BASE) -> dict:
+    return conclude_licenses(base, [LicenseDeclaration(name, lic) for name, lic in sources.items()], license_policy)
+
+
+def by_rule(conclusion: dict) -> list[tuple[str, str, str]]:
+    return [(v["source"], v["license"], v["rule"]) for v in conclusion["violations"]]
+
+
+# --- non-commercial ------------------------------------------------------------------------------------
+
+def test_non_commercial_source_fails_commercial_use_with_a_message_naming_source_license_and_rule():
+    conclusion = conclude({"tickets": "CC-BY-NC-4.0"}, OPEN_COMMERCIAL)
+    assert conclusion["verdict"] == "fail"
+    assert conclusion["violations"] == [{
+        "source": "tickets", "role": "data source", "license": "CC-BY-NC-4.0", "rule": "non-commercial",
+        "reason": "forbids commercial use, and intended_use is 'commercial'", "fix": NC_FIX}]
+    with pytest.raises(LicenseGateError) as raised:
+        enforce_license_gate(conclusion)
+    assert str(raised.value) == (
+        "license gate failed for intended_use 'commercial': 1 violation\n"
+        "  - data source 'tickets': CC-BY-NC-4.0 [non-commercial] forbids commercial use, and intended_use is "
+        f"'commercial'; fix: {NC_FIX}\n" + HOW_TO_FIX)
+    assert raised.value.violations == conclusion["violations"]
+    assert isinstance(raised.value, PipelineError)   # run_stage prints it without a traceback, exit 2
+
+
+def test_non_commercial_source_passes_research_and_the_conclusion_says_non_commercial():
+    conclusion = conclude({"tickets": "CC-BY-NC-4.0"}, OPEN_RESEARCH)
+    enforce_license_gate(conclusion)   # passes: no exception
+    assert conclusion == {
+        "policy": {"intended_use": "research", "allowed_licenses": [], "denied_licenses": [], "unknown_blocks": True},
+        "verdict": "pass",
+        "concluded_license": "Apache-2.0 AND CC-BY-NC-4.0",
+        "commercial_use_allowed": False,
+        "inputs": [
+            {"role": "base model", "name": BASE.name, "declared": "Apache-2.0", "chosen": "Apache-2.0"},
+            {"role": "data source", "name": "tickets", "declared": "CC-BY-NC-4.0", "chosen": "CC-BY-NC-4.0"}],
+        "share_alike": [],
+        "attribution": [
+            {"source": BASE.name, "license": "Apache-2.0", "notice": APACHE_NOTICE},
+            {"source": "tickets", "license": "CC-BY-NC-4.0", "notice": CC_BY_NC_NOTICE}],
+        "non_commercial_sources": [{"source": "tickets", "license": "CC-BY-NC-4.0"}],
+        "unknown_licenses": [],
+        "notes": [],
+        "violations": [],
+    }
+    assert json.loads(json.dumps(conclusion)) == conclusion   # feeds a JSON report as is
+
+
+def test_internal_use_is_not_commercial_use():
+    conclusion = conclude({"tickets": "CC-BY-NC-SA-4.0"}, policy("internal", allowed=[], denied=[],
+                                                                 unknown_blocks=True))
+    assert (conclusion["verdict"], conclusion["commercial_use_allowed"]) == ("pass", False)
+
+
+# --- share-alike, attribution, base model terms --------------------------------------------------------
+
+def test_share_alike_source_propagates():
+    conclusion = conclude({"wiki": "CC-BY-SA-4.0", "code": "GPL-3.0-or-later"}, OPEN_COMMERCIAL)
+    assert conclusion["verdict"] == "pass"
+    assert conclusion["commercial_use_allowed"] is True
+    assert conclusion["share_alike"] == [{"source": "wiki", "license": "CC-BY-SA-4.0", "copyleft": "share-alike"},
+                                         {"source": "code", "license": "GPL-3.0-or-later", "copyleft": "copyleft"}]
+    assert conclusion["concluded_license"] == "Apache-2.0 AND CC-BY-SA-4.0 AND GPL-3.0-or-later"
+
+
+def test_base_model_terms_are_carried_through():
+    llama = LicenseDeclaration("meta-llama/Llama-3.1-8B-Instruct", "llama3.1")
+    conclusion = conclude({"docs": "PSF-2.0"}, OPEN_COMMERCIAL, base=llama)
+    assert conclusion["verdict"] == "pass"
+    assert conclusion["concluded_license"] == "LicenseRef-Llama3.1-Community AND PSF-2.0"
+    assert conclusion["attribution"] == [
+        {"source": llama.name, "license": "LicenseRef-Llama3.1-Community",
+         "notice": 'display "Built with Llama"; begin the model\'s name with "Llama"; ship a copy of the Llama 3.1 '
+                   'Community License and its Notice file'},
+        {"source": "docs", "license": "PSF-2.0",
+         "notice": "keep the PSF copyright notice and license agreement, and summarize the changes made "
+                   "(sections 2 and 3)"}]
+    assert conclusion["share_alike"] == [{"source": llama.name, "license": "LicenseRef-Llama3.1-Community",
+                                          "copyleft": "pass-through-terms"}]
+    assert conclusion["notes"] == [
+        f"base model {llama.name!r}: LicenseRef-Llama3.1-Community: commercial use needs a separate license from "
+        "Meta if the licensee's products had more than 700 million monthly active users; Meta's Acceptable Use "
+        "Policy binds every user of the model"]
+
+
+def test_with_exception_keeps_the_base_license_properties_and_records_the_exception():
+    conclusion = conclude({"gcc": "GPL-3.0-only WITH GCC-exception-3.1"}, OPEN_RESEARCH)
+    assert conclusion["concluded_license"] == "Apache-2.0 AND GPL-3.0-only WITH GCC-exception-3.1"
+    assert conclusion["share_alike"] == [{"source": "gcc", "license": "GPL-3.0-only WITH GCC-exception-3.1",
+                                          "copyleft": "copyleft"}]
+    assert conclusion["notes"][0] == ("data source 'gcc': GPL-3.0-only WITH GCC-exception-3.1: the obligations are "
+                                      "those of GPL-3.0-only; the exception GCC-exception-3.1 is recorded, not "
+                                      "evaluated")
+
+
+# --- unknown licenses ----------------------------------------------------------------------------------
+
+UNKNOWNS = [  # declared, as messages name it, in the concluded expression, reason
+    ("other", "other", "LicenseRef-Unknown",
+     "on Hugging Face 'other' means the license is described in the card's text"),
+    ("LicenseRef-Foo", "LicenseRef-Foo", "LicenseRef-Foo",
+     "'LicenseRef-Foo' is not an SPDX id, a LicenseRef- id of ftpipe/license_table.py or a known Hugging Face id"),
+    ("xyzzy-licence", "xyzzy-licence", "LicenseRef-Unknown",
+     "'xyzzy-licence' is not an SPDX id, a LicenseRef- id of ftpipe/license_table.py or a known Hugging Face id"),
+    ("EPL-2.0", "EPL-2.0", "EPL-2.0", "EPL-2.0 has no properties row in ftpipe/license_table.py"),
+]
+
+
+@pytest.mark.parametrize("declared, named, in_expression, reason", UNKNOWNS)
+def test_unknown_license_blocks_when_the_policy_says_so(declared, named, in_expression, reason):
+    conclusion = conclude({"scraped": declared}, OPEN_RESEARCH)
+    assert conclusion["verdict"] == "fail"
+    assert conclusion["violations"] == [{
+        "source": "scraped", "role": "data source", "license": named, "rule": "unknown-license",
+        "reason": f"is unknown ({reason}), and unknown_blocks is true", "fix": UNKNOWN_FIX}]
+
+
+@pytest.mark.parametrize("declared, named, in_expression, reason", UNKNOWNS)
+def test_unknown_license_passes_with_a_flag_when_the_policy_does_not_block(declared, named, in_expression, reason):
+    conclusion = conclude({"scraped": declared}, policy("commercial", allowed=[], denied=[], unknown_blocks=False))
+    assert conclusion["verdict"] == "pass"
+    assert conclusion["unknown_licenses"] == [{"source": "scraped", "license": declared, "reason": reason}]
+    assert conclusion["commercial_use_allowed"] is False   # never guessed
+    assert conclusion["concluded_license"] == f"Apache-2.0 AND {in_expression}"
+    assert conclusion["notes"] == [f"data source 'scraped': {declared} is unknown ({reason}): its obligations were "
+                                   "not checked and commercial use cannot be confirmed"]
+
+
+# --- declarations that are missing or do not parse -----------------------------------------------------
+
+@pytest.mark.parametrize("declared, problem", [
+    ("MIT AND", "license 'MIT AND' is not a valid license expression (AND requires two or more licenses as in: "
+                "MIT AND BSD)"),
+    ("MIT/Apache-2.0", "license 'MIT/Apache-2.0' is not a valid license expression (Invalid license key: the valid "
+                       "characters are: letters and numbers, underscore, dot, colon or hyphen signs and spaces: "
+                       "'MIT/Apache-2.0')"),
+    ("(MIT", "license '(MIT' is not a valid license expression (Invalid expression)"),
+    ("Classpath-exception-2.0", "license 'Classpath-exception-2.0' is not a valid license expression (A license "
+                                "exception symbol can only be used as an exception in a \"WITH exception\" "
+                                "statement. for token: \"Classpath-exception-2.0\")"),
+    (None, "no license declared"),
+    ("  ", "no license declared"),
+    (2.0, "license must be text, got 2.0"),
+])
+def test_missing_or_unparseable_license_names_the_source_and_shows_the_expected_form(declared, problem):
+    with pytest.raises(LicenseError) as raised:
+        conclude({"tickets": declared}, OPEN_RESEARCH)
+    assert str(raised.value) == f"data source 'tickets': {problem}; expected {EXPECTED_FORM}"
+
+
+def test_every_bad_declaration_is_reported_at_once():
+    base = LicenseDeclaration("my-model", None)
+    with pytest.raises(LicenseError) as raised:
+        conclude({"a": "MIT", "b": "(MIT"}, OPEN_RESEARCH, base=base)
+    assert str(raised.value) == (f"base model 'my-model': no license declared; expected {EXPECTED_FORM}\n"
+                                 "data source 'b': license '(MIT' is not a valid license expression (Invalid "
+                                 f"expression); expected {EXPECTED_FORM}")
+
+
+# --- ids -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("declared, canonical", [
+    ("apache-2.0", "Apache-2.0"), ("APACHE-2.0", "Apache-2.0"), ("mit", "MIT"), ("cc-by-nc-4.0", "CC-BY-NC-4.0"),
+    ("odbl", "ODbL-1.0"), ("odc-by-1.0", "ODC-By-1.0"), ("gpl-3.0", "GPL-3.0-only"),
+    ("llama3", "LicenseRef-Llama3-Community"), ("llama3.1", "LicenseRef-Llama3.1-Community"),
+    ("licenseref-llama3-community", "LicenseRef-Llama3-Community"), ("gemma", "LicenseRef-Gemma"),
+    ("openrail", "LicenseRef-OpenRAIL"), ("EPL-2.0", "EPL-2.0"),
+    ("other", None), ("unknown", None), ("bsd", None), ("LicenseRef-Foo", None), ("xyzzy", None),
+])
+def test_hugging_face_and_spdx_ids_resolve_to_canonical_ids(declared, canonical):
+    assert resolve_license_id(declared) == canonical
+
+
+def test_expressions_are_normalized_to_spdx_case():
+    conclusion = conclude({"a": "apache-2.0 and cc-by-4.0", "b": "llama3"}, OPEN_RESEARCH)
+    assert conclusion["concluded_license"] == "Apache-2.0 AND CC-BY-4.0 AND LicenseRef-Llama3-Community"
+
+
+# --- OR and AND ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("declared, chosen", [
+    ("GPL-3.0-only OR MIT", "MIT"),                   # copyleft vs none
+    ("CC-BY-SA-4.0 OR CC-BY-4.0", "CC-BY-4.0"),       # share-alike vs none
+    ("CC-BY-NC-4.0 OR CC-BY-SA-4.0", "CC-BY-SA-4.0"), # non-commercial weighs more than share-alike
+    ("CC0-1.0 OR MIT", "CC0-1.0"),                    # no attribution duty
+    ("MIT OR Apache-2.0", "Apache-2.0"),              # a tie: the first in sorted order, for a stable result
+    ("(MIT AND CC-BY-NC-4.0) OR BSD-3-Clause", "BSD-3-Clause"),
+])
+def test_or_picks_the_least_restrictive_option_and_says_which(declared, chosen):
+    conclusion = conclude({"mixed": declared}, OPEN_RESEARCH)
+    assert conclusion["inputs"][1]["chosen"] == chosen
+    assert conclusion["notes"][0] == (f"data source 'mixed': {declared!r} offers a choice; chose {chosen!r}, the "
+                                      "least restrictive option for intended_use 'research'")
+
+
+def test_or_avoids_an_option_the_policy_forbids():
+    no_apache = policy("research", allowed=[], denied=["Apache-2.0"], unknown_blocks=True)
+    base = LicenseDeclaration("base", "MIT")
+    conclusion = conclude({"mixed": "MIT OR Apache-2.0"}, no_apache, base=base)
+    assert (conclusion["verdict"], conclusion["inputs"][1]["chosen"]) == ("pass", "MIT")
+
+
+def test_and_combines_all_obligations():
+    conclusion = conclude({"mixed": "CC-BY-SA-4.0 AND cc-by-nc-4.0"}, OPEN_COMMERCIAL)
+    assert conclusion["inputs"][1]["chosen"] == "CC-BY-NC-4.0 AND CC-BY-SA-4.0"
+    assert conclusion["share_alike"] == [{"source": "mixed", "license": "CC-BY-SA-4.0", "copyleft": "share-alike"}]
+    assert conclusion["non_commercial_sources"] == [{"source": "mixed", "license": "CC-BY-NC-4.0"}]
+    assert [(a["source"], a["license"]) for a in conclusion["attribution"]] == [
+        (BASE.name, "Apache-2.0"), ("mixed", "CC-BY-SA-4.0"), ("mixed", "CC-BY-NC-4.0")]
+    assert by_rule(conclusion) == [("mixed", "CC-BY-NC-4.0", "non-commercial")]
+    assert conclusion["concluded_license"] == "Apache-2.0 AND CC-BY-NC-4.0 AND CC-BY-SA-4.0"
+
+
+# --- allowed and denied lists --------------------------------------------------------------------------
+
+def test_denied_license_fails():
+    no_gpl = policy("research", allowed=[], denied=["GPL-3.0-only", "AGPL-3.0-only"], unknown_blocks=True)
+    conclusion = conclude({"code": "gpl-3.0-only", "docs": "MIT"}, no_gpl)
+    assert conclusion["violations"] == [{
+        "source": "code", "role": "data source", "license": "GPL-3.0-only", "rule": "denied",
+        "reason": "is in denied_licenses", "fix": "remove the data source, or take GPL-3.0-only off denied_licenses"}]
+
+
+def test_license_outside_a_non_empty_allow_list_fails_and_allow_list_ids_are_normalized():
+    permissive = policy("commercial", allowed=["apache-2.0", "MIT"], denied=[], unknown_blocks=True)
+    assert permissive.allowed_licenses == ("Apache-2.0", "MIT")
+    conclusion = conclude({"docs": "PSF-2.0", "code": "mit"}, permissive,
+                          base=LicenseDeclaration("meta-llama/Meta-Llama-3-8B", "llama3"))
+    assert by_rule(conclusion) == [("meta-llama/Meta-Llama-3-8B", "LicenseRef-Llama3-Community", "not-allowed"),
+                                   ("docs", "PSF-2.0", "not-allowed")]
+    assert conclusion["violations"][0]["fix"] == ("choose another base model, or add LicenseRef-Llama3-Community to "
+                                                  "allowed_licenses")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"intended_use": "personal"}, "license policy: intended_use 'personal' is not one of commercial, research, "
+                                   "internal"),
+    ({"unknown_blocks": "yes"}, "license policy: unknown_blocks must be true or false, got 'yes'"),
+    ({"denied_licenses": ["other"]}, "license policy: denied_licenses: 'other' is not an SPDX id, a LicenseRef- id "
+                                     "or a known Hugging Face id; list single ids such as 'CC-BY-NC-4.0'"),
+    ({"allowed_licenses": "MIT"}, "license policy: allowed_licenses must be a list of license ids, got the string "
+                                  "'MIT'"),
+    ({"allowed_licenses": ["MIT"], "denied_licenses": ["mit"]}, "license policy: ['MIT'] are both allowed and "
+                                                                "denied"),
+])
+def test_invalid_policy_is_an_error(fields, message):
+    valid = {"intended_use": "research", "allowed_licenses": [], "denied_licenses": [], "unknown_blocks": True}
+    with pytest.raises(LicenseError) as raised:
+        LicensePolicy(**(valid | fields))
+    assert str(raised.value) == message
+
+
+def test_policy_fields_are_required():
+    with pytest.raises(TypeError):
+        LicensePolicy(intended_use="research")   # type: ignore[call-arg]
+
+
+# --- no-derivatives ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("intended_use", ["commercial", "research", "internal"])
+def test_no_derivatives_always_fails(intended_use):
+    lenient = policy(intended_use, allowed=[], denied=[], unknown_blocks=False)
+    conclusion = conclude({"essays": "CC-BY-ND-4.0"}, lenient)
+    assert conclusion["violations"] == [{
+        "source": "essays", "role": "data source", "license": "CC-BY-ND-4.0", "rule": "no-derivatives",
+        "reason": "forbids derivatives, and a fine-tuned model is a derivative",
+        "fix": "remove the data source (no policy can allow a no-derivatives license)"}]
+
+
+def test_non_commercial_no_derivatives_reports_both_rules_for_commercial_use():
+    conclusion = conclude({"essays": "CC-BY-NC-ND-3.0"}, OPEN_COMMERCIAL)
+    assert by_rule(conclusion) == [("essays", "CC-BY-NC-ND-3.0", "no-derivatives"),
+                                   ("essays", "CC-BY-NC-ND-3.0", "non-commercial")]
+    with pytest.raises(LicenseGateError) as raised:
+        enforce_license_gate(conclusion)
+    assert str(raised.value).splitlines()[0] == "license gate failed for intended_use 'commercial': 2 violations"
