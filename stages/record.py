@@ -28,7 +28,7 @@ from ftpipe.io import write_json
 from ftpipe.params import Params, flatten, load_params
 from ftpipe.paths import PARAMS_FILE, metrics_file
 from ftpipe.tracking import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
-                             log_batch, metric_points, pipeline_run_id)
+                             log_batch, metric_points, pipeline_run_id, short_param)
 
 DVC_YAML, DVC_LOCK = Path("dvc.yaml"), Path("dvc.lock")
 OUTS_TAG = "dvc.outs_md5"
@@ -69,8 +69,8 @@ def describe_changes(current: dict[str, Any], previous: dict[str, str] | None, e
     if previous is None:
         name = "first run"
     else:
-        changed = [f"{key}={_text(current[key])} (was {previous[key]})" if key in previous else f"{key}={_text(current[key])} (new)"
-                   for key in sorted(current) if _text(current[key]) != previous.get(key)]
+        changed = [f"{key}={short_param(current[key])} (was {previous[key]})" if key in previous else f"{key}={short_param(current[key])} (new)"
+                   for key in sorted(current) if short_param(current[key]) != previous.get(key)]
         changed += [f"{key} removed" for key in sorted(set(previous) - set(current))]
         if changed:
             name = "; ".join(changed[:MAX_NAMED_CHANGES]) + (
@@ -82,11 +82,6 @@ def describe_changes(current: dict[str, Any], previous: dict[str, str] | None, e
     if reproduces:
         name = f"reproduces {reproduces[:8]}"
     return f"exp {exp_name}: {name}" if exp_name else name
-
-
-def _text(value: Any) -> str:
-    """A param as MLflow stores it (strings as is, everything else as JSON)."""
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 # --- MLflow -------------------------------------------------------------------------------------------------
@@ -127,7 +122,7 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
         if source:
             stage_metrics.update({f"{name}.{key}": value for key, value in source.data.metrics.items()})
 
-    current = {key: _text(value) for key, value in flat_params(params_raw).items()}
+    current = {key: short_param(value) for key, value in flat_params(params_raw).items()}   # as MLflow stores them
     previous = _previous_params(client, experiment_id, parent)
     exp_name = os.environ.get("DVC_EXP_NAME")
     name = describe_changes(current, previous, executed, exp_name, os.environ.get("FTPIPE_REPRODUCES"))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ftpipe.tracking import INVOCATION, KIND, PARENT, STAGE, invocation_key, stage_run
+from ftpipe.tracking import INVOCATION, KIND, PARENT, STAGE, invocation_key, short_param, stage_run
 from stages.record import close_pipeline_run, describe_changes, flat_params, outs_digest
 
 
@@ -138,6 +138,10 @@ def test_describe_changes():
     assert describe_changes(many, {k: "1" for k in "abcde"}, [], "fuzzy-cat") == \
         "exp fuzzy-cat: a=2 (was 1); b=2 (was 1); c=2 (was 1) +2 more"
     assert describe_changes({"a": "1"}, {"a": "1"}, ["train"], reproduces="0123456789abcdef") == "reproduces 01234567"
+    # compared as MLflow stores them: a value past its 6000-character cap is stored cut, and still unchanged
+    long_list = [f"source-{i}" for i in range(1000)]
+    assert describe_changes({"a": long_list}, {"a": short_param(long_list)}, []) == "nothing changed"
+    assert describe_changes({"a": 0.001}, {"a": "0.0005"}, []) == "a=0.001 (was 0.0005)"
 
 
 def test_flat_params_and_outs_digest():
