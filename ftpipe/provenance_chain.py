@@ -137,6 +137,7 @@ def collect_provenance(client, pipeline) -> dict[str, Any]:
         producer = producer_of(client, run)
         producers[name] = producer
         stages.append(describe_stage(client, name, run, producer))
+    licenses = declared_licenses(client, producers.get("compliance"))
     report = {
         "pipeline": {"run_id": pipeline.info.run_id, "name": tags.get(RUN_NAME), "status": pipeline.info.status,
                      "experiment_id": pipeline.info.experiment_id, "tracking_uri": tracking_uri(),
@@ -145,8 +146,9 @@ def collect_provenance(client, pipeline) -> dict[str, Any]:
                      "invocation": tags.get(INVOCATION), "reproduces": tags.get("ftpipe.reproduces"),
                      "dvc_exp_name": tags.get("dvc.exp_name")},
         "stages": stages,
-        "data_sources": data_sources(client, producers.get("ingest")),
-        "base_model": base_model(client, producers.get("base")),
+        "data_sources": data_sources(client, producers.get("ingest"), licenses),
+        "base_model": base_model(client, producers.get("base"), licenses),
+        "license_conclusion": licenses.get("conclusion"),
         "environment": environment_summary(producers),
     }
     report["warnings"] = provenance_warnings(report)
@@ -197,19 +199,34 @@ def lock_hashes(entry: dict | None) -> dict[str, list[dict[str, Any]]] | None:
             for side in ("deps", "outs")}
 
 
-def data_sources(client, ingest_run) -> list[dict[str, Any]]:
+def declared_licenses(client, compliance_run) -> dict[str, Any]:
+    """The licenses the compliance stage checked (declared in params.yaml, not by ingest or base) and its
+    conclusion, from the conclusion.json it logged."""
+    record = (read_json_artifact(client, compliance_run.info.run_id, "compliance/conclusion.json")
+              if compliance_run else None)
+    if not record:
+        return {}
+    declared = record["declarations"]
+    conclusion = record["conclusion"]
+    return {"sources": {source["name"]: source["license"] for source in declared["sources"]},
+            "base_model": declared["base_model"]["license"],
+            "conclusion": {key: conclusion[key] for key in ("verdict", "concluded_license", "commercial_use_allowed")}
+            | {"intended_use": conclusion["policy"]["intended_use"]}}
+
+
+def data_sources(client, ingest_run, licenses: dict[str, Any]) -> list[dict[str, Any]]:
     record = read_json_artifact(client, ingest_run.info.run_id, PROVENANCE_FILE) if ingest_run else None
-    return [{"name": s.get("name"), "license": s.get("license"), "rows": s.get("rows"), "sha256": s.get("sha256"),
-             "origin": s.get("origin")} for s in (record or {}).get("sources", [])]
+    return [{"name": s.get("name"), "license": licenses.get("sources", {}).get(s.get("name")), "rows": s.get("rows"),
+             "sha256": s.get("sha256"), "origin": s.get("origin")} for s in (record or {}).get("sources", [])]
 
 
-def base_model(client, base_run) -> dict[str, Any] | None:
+def base_model(client, base_run, licenses: dict[str, Any]) -> dict[str, Any] | None:
     record = read_json_artifact(client, base_run.info.run_id, PROVENANCE_FILE) if base_run else None
     if not record:
         return None
     source = record.get("source", {})
     return {"model_id": source.get("model_id") or record.get("params", {}).get("base.model"),
-            "license": record.get("license"), "digest": record.get("digest"), "dtype": record.get("dtype"),
+            "license": licenses.get("base_model"), "digest": record.get("digest"), "dtype": record.get("dtype"),
             "parameters": record.get("parameters"), "source": source}
 
 
@@ -335,7 +352,13 @@ def format_provenance(report: dict[str, Any]) -> str:
     lines += ["", "Code (md5 in dvc.lock)"]
     lines += [f"  {path:<{max(map(len, code))}}  md5 {' / '.join(sorted(md5s))}"
               for path, md5s in code.items()] or ["  (no dvc.lock entries)"]
-    lines += ["", "Data sources"]
+    conclusion = report.get("license_conclusion")
+    lines += ["", "License (the compliance stage's conclusion)"]
+    lines += _fields([("concluded", conclusion["concluded_license"]), ("verdict", conclusion["verdict"]),
+                      ("intended use", conclusion["intended_use"]),
+                      ("commercial use", "allowed" if conclusion["commercial_use_allowed"] else "not allowed")]
+                     ) if conclusion else ["  (the compliance stage's conclusion.json was not found)"]
+    lines += ["", "Data sources (licenses as declared in params.yaml compliance.sources)"]
     lines += [f"  {s['name']:<24} {s['license'] or '?':<14} {str(s['rows']) + ' rows':<12} sha256 {s['sha256']}"
               for s in report["data_sources"]] or ["  (ingest's provenance.json was not found)"]
     lines += ["", "Base model"]

@@ -176,7 +176,7 @@ class StageTracker:
         self.pending: list[dict[str, Any]] = []
         self.lock = threading.Lock()   # the sampler thread logs too: one operation at a time, in order
         self.client = None
-        self.run_id = self.parent_id = None
+        self.run_id = self.parent_id = self.experiment_id = None
         self.warned = False
         self.started_at = utc_now()
 
@@ -191,6 +191,7 @@ class StageTracker:
             self.tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
         try:
             _, client, experiment_id = connect()
+            self.experiment_id = experiment_id
             self.parent_id = pipeline_run_id(client, experiment_id, self.invocation)
             self.run_id = client.create_run(experiment_id, run_name=self.stage,
                                             tags={**self.tags, PARENT: self.parent_id}).info.run_id
@@ -224,6 +225,12 @@ class StageTracker:
                 "ops": self.pending}, indent=2, default=str) + "\n")
             print(f"warning: {len(self.pending)} MLflow operations of stage {self.stage} kept in {path}; "
                   f"upload them with `python -m ftpipe.audit upload-pending`", file=sys.stderr)
+
+    def reference(self) -> dict[str, Any]:
+        """Where this stage's record is, for the provenance.json of its outputs (the report links it): ids are
+        null when MLflow was unavailable (the record is then in mlflow-pending/)."""
+        return {"tracking_uri": tracking_uri() if self.run_id else None, "experiment_id": self.experiment_id,
+                "run_id": self.run_id, "pipeline_run_id": self.parent_id}
 
     # logging
     def log_params(self, params: dict[str, Any]) -> None:

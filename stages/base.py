@@ -118,12 +118,9 @@ def load_local(folder: Path, dtype: str):
 def materialize_base(params: BaseParams, out_dir: Path) -> dict:
     """Write the base model folder into `out_dir`; return its provenance."""
     if params.model == EMBEDDED_BASE_MODEL:
+        # The package's declared license is recorded here; the compliance stage checks it against
+        # compliance.base_model.license (a license is a declaration, not an input of this stage).
         gguf_path, source = embedded_gguf()
-        if source["declared_license"] != params.license:
-            raise PipelineError(
-                f"params.yaml base.license is {params.license!r}, but {EMBEDDED_PACKAGE} declares "
-                f"{source['declared_license']!r}. Set base.license: {source['declared_license']}."
-            )
         model, tokenizer = load_embedded(gguf_path, params.dtype)
     else:
         folder = Path(params.model)
@@ -144,7 +141,6 @@ def materialize_base(params: BaseParams, out_dir: Path) -> dict:
     hashes = file_hashes(out_dir)
     return {
         "source": source,
-        "license": params.license,
         "dtype": params.dtype,
         "architecture": model.config.architectures,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -164,7 +160,8 @@ def main() -> None:
     with stage_run("base", stage_params) as tracker:
         with atomic_dir(BASE_DIR) as out_dir:
             info = materialize_base(params.base, out_dir)
-            write_json(out_dir / PROVENANCE_FILE, stage_record("base", stage_params, **info))
+            write_json(out_dir / PROVENANCE_FILE, stage_record("base", stage_params, mlflow=tracker.reference(),
+                                                               **info))
         metrics = {"parameters": info["parameters"], "files": len(info["files_sha256"])}
         write_json(metrics_file("base"), metrics)
         tracker.log_metrics(metrics)

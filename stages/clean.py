@@ -318,7 +318,7 @@ def clean_sources(raw_dir: Path, params: CleanParams) -> tuple[dict[str, list], 
             candidates.append({"id": row_id, "source": name, "source_row": raw["row"], "format": fmt,
                                "messages": messages})
         summary["sources"][name] = {
-            "rows_in": len(rows), "formats": dict(formats), "license": source["license"],
+            "rows_in": len(rows), "formats": dict(formats),
             "repaired": {"control_chars": control_rows,
                          "invalid_utf8": source.get("repaired", {}).get("invalid_utf8", 0)},
             "pii": {"action": params.pii_action, "rows": pii_rows,
@@ -388,7 +388,7 @@ def main() -> None:
                 write_jsonl(out_dir / f"{split}.jsonl", sorted(rows, key=lambda row: row["id"]))
             write_jsonl(out_dir / "rejected.jsonl", rejected)
             write_json(out_dir / "summary.json", summary)
-            write_json(out_dir / PROVENANCE_FILE, stage_record("clean", stage_params))
+            write_json(out_dir / PROVENANCE_FILE, stage_record("clean", stage_params, mlflow=tracker.reference()))
         metrics = {"rows_in": summary["rows_in"], "rejected": len(rejected),
                    **{f"rows_{split}": n for split, n in summary["kept"].items()},
                    "near_duplicates": summary["rejected"].get("near_duplicate", 0),

@@ -94,7 +94,8 @@ def main() -> None:
         with atomic_dir(EVALUATION_DIR) as out_dir:
             write_jsonl(out_dir / "samples.jsonl", samples[:params.evaluate.num_samples])
             write_jsonl(out_dir / "generations.jsonl", samples)
-            write_json(out_dir / PROVENANCE_FILE, stage_record("evaluate", stage_params, metrics=metrics))
+            write_json(out_dir / PROVENANCE_FILE, stage_record("evaluate", stage_params, mlflow=tracker.reference(),
+                                                               metrics=metrics))
         write_json(metrics_file("evaluate"), metrics)
         tracker.log_metrics({f"{model}.{key}": value for model in ("base", "tuned")
                              for key, value in metrics[model].items()})

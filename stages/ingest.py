@@ -4,7 +4,7 @@
 
 Each source becomes data/raw/<name>.jsonl, one {"row": n, "record": {...}} per input row
 (n counts from 1: the line of a JSONL file, the data row of a CSV), plus its provenance:
-origin, declared SPDX license, retrieval time, SHA-256, row count and repairs made. Hostile
+origin, retrieval time, SHA-256, row count and repairs made. Hostile
 input never stops the stage: a row that cannot be read as a record (malformed JSON, not an
 object, absurdly large or deeply nested) becomes {"row": n, "error": why, "text": its start},
 which clean quarantines; invalid UTF-8 is replaced and counted. Only a file that cannot be
@@ -323,7 +323,7 @@ def ingest_source(source: SourceParams, out_dir: Path) -> dict:
         rows = itertools.islice(rows, source.max_rows)
     out_file = out_dir / f"{source.name}.jsonl"
     count = write_jsonl(out_file, rows)
-    entry = {"name": source.name, "origin": origin, "license": source.license, "retrieved_at": utc_now(),
+    entry = {"name": source.name, "origin": origin, "retrieved_at": utc_now(),
              "rows": count, "file": out_file.name, "sha256": sha256_file(out_file)}
     if repaired is not None:
         entry["repaired"] = {"invalid_utf8": repaired["invalid_utf8"]}
@@ -341,7 +341,8 @@ def main() -> None:
     with stage_run("ingest", stage_params) as tracker:
         with atomic_dir(RAW_DIR) as out_dir:
             sources = [ingest_source(source, out_dir) for source in params.ingest.sources]
-            write_json(out_dir / PROVENANCE_FILE, stage_record("ingest", stage_params, sources=sources))
+            write_json(out_dir / PROVENANCE_FILE, stage_record("ingest", stage_params, mlflow=tracker.reference(),
+                                                               sources=sources))
         metrics = {"rows_total": sum(s["rows"] for s in sources),
                    **{f"rows.{s['name']}": s["rows"] for s in sources}}
         write_json(metrics_file("ingest"), metrics)
@@ -350,7 +351,7 @@ def main() -> None:
         for source in sources:
             tracker.log_input(RAW_DIR / source["file"], f"raw/{source['name']}", "raw")
     for source in sources:
-        print(f"ingest: {source['name']}: {source['rows']} rows ({source['license']}) -> {RAW_DIR}/{source['file']}")
+        print(f"ingest: {source['name']}: {source['rows']} rows -> {RAW_DIR}/{source['file']}")
 
 
 if __name__ == "__main__":

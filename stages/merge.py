@@ -92,7 +92,8 @@ def main() -> None:
             metrics = check_parity(params.merge, params.train.quantization, BASE_DIR, ADAPTER_DIR, out_dir, rows)
             hashes = file_hashes(out_dir)
             write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "merge", stage_params, metrics=metrics, files_sha256=hashes, digest=tree_digest(hashes),
+                "merge", stage_params, mlflow=tracker.reference(), metrics=metrics, files_sha256=hashes,
+                digest=tree_digest(hashes),
                 merged_into={"base_digest": read_json(BASE_DIR / PROVENANCE_FILE)["digest"],
                              "dtype": params.base.dtype, "merge_compute_dtype": "float32"},
                 adapter_sha256=file_hashes(ADAPTER_DIR)))

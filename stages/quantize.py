@@ -101,7 +101,7 @@ def main() -> None:
         with atomic_dir(GGUF_DIR) as out_dir:
             metrics = quantize_and_check(params.quantize, MERGED_DIR, rows, out_dir)
             write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "quantize", stage_params, metrics=metrics,
+                "quantize", stage_params, mlflow=tracker.reference(), metrics=metrics,
                 converter={"package": CONVERTER, "version": package_version(CONVERTER),
                            "gguf": package_version("gguf")},
                 merged_sha256=sha256_file(MERGED_DIR / "model.safetensors")))

@@ -345,7 +345,7 @@ def main() -> None:
             write_json(out_dir / "stats.json", stats)
             tokenizer_hashes = {k: v for k, v in file_hashes(BASE_DIR).items() if k in TOKENIZER_FILES}
             write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "tokenize", stage_params, tokenizer_files_sha256=tokenizer_hashes,
+                "tokenize", stage_params, mlflow=tracker.reference(), tokenizer_files_sha256=tokenizer_hashes,
                 chat_template_sha256=sha256_text(tokenizer.chat_template or "")))
         metrics = {f"{split}.{key}": value for split, s in stats.items()
                    for key, value in s.items() if isinstance(value, (int, float))}

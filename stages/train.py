@@ -336,7 +336,7 @@ def main() -> None:
                                    CHECKPOINTS_DIR, out_dir, callbacks=[live])
             base_provenance = read_json(base_dir / PROVENANCE_FILE)
             write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "train", stage_params, metrics=result["metrics"],
+                "train", stage_params, mlflow=tracker.reference(), metrics=result["metrics"],
                 trained_on={"base_digest": base_provenance["digest"], "base_dtype": base_provenance["dtype"],
                             "quantized_as": f"bitsandbytes {params.train.quantization.quant_type} 4-bit "
                                             f"(double quant: {params.train.quantization.double_quant}) "

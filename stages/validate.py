@@ -430,8 +430,8 @@ def main() -> None:
             metrics = validate_clean(CLEAN_DIR, params.validate, params.clean, out_dir)
             validated = {f"{split}.jsonl": sha256_file(CLEAN_DIR / f"{split}.jsonl") for split in SPLITS}
             inputs = {**validated, SUMMARY_FILE: sha256_file(CLEAN_DIR / SUMMARY_FILE)}
-            write_json(out_dir / PROVENANCE_FILE, stage_record("validate", stage_params, suites=list(REPORTS),
-                                                               inputs=inputs))
+            write_json(out_dir / PROVENANCE_FILE, stage_record("validate", stage_params, mlflow=tracker.reference(),
+                                                               suites=list(REPORTS), inputs=inputs))
             # The gate tokenize depends on: only the hashes of the training data that passed (not
             # summary.json's counts), so a changed threshold or summary that still passes leaves it
             # byte-identical and reruns nothing downstream.

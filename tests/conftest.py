@@ -12,6 +12,22 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_EOS_ID = 2   # <|im_end|> in SmolLM2's vocabulary
 
 
+def source_declaration(name: str, license: str | None = "MIT", **fields) -> dict:
+    """A compliance.sources entry (params.yaml) for a test's data source: every source must be declared."""
+    return {"name": name, "origin": f"test data {name}", "license": license,
+            "license_url": "https://spdx.org/licenses/", "creators": ["ftpipe tests"], "model_generated": False,
+            "generated_by": None, "personal_data": False, "personal_data_legal_basis": None,
+            "intended_use_notes": "tests", **fields}
+
+
+def set_sources(params: dict, sources: list[dict], licenses: dict[str, str] | None = None) -> dict:
+    """Set ingest.sources of a params.yaml dict, and declare each (license MIT unless `licenses` says)."""
+    params["ingest"]["sources"] = sources
+    params["compliance"]["sources"] = [source_declaration(source["name"], (licenses or {}).get(source["name"], "MIT"))
+                                       for source in sources]
+    return params
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tracking(tmp_path, monkeypatch):
     """Every test logs to its own MLflow store, never the project's."""

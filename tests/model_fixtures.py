@@ -17,7 +17,7 @@ from ftpipe.params import BaseParams, LoraParams, QuantizationParams, TokenizePa
 from ftpipe.paths import PROVENANCE_FILE
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BASE_LICENSE, BASE_DTYPE = "MIT", "bfloat16"
+BASE_DTYPE = "bfloat16"
 # One example per row: the train tests count rows (24 rows = 6 steps of 4). PACKED_TOKENIZE packs them.
 TOKENIZE = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=True, packing=False)
 PACKED_TOKENIZE = dataclasses.replace(TOKENIZE, packing=True)
@@ -71,7 +71,7 @@ def build_base(model_dir: Path, out_dir: Path) -> Path:
     from ftpipe.provenance import stage_record
     from stages.base import materialize_base
 
-    params = BaseParams(model=str(model_dir), license=BASE_LICENSE, dtype=BASE_DTYPE)
+    params = BaseParams(model=str(model_dir), dtype=BASE_DTYPE)
     out_dir.mkdir(parents=True)
     info = materialize_base(params, out_dir)
     write_json(out_dir / PROVENANCE_FILE, stage_record("base", flatten(params, "base"), **info))

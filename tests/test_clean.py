@@ -39,14 +39,14 @@ def qa(i: int, answer: str = ANSWER) -> dict:
     return {"instruction": f"Question number {i}?", "output": answer}
 
 
-def write_raw(raw_dir: Path, sources: dict[str, list[dict]], licenses: dict[str, str] | None = None) -> Path:
+def write_raw(raw_dir: Path, sources: dict[str, list[dict]]) -> Path:
     """data/raw as ingest writes it: <name>.jsonl of {"row", "record"} plus provenance.json."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, records in sources.items():
         lines = [json.dumps({"row": n, "record": record}) + "\n" for n, record in enumerate(records, start=1)]
         (raw_dir / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
-        entries.append({"name": name, "file": f"{name}.jsonl", "license": (licenses or {}).get(name, "MIT")})
+        entries.append({"name": name, "file": f"{name}.jsonl"})
     (raw_dir / "provenance.json").write_text(json.dumps({"stage": "ingest", "sources": entries}), encoding="utf-8")
     return raw_dir
 
@@ -239,19 +239,19 @@ def mixed_raw(tmp_path) -> Path:
         {"prompt": "Capital of France?", "completion": "Paris is the capital of France."},
         {"conversations": [{"from": "human", "value": "Ping?"}, {"from": "gpt", "value": "Pong, from the gpt."}]},
     ]
-    return write_raw(tmp_path / "raw", {"first": first, "second": second}, {"first": "MIT", "second": "CC0-1.0"})
+    return write_raw(tmp_path / "raw", {"first": first, "second": second})
 
 
 def test_clean_sources_counts_add_up(mixed_raw):
     splits, rejected, summary = clean_sources(mixed_raw, PARAMS)
     assert summary["sources"]["first"] == {
-        "rows_in": 10, "kept": 2, "license": "MIT",
+        "rows_in": 10, "kept": 2,
         "rejected": {"placeholder_answer": 1, "answer_too_short": 1, "answer_too_long": 1, "prompt_too_long": 1,
                      "no_assistant_turn": 1, "empty_answer": 1, "duplicate": 2},
         "formats": {"alpaca": 7, "chat": 2, "prompt_completion": 1},
         "repaired": {"control_chars": 0, "invalid_utf8": 0}, "pii": {"action": "redact", "rows": 0, "found": {}},
     }
-    assert summary["sources"]["second"] == {"rows_in": 3, "kept": 2, "license": "CC0-1.0",
+    assert summary["sources"]["second"] == {"rows_in": 3, "kept": 2,
                                             "rejected": {"duplicate": 1},
                                             "formats": {"sharegpt": 2, "prompt_completion": 1},
                                             "repaired": {"control_chars": 0, "invalid_utf8": 0}, "pii": {"action": "redact", "rows": 0, "found": {}}}
@@ -438,7 +438,7 @@ def test_main_end_to_end(in_tmp_project, capsys):
     assert summary["kept"] == {split: len(rows) for split, rows in splits.items()}
     assert summary["rejected"] == {"duplicate": 1, "placeholder_answer": 1}
     assert summary["sources"]["chat"] == {"rows_in": 1, "kept": 1, "rejected": {}, "formats": {"chat": 1},
-                                          "repaired": {"control_chars": 0, "invalid_utf8": 0}, "license": "MIT",
+                                          "repaired": {"control_chars": 0, "invalid_utf8": 0},
                                           "pii": {"action": "redact", "rows": 0, "found": {}}}
     provenance = read_json(out / "provenance.json")
     assert provenance["stage"] == "clean" and provenance["params"]["clean.split_salt"] == "v1"

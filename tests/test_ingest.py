@@ -13,9 +13,9 @@ from ftpipe.errors import PipelineError
 from ftpipe.io import read_json, read_jsonl, sha256_file
 from ftpipe.params import SourceParams
 from stages import ingest
+from tests.conftest import REPO, set_sources
 from stages.ingest import ingest_source, read_file_source, stdlib_docstring_records
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTION = re.compile(r"^What does `([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)` do\?$")
 
 
@@ -245,7 +245,7 @@ def test_stdlib_records_are_deterministic(stdlib_rows):
 # --- ingest_source -----------------------------------------------------------------------------
 
 def file_source(name: str, path: str, max_rows: int | None = None) -> SourceParams:
-    return SourceParams(name=name, type="file", license="CC-BY-4.0", path=path, max_rows=max_rows)
+    return SourceParams(name=name, type="file", path=path, max_rows=max_rows)
 
 
 def test_ingest_source_writes_rows_and_provenance(in_tmp_project, capsys):
@@ -253,7 +253,7 @@ def test_ingest_source_writes_rows_and_provenance(in_tmp_project, capsys):
     out_dir = Path("out")
     out_dir.mkdir()
     entry = ingest_source(file_source("mine", "data/sources/mine.jsonl"), out_dir)
-    assert entry["name"] == "mine" and entry["license"] == "CC-BY-4.0"
+    assert entry["name"] == "mine" and "license" not in entry   # declared under compliance.sources
     assert entry["origin"] == {"kind": "file", "path": "data/sources/mine.jsonl", "sha256": sha256_file(data)}
     assert entry["rows"] == 5 and entry["file"] == "mine.jsonl"
     assert entry["sha256"] == sha256_file(out_dir / "mine.jsonl")
@@ -285,9 +285,9 @@ def test_max_rows_counts_rows_not_line_numbers(in_tmp_project):
 def test_ingest_source_stdlib_max_rows(in_tmp_project):
     out_dir = Path("out")
     out_dir.mkdir()
-    source = SourceParams(name="docs", type="python_stdlib_docstrings", license="PSF-2.0", max_rows=7)
+    source = SourceParams(name="docs", type="python_stdlib_docstrings", max_rows=7)
     entry = ingest_source(source, out_dir)
-    assert entry["rows"] == 7 and entry["origin"]["kind"] == "python-stdlib" and entry["license"] == "PSF-2.0"
+    assert entry["rows"] == 7 and entry["origin"]["kind"] == "python-stdlib"
     rows = read_jsonl(out_dir / "docs.jsonl")
     assert [row["row"] for row in rows] == list(range(1, 8))
     assert all(QUESTION.match(row["record"]["instruction"]) for row in rows)
@@ -315,7 +315,7 @@ def test_file_outside_sources_folder_warns(in_tmp_project, capsys):
 
 def write_params(sources: list[dict]) -> None:
     data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    data["ingest"]["sources"] = sources
+    set_sources(data, sources)
     Path("params.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
@@ -323,8 +323,8 @@ def test_main_writes_raw_data_provenance_and_metrics(in_tmp_project, capsys):
     write_lines(Path("data/sources/mine.jsonl"), [json.dumps(alpaca(i)) for i in range(1, 5)])
     path = Path("data/sources/other.csv")
     path.write_text("prompt,completion\nP1?,Completion one is here.\nP2?,Completion two is here.\n", encoding="utf-8")
-    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.jsonl", "license": "MIT"},
-                  {"name": "other", "type": "file", "path": "data/sources/other.csv", "license": "CC0-1.0",
+    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.jsonl"},
+                  {"name": "other", "type": "file", "path": "data/sources/other.csv",
                    "max_rows": 1}])
     ingest.main()
 
@@ -341,24 +341,24 @@ def test_main_writes_raw_data_provenance_and_metrics(in_tmp_project, capsys):
     assert {"git", "environment", "created_at"} <= set(provenance)
     sources = {s["name"]: s for s in provenance["sources"]}
     assert list(sources) == ["mine", "other"]
-    assert sources["mine"]["rows"] == 4 and sources["mine"]["license"] == "MIT"
+    assert sources["mine"]["rows"] == 4
     assert sources["mine"]["origin"] == {"kind": "file", "path": "data/sources/mine.jsonl",
                                          "sha256": sha256_file(Path("data/sources/mine.jsonl"))}
     assert sources["mine"]["sha256"] == sha256_file(Path("data/raw/mine.jsonl"))
-    assert sources["other"]["rows"] == 1 and sources["other"]["license"] == "CC0-1.0"
+    assert sources["other"]["rows"] == 1
 
     assert read_json(Path("metrics/ingest.json")) == {"rows_total": 5, "rows.mine": 4, "rows.other": 1}
     out = capsys.readouterr().out
-    assert "ingest: mine: 4 rows (MIT) -> data/raw/mine.jsonl" in out
+    assert "ingest: mine: 4 rows -> data/raw/mine.jsonl" in out
 
 
 def test_main_failure_keeps_the_previous_raw_data(in_tmp_project):
     write_lines(Path("data/sources/mine.jsonl"), [json.dumps(alpaca(1))])
-    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.jsonl", "license": "MIT"}])
+    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.jsonl"}])
     ingest.main()
     before = Path("data/raw/mine.jsonl").read_text(encoding="utf-8")
 
-    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.json", "license": "MIT"}])
+    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.json"}])
     Path("data/sources/mine.json").write_text(json.dumps(alpaca(1)), encoding="utf-8")   # not an array
     with pytest.raises(PipelineError, match=r"mine\.json: a \.json source must hold an array"):
         ingest.main()

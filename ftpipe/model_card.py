@@ -1,0 +1,277 @@
+"""Model cards: the README.md (Hugging Face card: YAML front matter, then Markdown) of each released artifact.
+
+stages/report.py writes one into every release folder (adapter/, merged/, gguf-<type>/), built from the
+compliance report's dict (tests/data/report_example.json shows its shape):
+
+    (folder / CARD_FILE).write_text(model_card(report, "merged"))
+
+Why our own card: peer tools write `license: apache-2.0` (or a placeholder) whatever the model was trained
+on, but a fine-tuned model carries the obligations of its base model and of every data source. This card
+states the license the gate concluded (ftpipe.licenses), whether commercial use is allowed and why, and the
+duties that travel with the model; then the data, the scores, the files and how to check them. Declared
+names, creators and notes are untrusted text: the front matter is yaml.safe_dump's and Markdown text is
+flattened and escaped, so no declaration can change the card's structure.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.license_table import HF_LICENSE_IDS
+
+CARD_FILE = "README.md"
+
+# SPDX id -> Hugging Face id: the Hub filters and displays only its own ids in `license`.
+HF_ID_BY_SPDX = {spdx_id: hf_id for hf_id, spdx_id in HF_LICENSE_IDS.items()}
+# Artifact kind -> (the Hub's base_model_relation, library_name, what the card calls it).
+KINDS = {"merged-model": ("finetune", "transformers", "merged model"),
+         "lora-adapter": ("adapter", "peft", "LoRA adapter"),
+         "gguf": ("quantized", "gguf", "GGUF file")}
+COPYLEFT_MEANINGS = {
+    "share-alike": "the model and any adaptation of it must be shared under the same or a compatible license",
+    "copyleft": "the model and works that include it must be shared under the same license, with their source",
+    "network-copyleft": "as copyleft, and also when people use the model over a network",
+    "weak-copyleft": "changes to the licensed material must be shared under the same license",
+    "pass-through-terms": "its use terms must be passed on to everyone who receives the model or an adaptation",
+}
+INTENDED_USE_MEANINGS = {"commercial": "commercial use", "research": "non-commercial research",
+                         "internal": "internal non-commercial use: evaluation, research and development"}
+# (key in evaluation.base/tuned, label, decimal places)
+TEST_METRICS = [("loss", "Loss", 4), ("perplexity", "Perplexity", 2), ("rougeL", "ROUGE-L", 3),
+                ("mean_answer_words", "Mean answer words", 1)]
+
+
+def model_card(report: dict[str, Any], artifact_name: str) -> str:
+    """The README.md text of the artifact `artifact_name` (an entry of report["artifacts"])."""
+    by_name = {artifact["name"]: artifact for artifact in report["artifacts"]}
+    if artifact_name not in by_name:
+        raise PipelineError(f"no artifact {artifact_name!r} in the report: valid names are "
+                            f"{', '.join(sorted(by_name)) or '(none)'}")
+    artifact = by_name[artifact_name]   # its kind is one of KINDS: stages/report.py writes no other
+    sections = [_summary(report, artifact), _license(report), _base_model(report), _training_data(report),
+                _intended_use(report), _evaluation(report, artifact), _files(report, artifact), _provenance(report)]
+    return _front_matter(report, artifact) + "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+# --- escaping: user-declared text must not change the card's structure ---------------------------------
+
+def _inline(value: Any) -> str:
+    """Text on one line: a newline could start a heading or a table row, and `<` raw HTML."""
+    if value is None or value == "" or value == []:
+        return "n/a"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_inline(item) for item in value)
+    return " ".join(str(value).split()).replace("<", "&lt;")
+
+
+def _cell(value: Any) -> str:
+    """A table cell: an unescaped pipe would split it."""
+    return _inline(value).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows])
+
+
+def _bullets(heading: str, items: list[str], when_empty: str) -> list[str]:
+    return ["", f"### {heading}", ""] + [f"- {item}" for item in items or [when_empty]]
+
+
+def _number(value: float | None, places: int, signed: bool = False) -> str:
+    return "n/a" if value is None else f"{value:{'+' if signed else ''}.{places}f}"
+
+
+def _size(size: int) -> str:
+    power = min((size.bit_length() - 1) // 10, 4) if size > 0 else 0   # 1024**power <= size
+    return f"{size} B" if power == 0 else f"{size / 1024 ** power:.1f} {'BKMGT'[power]}iB ({size:,} bytes)"
+
+
+def _slug(expression: str) -> str:
+    """The Hub's license_name allows only lowercase letters, digits, '-' and '.'."""
+    return re.sub(r"[^a-z0-9.]+", "-", expression.lower()).strip("-.") or "unknown"
+
+
+# --- sections ----------------------------------------------------------------------------------------
+
+def _front_matter(report: dict[str, Any], artifact: dict[str, Any]) -> str:
+    compliance = report["compliance"]
+    concluded = compliance["concluded_license"]
+    relation, library, _ = KINDS[artifact["kind"]]
+    # An expression ("A AND B") is never a key, so only a single id with a Hub id gets one.
+    hf_id = HF_ID_BY_SPDX.get(concluded)
+    meta: dict[str, Any] = ({"license": hf_id} if hf_id else
+                            {"license": "other", "license_name": _slug(concluded), "license_link": "#license"})
+    tags = ["ftpipe", "qlora", "lora"]
+    if artifact["kind"] == "gguf":
+        tags += ["gguf", str(artifact.get("gguf_type"))]
+    if not compliance["commercial_use_allowed"]:
+        tags.append("non-commercial")
+    meta.update(base_model=report["base_model"]["id"], base_model_relation=relation, library_name=library,
+                pipeline_tag="text-generation", tags=tags)
+    # width: no folding, so a long value stays on one line; safe_dump quotes and escapes everything else.
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=10**9) + "---\n\n"
+
+
+def _artifact_title(artifact: dict[str, Any]) -> str:
+    title = KINDS[artifact["kind"]][2]
+    detail = artifact.get("gguf_type") or artifact.get("dtype")
+    return f"{title} ({_inline(detail)})" if detail else title
+
+
+def _summary(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
+    sources = [_inline(source["name"]) for source in report["data_sources"]]
+    project = report["project"]
+    dirty = " (with uncommitted changes)" if project.get("git_dirty") else ""
+    return [f"# {_inline(report['title'])}: {_artifact_title(artifact)}", "",
+            f"This is the {_artifact_title(artifact)} `{_inline(artifact['name'])}` of a model fine-tuned with "
+            f"QLoRA from the base model {_inline(report['base_model']['id'])} on {len(sources)} data "
+            f"source{'s' if len(sources) != 1 else ''} ({', '.join(sources) or 'none'}), built by the ftpipe "
+            f"pipeline at git commit `{_inline(project.get('git_commit'))}`{dirty}. Its license is concluded from "
+            f"every input: see [License](#license)."]
+
+
+def _license(report: dict[str, Any]) -> list[str]:
+    compliance, base = report["compliance"], report["base_model"]
+    policy = compliance["policy"]
+    if compliance["commercial_use_allowed"]:
+        commercial = "**Commercial use: allowed** (every input's license allows it)."
+    else:
+        reasons = [f"{_inline(entry['source'])} ({_inline(entry['license'])}, non-commercial)"
+                   for entry in compliance["non_commercial_sources"]]
+        reasons += [f"{_inline(entry['source'])} ({_inline(entry['license'])}: unknown, so commercial use "
+                    f"cannot be confirmed)" for entry in compliance["unknown_licenses"]]
+        commercial = f"**Commercial use: not allowed**, because of: {'; '.join(reasons) or 'n/a'}."
+    use = policy["intended_use"]
+    base_prefix = f"base model {base['id']!r}:"   # how ftpipe.licenses prefixes a note about the base model
+    base_terms = [f"{_inline(base['id'])}: {_inline(base['license'])} ({_inline(base.get('license_url'))})"]
+    base_terms += [_inline(note) for note in compliance["notes"] if note.startswith(base_prefix)]
+    lines = ["## License", "", f"Concluded license: **{_inline(compliance['concluded_license'])}** (the model is "
+             "an adaptation of every input below, so all their obligations apply together).", "", commercial, "",
+             f"Intended use (license policy): **{_inline(use)}** ({INTENDED_USE_MEANINGS.get(use, 'n/a')}). "
+             f"License gate verdict: {_inline(compliance['verdict'])}."]
+    if compliance["unknown_licenses"]:
+        lines += _bullets("Unknown licenses", [
+            f"**Warning:** {_inline(entry['source'])}: {_inline(entry['license'])} ({_inline(entry.get('reason'))}); "
+            "its obligations were NOT checked: a person must read its terms before the model is shared or used"
+            for entry in compliance["unknown_licenses"]], "")
+    lines += _bullets("Share-alike and copyleft obligations", [
+        f"{_inline(entry['source'])} ({_inline(entry['license'])}, {_inline(entry['copyleft'])}): "
+        f"{COPYLEFT_MEANINGS.get(entry['copyleft'], 'see the license text')}"
+        for entry in compliance["share_alike"]], "none: no input's license propagates to the model")
+    lines += _bullets("Attribution notices to keep", [
+        f"{_inline(entry['source'])} ({_inline(entry['license'])}): {_inline(entry['notice'])}"
+        for entry in compliance["attribution"]], "none required")
+    lines += _bullets("Base model terms carried through", base_terms, "")
+    lines += _bullets("Notes", [_inline(note) for note in compliance["notes"]], "none")
+    return lines
+
+
+def _base_model(report: dict[str, Any]) -> list[str]:
+    base = report["base_model"]
+    return ["## Base model", ""] + _table(["Field", "Value"], [
+        ["Id", base["id"]], ["Revision", base.get("revision")],
+        ["License", f"{_inline(base.get('license'))} ({_inline(base.get('license_url'))})"],
+        ["Origin", base.get("origin")], ["Creators", base.get("creators")],
+        ["Personal data", _personal_data(base)],
+        ["Parameters", f"{base['parameters']:,}" if base.get("parameters") else None], ["Digest", base.get("digest")]])
+
+
+def _personal_data(entry: dict[str, Any]) -> str:
+    text = (f"yes; legal basis: {_inline(entry.get('personal_data_legal_basis'))}" if entry.get("personal_data")
+            else "none declared")
+    pii = entry.get("pii") or {}
+    found = ", ".join(f"{_inline(kind)} {count}" for kind, count in (pii.get("found") or {}).items())
+    if found:
+        return f"{text}; PII scan found {found} in {pii.get('rows')} rows, action: {_inline(pii.get('action'))}"
+    return f"{text}; PII scan found nothing" if pii else text
+
+
+def _training_data(report: dict[str, Any]) -> list[str]:
+    chosen = {entry["name"]: entry["chosen"] for entry in report["compliance"]["inputs"]
+              if entry["role"] == "data source"}
+    splits = report.get("splits") or {}
+    lines = ["## Training data", "", "Rows kept after cleaning, by split: "
+             + (", ".join(f"{_inline(split)} {count}" for split, count in splits.items()) or "n/a") + "."]
+    for source in report["data_sources"]:
+        generated = f"yes, by {_inline(source.get('generated_by'))}" if source.get("model_generated") else "no"
+        lines += ["", f"### {_inline(source['name'])}", ""] + _table(["Field", "Value"], [
+            ["License", f"declared {_inline(source.get('license'))}, concluded "
+                        f"{_inline(chosen.get(source['name']))} ({_inline(source.get('license_url'))})"],
+            ["Origin", source.get("origin")], ["Creators", source.get("creators")],
+            ["Rows used", f"{source.get('rows_kept')} of {source.get('rows_in')}"],
+            ["Model-generated", generated], ["Personal data", _personal_data(source)],
+            ["SHA-256 (as ingested)", source.get("sha256")]])
+    return lines
+
+
+def _intended_use(report: dict[str, Any]) -> list[str]:
+    use = report["compliance"]["policy"]["intended_use"]
+    notes = [f"- {_inline(item.get('id') or item.get('name'))}: {_inline(item['intended_use_notes'])}"
+             for item in [report["base_model"], *report["data_sources"]] if item.get("intended_use_notes")]
+    return ["## Intended use", "", f"Declared intended use: **{_inline(use)}** "
+            f"({INTENDED_USE_MEANINGS.get(use, 'n/a')}). What the creators of the base model and of the data say:",
+            "", *(notes or ["- nothing declared"])]
+
+
+def _evaluation(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
+    evaluation = report["evaluation"]
+    base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+    lines = ["## Evaluation", "", f"Held-out test split, {evaluation.get('test_examples', 'n/a')} examples "
+             "(base: the base model; tuned: the base model with the fine-tuned adapter).", ""]
+    lines += _table(["Metric", "Base", "Tuned"], [[label, _number(base.get(key), places),
+                                                  _number(tuned.get(key), places)]
+                                                 for key, label, places in TEST_METRICS])
+    merged_loss = evaluation.get("merged_validation_loss")
+    if artifact["kind"] == "merged-model":
+        lines += ["", f"Merged model: validation loss {_number(merged_loss, 4)}; merge gap vs the adapter "
+                  f"on the same 16-bit base {_number(evaluation.get('merge_gap_vs_adapter'), 6, signed=True)}."]
+    elif artifact["kind"] == "gguf":
+        gguf = (evaluation.get("gguf") or {}).get(artifact.get("gguf_type"))
+        if gguf is None:
+            lines += ["", "This GGUF file was not evaluated."]
+        else:
+            mismatches = gguf.get("tokenizer_mismatches")
+            check = "n/a" if mismatches is None else (
+                "passed (0 mismatches)" if mismatches == 0 else f"FAILED ({mismatches} mismatches)")
+            lines += ["", f"This GGUF file ({_inline(artifact.get('gguf_type'))}): validation loss "
+                      f"{_number(gguf.get('validation_loss'), 4)}; gap vs the merged model "
+                      f"{_number(gguf.get('loss_gap'), 6, signed=True)} (merged: {_number(merged_loss, 4)}); "
+                      f"tokenizer check against the Hugging Face tokenizer: {check}."]
+    return lines
+
+
+def _files(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
+    # The release folder holds each file under its own name (stages/report.py links them in flat).
+    names = [(PurePosixPath(file["path"]).name, file) for file in artifact["files"]]
+    verify = (report.get("release") or {}).get("verify_command") or "python -m ftpipe.verify"
+    return (["## Files", ""] + _table(["File", "Size", "SHA-256"], [[name, _size(file["bytes"]), file["sha256"]]
+                                                                    for name, file in names])
+            + ["", "Check them in this folder:", "", "```sh", "sha256sum -c <<'EOF'"]
+            + [f"{file['sha256']}  {name}" for name, file in names]
+            + ["EOF", "```", "", f"From the project root, `{_inline(verify)}` checks the whole release against "
+               "MANIFEST.sha256, dvc.lock and the stages' own records."])
+
+
+def _provenance(report: dict[str, Any]) -> list[str]:
+    project, mlflow = report["project"], report.get("mlflow") or {}
+    training = report.get("training") or {}
+    environment = training.get("environment") or {}
+    packages = ", ".join(f"{name} {_inline((environment.get('packages') or {}).get(name))}"
+                         for name in ("torch", "transformers", "peft", "bitsandbytes"))
+    device = f"CUDA {_inline(environment['torch_cuda'])}" if environment.get("torch_cuda") else "CPU"
+    mlflow_text = (f"pipeline run `{_inline(mlflow['pipeline_run_id'])}` ({_inline(mlflow.get('ui_url'))}; open the "
+                   f"UI with `{_inline(mlflow.get('ui_command'))}`)" if mlflow.get("pipeline_run_id")
+                   else "not logged to MLflow")
+    dirty = " (the working tree had uncommitted changes)" if project.get("git_dirty") else ""
+    return ["## Provenance", "", f"- Git commit: `{_inline(project.get('git_commit'))}`{dirty}",
+            f"- params.yaml SHA-256: `{_inline(project.get('params_sha256'))}`",
+            f"- dvc.lock SHA-256: `{_inline(project.get('dvc_lock_sha256'))}`", f"- MLflow: {mlflow_text}",
+            f"- Training environment: Python {_inline(environment.get('python'))}, {packages}; {device} "
+            f"(backend: {_inline((training.get('metrics') or {}).get('backend'))})",
+            "- The full compliance report (report.html, report.md, report.json) and the CycloneDX bill of materials "
+            f"(sbom.cdx.json) are in the release folder, {_inline((report.get('release') or {}).get('folder'))}."]

@@ -1,0 +1,545 @@
+"""The compliance report for people: Markdown, and one self-contained HTML page a reviewer reads and signs.
+
+stages/report.py writes both next to report.json (tests/data/report_example.json shows the dict's shape):
+
+    (release / "report.md").write_text(render_markdown(report))
+    (release / "report.html").write_text(render_html(report))
+
+Sections, in this order (the HTML ids; the Markdown headings slugify to the same anchors):
+
+    summary       verdict, concluded license, commercial use, commit, MLflow run, reviewer sign-off
+    license       policy, each input's license, obligations (share-alike, attribution), warnings, notes
+    base-model    the base model as declared and as observed (file, hashes, architecture)
+    data-sources  each source: declaration, observed origin, raw file hash, rows kept and rejected
+    pii           personal data found per source, and what clean did with it
+    stages        each DVC stage: command, dependency and output hashes, params, provenance, MLflow run
+    training      params, metrics, the machine and packages it ran on
+    evaluation    base vs tuned on the test split, merge gap, GGUF losses
+    artifacts     every released file with its size and SHA-256
+    verification  the commands that re-check the release
+
+Why one document model: build_sections() writes each section once as blocks (fields, tables, paragraphs,
+charts); the two backends only choose markup, so the Markdown and the HTML cannot drift apart.
+
+Why so careful with text: names, notes and URLs are declared by users. Every string is escaped for its
+target (a source named "<script>" shows as text); links are made only from http(s) URLs; Markdown table
+cells keep their row (| and newlines are escaped). The HTML page loads nothing: inline CSS and SVG charts
+(ftpipe/report_charts.py), no scripts, and a Content-Security-Policy that forbids fetching anything. It
+renders the same offline for every reviewer, and prints (@media print) with the sign-off block on paper.
+"""
+from __future__ import annotations
+
+import html
+import re
+import shlex
+from collections import namedtuple
+from dataclasses import make_dataclass
+from typing import Any, Callable, Sequence, Union
+
+from ftpipe.report_charts import STYLE, comparison_chart, gguf_gap_chart, rows_chart
+
+
+# --- the document model: inline values and blocks --------------------------------------------------------
+
+# Inline values (a plain str is text). Dataclasses, not tuples: a tuple is a sequence of inline values.
+Code = make_dataclass("Code", ["text"], frozen=True)           # a command, path or license id: monospace
+Hash = make_dataclass("Hash", ["value"], frozen=True)          # a digest: monospace, wraps anywhere
+Link = make_dataclass("Link", ["text", "url"], frozen=True)
+Mark = make_dataclass("Mark", ["kind", "text"], frozen=True)   # pass/fail/warn: a symbol and a word, not colour alone
+Inline = Union[str, Code, Hash, Link, Mark, tuple]   # a tuple: its parts in a row
+BR = "\n"   # a line break: <br> in both backends (as a newline in any text is)
+SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "⚠"}
+
+
+# Blocks: named tuples (a section is a list of them); Chart is HTML only, the tables beside it carry its numbers.
+Fields = namedtuple("Fields", "rows")                                  # (label, value) pairs
+Table = namedtuple("Table", "headers rows numeric", defaults=((),))    # numeric: right-aligned columns
+Para = namedtuple("Para", "text warning", defaults=(False,))
+Items = namedtuple("Items", "items ordered", defaults=(False,))
+Heading = namedtuple("Heading", "text")                                # a sub-heading inside a section
+Commands = namedtuple("Commands", "lines")                             # shell lines to copy
+Chart = namedtuple("Chart", "svg caption")
+SignOff = namedtuple("SignOff", "")
+Section = namedtuple("Section", "id title blocks")
+
+
+# --- values ------------------------------------------------------------------------------------------------
+
+DIGEST = re.compile(r"[0-9a-f]{32,}(\.dir)?")
+SAFE_URL = re.compile(r"https?://[^\s<>\"'`\\]+")   # nothing else becomes a link (no javascript:, no file:)
+
+
+def value(item: Any, exact: bool = False) -> Inline:
+    """A report value as text: digests monospace, ints grouped, floats to 4 digits (exact: as stored)."""
+    if item is None:
+        return "—"
+    if isinstance(item, bool):
+        return "yes" if item else "no"
+    if isinstance(item, int):
+        return f"{item:,}"
+    if isinstance(item, float):
+        return repr(item) if exact else f"{item:.4g}"
+    if isinstance(item, str):
+        return Hash(item) if DIGEST.fullmatch(item) else item
+    if isinstance(item, dict):
+        return joined([(f"{key}: ", value(sub, exact)) for key, sub in item.items()]) or "none"
+    if isinstance(item, (list, tuple)):
+        return joined([value(sub, exact) for sub in item]) or "none"
+    return str(item)
+
+
+def joined(parts: Sequence[Inline], separator: Inline = ", ") -> tuple:
+    return tuple(piece for i, part in enumerate(parts) for piece in ((separator, part) if i else (part,)))
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n:,} B ({n / scale:.1f} {unit})"
+    return f"{n:,} B"
+
+
+def personal_data(entry: dict) -> Inline:
+    return ("yes — legal basis: ", value(entry["personal_data_legal_basis"])) if entry["personal_data"] else "no"
+
+
+def licensed(license_id: str | None, url: str | None) -> Inline:
+    name = Code(license_id) if license_id else "— (not declared)"
+    return (name, " — ", Link(url, url)) if url else name
+
+
+def records(headers: tuple, rows: list, keys: tuple) -> Table:
+    """A table of `rows` (dicts), one column per key."""
+    return Table(headers, [tuple(value(row.get(key)) for key in keys) for row in rows])
+
+
+def listing(title: str, headers: tuple, rows: list, keys: tuple, empty: str) -> list:
+    """A sub-heading and the table of `rows`, or one line when there are none."""
+    return [Heading(title), records(headers, rows, keys) if rows else Para(empty)]
+
+
+# --- the sections ----------------------------------------------------------------------------------------------
+
+def summary(report: dict) -> list:
+    compliance, project = report["compliance"], report.get("project") or {}
+    return [Fields([("Report", report["title"]), ("Verdict", verdict(compliance)),
+                    ("Concluded license", Code(compliance["concluded_license"])),
+                    ("Commercial use", commercial_use(compliance)),
+                    ("Intended use", compliance["policy"]["intended_use"]), ("Created at", report["created_at"]),
+                    ("Git commit", git_commit(project)), *mlflow_fields(report.get("mlflow") or {})]),
+            SignOff()]
+
+
+def verdict(compliance: dict) -> Inline:
+    violations = compliance.get("violations") or []
+    if compliance["verdict"] == "pass" and not violations:
+        return Mark("pass", "PASS"), " — the license gate found no violation"
+    return Mark("fail", compliance["verdict"].upper()), f" — {len(violations)} violation(s): see License"
+
+
+def commercial_use(compliance: dict) -> Inline:
+    if compliance["commercial_use_allowed"]:
+        return Mark("pass", "allowed")
+    blockers = [f"{entry['source']} ({entry['license']})" for entry in compliance["non_commercial_sources"]]
+    blockers += [f"{entry['source']} (unknown: {entry['license']})" for entry in compliance["unknown_licenses"]]
+    return Mark("warn", "not allowed"), (f" — because of {', '.join(blockers)}" if blockers else "")
+
+
+def git_commit(project: dict) -> Inline:
+    dirty = {True: " (working tree dirty: uncommitted changes)", False: " (clean working tree)"}
+    commit = project.get("git_commit")
+    return (Hash(commit) if commit else "unknown (not a git checkout)", dirty.get(project.get("git_dirty"), ""))
+
+
+def mlflow_fields(mlflow: dict) -> list:
+    run = mlflow.get("pipeline_run_id")
+    if not run:
+        return [("MLflow pipeline run", "not logged to MLflow")]
+    link = Link(run, mlflow["ui_url"]) if mlflow.get("ui_url") else Code(run)
+    fields = [("MLflow pipeline run", (link, f" (experiment {mlflow.get('experiment_id')})"))]
+    if mlflow.get("ui_command"):
+        fields.append(("MLflow UI", ("start it with ", Code(mlflow["ui_command"]), ", then follow the link")))
+    report_run = Code(mlflow["report_run_id"]) if mlflow.get("report_run_id") else "—"
+    return fields + [("MLflow report run", report_run), ("MLflow tracking URI", Code(str(mlflow.get("tracking_uri"))))]
+
+
+def license_section(report: dict) -> list:
+    compliance = report["compliance"]
+    policy = compliance["policy"]
+    blocks = [Fields([
+        ("Intended use", policy["intended_use"]),
+        ("Allowed licenses", joined([Code(i) for i in policy["allowed_licenses"]]) or "any license not denied"),
+        ("Denied licenses", joined([Code(i) for i in policy["denied_licenses"]]) or "none"),
+        ("Unknown licenses", "block the gate" if policy["unknown_blocks"] else "are only flagged (do not block)"),
+        ("Concluded license", Code(compliance["concluded_license"])),
+        ("Commercial use", commercial_use(compliance))]),
+        Heading("Inputs"),
+        Table(("Role", "Name", "Declared", "Chosen"), [(row["role"], row["name"], value(row["declared"]),
+                                                          value(row["chosen"])) for row in compliance["inputs"]])]
+    if compliance.get("violations"):
+        blocks += [Heading("Violations"), Para("the license gate fails on each of these.", warning=True),
+                   records(("Source", "Role", "License", "Rule", "Reason", "Fix"), compliance["violations"],
+                           ("source", "role", "license", "rule", "reason", "fix"))]
+    blocks += listing("Share-alike obligations", ("Source", "License", "Terms"), compliance["share_alike"],
+                      ("source", "license", "copyleft"), "none: no input's license requires sharing alike")
+    blocks += listing("Attribution notices", ("Source", "License", "Notice"), compliance["attribution"],
+                      ("source", "license", "notice"), "none")
+    blocks += listing("Non-commercial sources", ("Source", "License"), compliance["non_commercial_sources"],
+                      ("source", "license"), "none")
+    unknown = compliance["unknown_licenses"]
+    blocks += [Heading("Unknown licenses")]
+    if unknown:
+        blocks += [Para(f"{len(unknown)} license(s) unknown to ftpipe: their obligations were not assessed. "
+                        "Check each license text before release.", warning=True),
+                   records(("Source", "License", "Reason"), unknown, ("source", "license", "reason"))]
+    else:
+        blocks.append(Para("none"))
+    notes = compliance["notes"]
+    return blocks + [Heading("Notes"), Items(list(notes)) if notes else Para("none")]
+
+
+def base_model(report: dict) -> list:
+    model = report["base_model"]
+    observed = [(f"Observed {key.replace('_', ' ')}", value(item)) for key, item in model["observed"].items()]
+    return [Fields([("Id", model["id"]), ("Revision", model["revision"]),
+                    ("License", licensed(model["license"], model.get("license_url"))),
+                    ("Origin", model["origin"]), ("Creators", value(model["creators"])),
+                    ("Personal data", personal_data(model)), ("Intended-use notes", value(model["intended_use_notes"])),
+                    *observed, ("Digest", value(model["digest"])), ("Architecture", value(model["architecture"])),
+                    ("Parameters", value(model["parameters"])), ("Dtype", value(model["dtype"]))])]
+
+
+def data_sources(report: dict) -> list:
+    sources = report["data_sources"]
+    overview = [(source["name"], Code(str(source["license"])), value(source["rows_in"]), value(source["rows_kept"]),
+                 value(source["rows_rejected"]), f"{source['rows_kept'] / source['rows_in']:.1%}"
+                 if source["rows_in"] else "—") for source in sources]
+    blocks = [Fields([("Splits (rows kept)", value(report.get("splits")))]),
+              Table(("Source", "License", "Rows in", "Kept", "Rejected", "Kept share"), overview, numeric=(2, 3, 4, 5)),
+              Chart(rows_chart(sources), "Rows per data source: each bar is the source's rows in, split into kept "
+                                         "and each rejection reason; the counts are printed under it.")]
+    for source in sources:
+        blocks += [Heading(source["name"]), Fields(source_fields(source))]
+    return blocks
+
+
+def source_fields(source: dict) -> list:
+    reasons = sorted(source["rejected_by_reason"].items(), key=lambda item: (-item[1], item[0]))
+    generated = ("yes, by ", value(source["generated_by"])) if source["model_generated"] else "no"
+    return [("Origin", source["origin"]), ("License", licensed(source["license"], source.get("license_url"))),
+            ("Creators", value(source["creators"])), ("Model-generated", generated),
+            ("Personal data", personal_data(source)), ("Intended-use notes", value(source["intended_use_notes"])),
+            ("Observed origin", value(source["observed_origin"])), ("Raw file", Code(source["file"])),
+            ("SHA-256", Hash(source["sha256"])), ("Retrieved at", source["retrieved_at"]),
+            ("Rows", f"{source['rows_in']:,} in, {source['rows_kept']:,} kept, {source['rows_rejected']:,} rejected"),
+            ("Rejected by reason", joined([f"{reason}: {n:,}" for reason, n in reasons]) or "none"),
+            ("Repairs", value(source["repaired"])), ("Formats", value(source["formats"]))]
+
+
+PII_ACTIONS = {"redact": "redact (replaced by typed placeholders; the row is kept)",
+               "reject": "reject (the row is dropped; counted as rejection reason pii)"}
+
+
+def pii_section(report: dict) -> list:
+    rows = []
+    for source in report["data_sources"]:
+        pii = source.get("pii") or {}
+        found = pii.get("found") or {}
+        rows.append((source["name"], PII_ACTIONS.get(pii.get("action"), value(pii.get("action"))),
+                     value(pii.get("rows", 0)), value(found) if found else "none found"))
+    anything = any((source.get("pii") or {}).get("found") for source in report["data_sources"])
+    lead = Para("PII found by clean's patterns, counted by kind (the values themselves are never stored)."
+                if anything else "PII: none found in any data source.")
+    return [lead, Table(("Source", "Action", "Rows affected", "Found by kind"), rows, numeric=(2,))]
+
+
+PROJECT_FILES = {"params_sha256": "params.yaml SHA-256", "dvc_lock_sha256": "dvc.lock SHA-256",
+                 "compliance_conclusion_sha256": "compliance conclusion SHA-256"}
+
+
+def stages_section(report: dict) -> list:
+    project = report.get("project") or {}
+    hashes = [(PROJECT_FILES.get(key, key), value(item)) for key, item in project.items() if key.endswith("_sha256")]
+    rows = [(stage["name"], Code(command(stage["cmd"])), lock_files(stage["deps"]), lock_files(stage["outs"]),
+             joined([f"{key} = {item}" for key, item in stage["params"].items()], BR) or "—",
+             provenance(stage["provenance"]),
+             Code(stage["mlflow_run_id"]) if stage["mlflow_run_id"] else "not logged to MLflow")
+            for stage in report["stages"]]
+    return [Fields(hashes), Table(("Stage", "Command", "Deps", "Outs", "Params", "Provenance", "MLflow run"), rows)]
+
+
+def command(cmd: str | list | None) -> str:
+    return " && ".join(cmd) if isinstance(cmd, list) else str(cmd)   # dvc.yaml may list several commands
+
+
+def lock_files(files: list) -> Inline:
+    def one(entry: dict) -> tuple:
+        count = f", {entry['nfiles']:,} files" if entry.get("nfiles") is not None else ""
+        return Code(entry["path"]), BR, "md5 ", value(entry.get("md5")), BR, size(entry.get("size")) + count
+    return joined([one(entry) for entry in files], BR) or "—"
+
+
+def provenance(record: dict) -> Inline:
+    sha = ("SHA-256 ", Hash(record["sha256"])) if record.get("sha256") else "no provenance.json"
+    return Code(record["file"]), BR, f"created {record.get('created_at') or '—'}", BR, sha
+
+
+ENVIRONMENT = {"python": "Python", "platform": "Platform", "machine": "Machine", "processor": "CPU",
+               "cpu_count": "CPU cores", "torch_cuda": "CUDA (torch)", "gpu": "GPU"}
+
+
+def training(report: dict) -> list:
+    section = report["training"]
+    env = dict(section.get("environment") or {})
+    packages = env.pop("packages", {})
+    env.setdefault("gpu", None)
+    env_fields = [(ENVIRONMENT.get(key, key), value(item) if item is not None else "none") for key, item in env.items()]
+    return [Heading("Parameters"),
+            Table(("Parameter", "Value"), [(key, value(item, exact=True)) for key, item in section["params"].items()]),
+            Heading("Metrics"),
+            Table(("Metric", "Value"), [(key, value(item)) for key, item in section["metrics"].items()]),
+            Heading("Environment"), Fields(env_fields),
+            Table(("Package", "Version"), [(name, version) for name, version in packages.items()])]
+
+
+EVAL_METRICS = {"loss": ("Loss", -1), "perplexity": ("Perplexity", -1), "rougeL": ("ROUGE-L", 1),
+                "mean_answer_words": ("Mean answer words", 0)}   # key -> (label, +1 higher is better / -1 lower)
+
+
+def evaluation(report: dict) -> list:
+    ev = report["evaluation"]
+    base, tuned = ev["base"], ev["tuned"]
+    keys = dict.fromkeys([*(key for key in EVAL_METRICS if key in base or key in tuned), *base, *tuned])
+    rows = [metric_row(key, base.get(key), tuned.get(key)) for key in keys]
+    blocks = [Fields([("Test examples", value(ev["test_examples"]))]),
+              Table(("Metric", "Base", "Tuned", "Change (tuned − base)"), rows, numeric=(1, 2, 3)),
+              Chart(comparison_chart(base, tuned), "Base vs tuned model on the test split."),
+              Fields([("Merged model validation loss", value(ev["merged_validation_loss"])),
+                      ("Merge gap vs adapter", value(ev["merge_gap_vs_adapter"]))]),
+              Heading("GGUF files")]
+    gguf = ev.get("gguf") or {}
+    if not gguf:
+        return blocks + [Para("none: no GGUF file was produced")]
+    table = Table(("Type", "Validation loss", "Loss gap vs merged", "Tokenizer mismatches"),
+                  [(name, value(entry["validation_loss"]), value(entry["loss_gap"]),
+                    Mark("warn", f"{entry['tokenizer_mismatches']:,}") if entry["tokenizer_mismatches"]
+                    else value(entry["tokenizer_mismatches"])) for name, entry in gguf.items()], numeric=(1, 2, 3))
+    return blocks + [table, Chart(gguf_gap_chart(gguf), "Validation loss gap of each GGUF file vs the merged model.")]
+
+
+def metric_row(key: str, base: Any, tuned: Any) -> tuple:
+    label, better = EVAL_METRICS.get(key, (key, 0))
+    if not isinstance(base, (int, float)) or not isinstance(tuned, (int, float)):
+        return label, value(base), value(tuned), "—"
+    change = tuned - base
+    verdict_word = "" if not better or not change else (" (better)" if change * better > 0 else " (worse)")
+    return label, value(base), value(tuned), f"{change:+.4g}{verdict_word}"
+
+
+ARTIFACT_KEYS = ("name", "kind", "stage", "folder", "release_folder", "files")
+
+
+def artifacts(report: dict) -> list:
+    blocks: list = []
+    for artifact in report["artifacts"]:
+        extra = [(key.replace("_", " ").capitalize(), value(item)) for key, item in artifact.items()
+                 if key not in ARTIFACT_KEYS]
+        blocks += [Heading(artifact["name"]),
+                   Fields([("Kind", artifact["kind"]), ("Stage", artifact["stage"]),
+                           ("Folder", Code(artifact["folder"])), ("Release folder", Code(artifact["release_folder"])),
+                           *extra]),
+                   Table(("File", "Size", "SHA-256"), [(Code(file["path"]), size(file["bytes"]), Hash(file["sha256"]))
+                                                       for file in artifact["files"]], numeric=(1,))]
+    return blocks or [Para("none")]
+
+
+def verification(report: dict) -> list:
+    release = report["release"]
+    manifest = release["manifest"]
+    return [Items([("From the project root, with the git commit above checked out, run ",
+                    Code(release["verify_command"]), ": it checks the release against the files on disk, dvc.lock "
+                    "and each stage's own records."),
+                   ("Check every released file's SHA-256 with ", Code(f"sha256sum -c {shlex.quote(manifest)}"),
+                    ", also from the project root (the manifest's paths are relative to it)."),
+                   ("The bill of materials (CycloneDX ML-BOM) is ", Code(release["sbom"]), "; the machine-readable "
+                    "report is ", Code(release["report_json"]), ", rendered as ", Code(release["report_markdown"]),
+                    " and ", Code(release["report_html"]), ".")], ordered=True),
+            Commands([release["verify_command"], f"sha256sum -c {shlex.quote(manifest)}"])]
+
+
+SECTIONS: list[tuple[str, str, Callable[[dict], list]]] = [
+    ("summary", "Summary", summary), ("license", "License", license_section), ("base-model", "Base model", base_model),
+    ("data-sources", "Data sources", data_sources), ("pii", "PII", pii_section), ("stages", "Stages", stages_section),
+    ("training", "Training", training), ("evaluation", "Evaluation", evaluation),
+    ("artifacts", "Artifacts", artifacts), ("verification", "Verification", verification)]
+
+
+def build_sections(report: dict) -> list[Section]:
+    return [Section(section_id, title, build(report)) for section_id, title, build in SECTIONS]
+
+
+# --- Markdown (GitHub-flavoured) ------------------------------------------------------------------------------
+
+MD_SPECIAL = re.compile(r"([\\`*\[\]<>|#~&])")   # what could open markup or end a table cell
+NEWLINE = re.compile(r"\r\n|\r|\n")
+SIGNOFF_TEXT = ("I have reviewed this report, the licenses and obligations it lists and the evidence it points to, "
+                "and decide on the release of the artifacts it lists for the intended use stated above.")
+DECISION = "Decision: ☐ approved   ☐ approved with conditions   ☐ rejected"
+SIGNOFF_LINES = ("Name", "Date", "Signature", "Conditions / comments")
+
+
+def md_text(text: str) -> str:
+    return NEWLINE.sub("<br>", MD_SPECIAL.sub(r"\\\1", text))
+
+
+def md_code(text: str, cell: bool) -> str:
+    """A code span that survives any content: a fence longer than its backtick runs; in a table, \\| (GFM
+    splits cells before it parses code spans)."""
+    text = " ".join(NEWLINE.split(text))
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
+    return f"{fence}{pad}{text.replace('|', chr(92) + '|') if cell else text}{pad}{fence}" if text else ""
+
+
+def md(item: Inline, cell: bool = False) -> str:
+    match item:
+        case str():
+            return md_text(item)
+        case Code(text) | Hash(text):
+            return md_code(text, cell)
+        case Link(text, url) if SAFE_URL.fullmatch(url):
+            return f"[{md_text(text)}]({url.replace('|', '%7C').replace('(', '%28').replace(')', '%29')})"
+        case Link(text, url):
+            return md_text(text if text == url else f"{text} ({url})")
+        case Mark(kind, text):
+            return f"**{SYMBOLS[kind]} {md_text(text)}**"
+        case tuple():
+            return "".join(md(part, cell) for part in item)
+    raise TypeError(f"not an inline value: {item!r}")
+
+
+def md_line_start(text: str) -> str:
+    """User text opening a list item must not open a nested list or heading ("- x", "1. x")."""
+    return re.sub(r"^(\d+)([.)])", r"\1\\\2", re.sub(r"^([-+=])", r"\\\1", text))
+
+
+def md_block(block: Any) -> list[str]:
+    match block:
+        case Fields(rows):
+            return [f"- **{md_text(label)}:** {md(item)}" for label, item in rows]
+        case Table(headers, rows, numeric):
+            align = ["---:" if i in numeric else "---" for i in range(len(headers))]
+            return [f"| {' | '.join(headers)} |", f"| {' | '.join(align)} |",
+                    *(f"| {' | '.join(md(cell, cell=True) for cell in row)} |" for row in rows)]
+        case Para(text, warning):
+            return [f"> **⚠ Warning:** {md(text)}" if warning else md_line_start(md(text))]
+        case Items(items, ordered):
+            return [f"{f'{i}.' if ordered else '-'} {md_line_start(md(item))}" for i, item in enumerate(items, 1)]
+        case Heading(text):
+            return [f"### {md(text)}"]
+        case Commands(lines):
+            fence = "`" * max([3, *(len(run) + 1 for line in lines for run in re.findall("`+", line))])
+            return [f"{fence}sh", *(" ".join(NEWLINE.split(line)) for line in lines), fence]
+        case Chart():
+            return []
+        case SignOff():
+            return ["### Reviewer sign-off", "", SIGNOFF_TEXT, "", DECISION, "",
+                    *(f"- {line}: {'_' * 40}" for line in SIGNOFF_LINES)]
+    raise TypeError(f"not a block: {block!r}")
+
+
+def render_markdown(report: dict) -> str:
+    """The report as GitHub-flavoured Markdown: the HTML's sections and tables, without the charts."""
+    sections = build_sections(report)
+    lines = [f"# {md_text(report['title'])}", "", f"Compliance report created {md_text(report['created_at'])}; "
+             f"{md_code(report['release']['report_json'], False)} is the authoritative record.", "",
+             *(f"{i}. [{section.title}](#{section.id})" for i, section in enumerate(sections, 1)), ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            rendered = md_block(block)
+            lines += [*rendered, ""] if rendered else []
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --- HTML: one page, nothing fetched -----------------------------------------------------------------------------
+
+# Defence in depth under the escaping: even injected markup could run no script and fetch nothing.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+
+def esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def h(item: Inline) -> str:
+    match item:
+        case str():
+            return esc(item).replace("\n", "<br>")
+        case Code(text):
+            return f"<code>{esc(text)}</code>"
+        case Hash(text):
+            return f'<code class="hash" title="{esc(text)}">{esc(text)}</code>'
+        case Link(text, url) if SAFE_URL.fullmatch(url):
+            shown = ' class="url"' if text == url else ""   # print adds no second copy of a shown URL
+            return f'<a{shown} href="{esc(url)}">{esc(text)}</a>'
+        case Link(text, url):
+            return esc(text if text == url else f"{text} ({url})")
+        case Mark(kind, text):
+            return f'<span class="mark {kind}">{SYMBOLS[kind]} {esc(text)}</span>'
+        case tuple():
+            return "".join(map(h, item))
+    raise TypeError(f"not an inline value: {item!r}")
+
+
+def h_table(headers: tuple, rows: list, numeric: tuple) -> str:
+    num = [' class="num"' if i in numeric else "" for i in range(len(headers))]
+    head = "".join(f'<th scope="col"{num[i]}>{esc(header)}</th>' for i, header in enumerate(headers))
+    body = "".join("<tr>" + "".join(f"<td{num[i]}>{h(item)}</td>" for i, item in enumerate(row)) + "</tr>\n"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody></table>"
+
+
+def h_block(block: Any) -> str:
+    match block:
+        case Fields(rows):
+            body = "".join(f'<tr><th scope="row">{esc(label)}</th><td>{h(item)}</td></tr>\n' for label, item in rows)
+            return f'<table class="fields"><tbody>{body}</tbody></table>' if rows else ""
+        case Table(headers, rows, numeric):
+            return h_table(headers, rows, numeric)
+        case Para(text, warning):
+            return f'<p class="warning" role="note"><strong>⚠ Warning:</strong> {h(text)}</p>' if warning \
+                else f"<p>{h(text)}</p>"
+        case Items(items, ordered):
+            tag = "ol" if ordered else "ul"
+            return f"<{tag}>{''.join(f'<li>{h(item)}</li>' for item in items)}</{tag}>"
+        case Heading(text):
+            return f"<h3>{h(text)}</h3>"
+        case Commands(lines):
+            return f"<pre><code>{esc(chr(10).join(lines))}</code></pre>"
+        case Chart(svg, caption):
+            return f"<figure>{svg}<figcaption>{esc(caption)}</figcaption></figure>"
+        case SignOff():
+            lines = "".join(f'<tr><th scope="row">{esc(line)}</th><td></td></tr>' for line in SIGNOFF_LINES)
+            return (f'<div class="signoff"><h3>Reviewer sign-off</h3><p>{esc(SIGNOFF_TEXT)}</p><p>{esc(DECISION)}</p>'
+                    f"<table>{lines}</table></div>")
+    raise TypeError(f"not a block: {block!r}")
+
+
+def render_html(report: dict) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG; no script, nothing fetched)."""
+    sections = build_sections(report)
+    toc = "".join(f'<li><a href="#{section.id}">{esc(section.title)}</a></li>' for section in sections)
+    body = "\n".join(f'<section id="{section.id}">\n<h2>{esc(section.title)}</h2>\n'
+                     + "\n".join(filter(None, map(h_block, section.blocks))) + "\n</section>" for section in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{esc(report['title'])} — compliance report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f'<header><p class="kicker">Compliance report</p><h1>{esc(report["title"])}</h1>'
+            f"<p>Created {esc(report['created_at'])} · {h(verdict(report['compliance']))}</p></header>\n"
+            f'<nav aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>\n<main>\n{body}\n</main>\n'
+            f"<footer>Rendered by ftpipe.report_render from {esc(report['release']['report_json'])}, the authoritative "
+            f"record; check it with {esc(report['release']['verify_command'])}.</footer>\n</body>\n</html>\n")

@@ -1,0 +1,118 @@
+"""Stage `compliance`: the license gate, before any training.
+
+    python -m stages.compliance
+
+Reads what params.yaml declares (compliance.*: the intended use, the license policy, and the base model's and
+every data source's origin, license, creators, personal data and intended-use notes), the data ingest
+materialized (data/raw/provenance.json) and the base model's record (models/base/provenance.json). It
+concludes the fine-tuned model's license obligations from its inputs (ftpipe/licenses.py) and fails, naming
+every source, its license and the rule, when the intended use or the policy forbids the result. For the
+embedded default base model it also checks the declared license against the package's own metadata.
+
+Writes data/compliance/:
+- conclusion.json: the conclusion (concluded license, obligations, verdict), the declarations and the
+  hashes of the inputs they describe; the report stage and the model cards read it.
+- gate.json: what train depends on: the verdict and the content hashes checked, and no license text, so
+  that a declaration change that still passes reruns only this stage and the report, never training.
+A failing gate publishes nothing (train cannot run) and logs its conclusion to MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.errors import run_stage
+from ftpipe.io import atomic_dir, read_json, write_json
+from ftpipe.licenses import (LicenseDeclaration, LicenseError, LicensePolicy, conclude_licenses, enforce_license_gate,
+                             resolve_license_id)
+from ftpipe.params import ComplianceParams, Params, flatten, load_params
+from ftpipe.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR, metrics_file
+from ftpipe.provenance import stage_record
+from ftpipe.tracking import stage_run
+
+CONCLUSION_FILE = "conclusion.json"
+GATE_FILE = "gate.json"
+
+
+def check_embedded_base(params: ComplianceParams, base_record: dict[str, Any]) -> None:
+    """The embedded default's declared id and license must be what its package says (a typo here would put a
+    wrong license on every card)."""
+    source = base_record.get("source", {})
+    if source.get("kind") != "pypi-package":
+        return
+    declared, packaged = params.base_model.license or "", source.get("declared_license") or ""
+    where = f"package {source['package']} {source['version']}"
+    if (resolve_license_id(declared) or declared) != (resolve_license_id(packaged) or packaged):
+        raise LicenseError(f"params.yaml compliance.base_model.license is {declared!r}, but the {where} declares "
+                           f"{packaged!r} in its metadata. Set compliance.base_model.license: {packaged}.")
+    if params.base_model.id != source.get("model_id"):
+        raise LicenseError(f"params.yaml compliance.base_model.id is {params.base_model.id!r}, but the {where} holds "
+                           f"{source.get('model_id')!r}. Set compliance.base_model.id: {source.get('model_id')}.")
+
+
+def conclude(params: ComplianceParams, raw_record: dict[str, Any], base_record: dict[str, Any]) -> dict[str, Any]:
+    """The conclusion.json content: verdict and obligations, declarations, and the inputs' hashes. Raises
+    LicenseError for a missing or unparseable license or a mismatch with the embedded model's package."""
+    check_embedded_base(params, base_record)
+    policy = LicensePolicy(params.intended_use, params.allowed_licenses, params.denied_licenses,
+                           params.unknown_blocks)
+    conclusion = conclude_licenses(LicenseDeclaration(params.base_model.id, params.base_model.license),
+                                   [LicenseDeclaration(s.name, s.license) for s in params.sources], policy)
+    ingested = {source["name"]: source for source in raw_record["sources"]}
+    return {
+        "conclusion": conclusion,
+        "declarations": {"base_model": dataclasses.asdict(params.base_model),
+                         "sources": [dataclasses.asdict(source) for source in params.sources]},
+        "inputs": {"base_model": {"digest": base_record["digest"], "source": base_record.get("source", {})},
+                   "sources": {name: {"sha256": ingested[name]["sha256"], "rows": ingested[name]["rows"]}
+                               for name in (s.name for s in params.sources) if name in ingested}},
+    }
+
+
+def gate_record(result: dict[str, Any]) -> dict[str, Any]:
+    """What train depends on: stable under a license change that still passes."""
+    return {"verdict": result["conclusion"]["verdict"], "base_model_digest": result["inputs"]["base_model"]["digest"],
+            "sources_sha256": {name: entry["sha256"] for name, entry in result["inputs"]["sources"].items()}}
+
+
+def summary_metrics(conclusion: dict[str, Any]) -> dict[str, Any]:
+    return {"passed": conclusion["verdict"] == "pass", "commercial_use_allowed": conclusion["commercial_use_allowed"],
+            "concluded_license": conclusion["concluded_license"], "violations": len(conclusion["violations"]),
+            "unknown_licenses": len(conclusion["unknown_licenses"]),
+            "non_commercial_sources": len(conclusion["non_commercial_sources"]),
+            "share_alike_sources": len(conclusion["share_alike"])}
+
+
+def tracked_params(params: Params) -> dict:
+    """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
+    return flatten(params.compliance, "compliance")
+
+
+def main() -> None:
+    params = load_params()
+    stage_params = tracked_params(params)
+    raw_record, base_record = read_json(RAW_DIR / PROVENANCE_FILE), read_json(BASE_DIR / PROVENANCE_FILE)
+    with stage_run("compliance", stage_params) as tracker:
+        result = conclude(params.compliance, raw_record, base_record)
+        conclusion = result["conclusion"]
+        tracker.log_dict(result, f"compliance/{CONCLUSION_FILE}")   # kept for a failed gate too
+        tracker.set_tags({"license.concluded": conclusion["concluded_license"], "license.verdict": conclusion["verdict"],
+                          "license.intended_use": params.compliance.intended_use})
+        enforce_license_gate(conclusion)
+        with atomic_dir(COMPLIANCE_DIR) as out_dir:
+            write_json(out_dir / CONCLUSION_FILE, result)
+            write_json(out_dir / GATE_FILE, gate_record(result))
+            write_json(out_dir / PROVENANCE_FILE, stage_record("compliance", stage_params, mlflow=tracker.reference()))
+        metrics = summary_metrics(conclusion)
+        write_json(metrics_file("compliance"), metrics)
+        tracker.log_metrics(metrics)
+    print(f"compliance: {conclusion['concluded_license']} for intended use {params.compliance.intended_use!r}: "
+          f"pass ({'commercial use allowed' if conclusion['commercial_use_allowed'] else 'NOT for commercial use'}"
+          f"{', ' + str(len(conclusion['unknown_licenses'])) + ' unknown license(s) flagged' if conclusion['unknown_licenses'] else ''})"
+          f" -> {Path(COMPLIANCE_DIR)}/")
+
+
+if __name__ == "__main__":
+    run_stage(main)

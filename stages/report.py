@@ -1,0 +1,250 @@
+"""Stage `report`: the compliance report a reviewer signs, the bill of materials and the model cards, in
+models/release/. The last stage of the DAG (record, which only closes the MLflow run, comes after it).
+
+    python -m stages.report
+
+It collects (collect_report) every data source with its declaration, hash, rows kept and rejected by clean
+(with the reasons) and PII findings; every stage with its dvc.lock input and output hashes, params,
+provenance.json and MLflow run; the training params and environment; the evaluation; and every produced
+artifact (adapter, merged model, each GGUF) with its SHA-256. Then it writes models/release/:
+
+    report.json, report.md, report.html   the report, for machines and for humans
+    sbom.cdx.json                         CycloneDX 1.6 ML-BOM, validated against its schema before writing
+    adapter/, merged/, gguf-<type>/       each artifact's files (hard links: no extra disk) and its model
+                                          card README.md with the concluded license: a folder to publish
+    MANIFEST.sha256                       every file above and every artifact, `sha256sum -c` format
+
+`python -m ftpipe.verify` checks the release against the disk, dvc.lock and the stages' own records.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.errors import PipelineError, run_stage
+from ftpipe.io import atomic_dir, atomic_write_text, read_json, sha256_file, write_json
+from ftpipe.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
+from ftpipe.model_card import CARD_FILE, model_card
+from ftpipe.params import Params, load_params
+from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CLEAN_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE,
+                          PROVENANCE_FILE, RAW_DIR, RELEASE_DIR, STAGE_OUTPUTS, metrics_file)
+from ftpipe.provenance import git_state, stage_record, utc_now
+from ftpipe.report_render import render_html, render_markdown
+from ftpipe.sbom import SBOM_FILE, build_sbom, validate_sbom
+from ftpipe.tracking import stage_run
+
+REPORT_VERSION = 1
+DVC_LOCK = Path("dvc.lock")
+MANIFEST_FILE = "MANIFEST.sha256"
+REPORT_FILES = {"report_json": "report.json", "report_markdown": "report.md", "report_html": "report.html"}
+VERIFY_COMMAND = "python -m ftpipe.verify"
+UI_COMMAND = ".venv/bin/python -m ftpipe.mlflow_ui"
+# PEFT writes a placeholder card ("License: [More Information Needed]") into the adapter folder; the
+# release folder carries ours instead.
+NOT_RELEASED = {ADAPTER_DIR / CARD_FILE}
+
+
+# --- collecting ------------------------------------------------------------------------------------------
+
+def collect_report(mlflow: dict[str, Any]) -> dict[str, Any]:
+    """The report.json content, from the files the stages wrote (paths relative to the project root). It reads
+    no params.yaml key: each value comes from the record of the stage that used it (the training params from
+    the adapter's provenance.json), so the report says what was done, not what params.yaml says now."""
+    compliance = read_json(COMPLIANCE_DIR / "conclusion.json")
+    base_record = read_json(BASE_DIR / PROVENANCE_FILE)
+    git = git_state()
+    base_id = compliance["declarations"]["base_model"]["id"]
+    return {
+        "report_version": REPORT_VERSION,
+        "created_at": utc_now(),
+        "title": f"Fine-tuned {base_id} (QLoRA, ftpipe)",
+        "project": {"git_commit": git["commit"], "git_dirty": git["dirty"],
+                    "params_sha256": sha256_file(PARAMS_FILE), "dvc_lock_sha256": sha256_file(DVC_LOCK),
+                    "compliance_conclusion_sha256": sha256_file(COMPLIANCE_DIR / "conclusion.json")},
+        "mlflow": mlflow_section(mlflow),
+        "compliance": compliance["conclusion"],
+        "base_model": {**compliance["declarations"]["base_model"], "observed": base_record.get("source", {}),
+                       **{key: base_record.get(key) for key in ("digest", "architecture", "parameters", "dtype")}},
+        "data_sources": data_sources(compliance["declarations"]["sources"]),
+        "splits": read_json(CLEAN_DIR / "summary.json")["kept"],
+        "stages": stages_from_lock(),
+        "training": training_section(),
+        "evaluation": evaluation_section(),
+        "artifacts": artifacts_section(),
+        "release": {"folder": RELEASE_DIR.as_posix(),
+                    **{key: (RELEASE_DIR / name).as_posix() for key, name in REPORT_FILES.items()},
+                    "sbom": (RELEASE_DIR / SBOM_FILE).as_posix(), "manifest": (RELEASE_DIR / MANIFEST_FILE).as_posix(),
+                    "verify_command": VERIFY_COMMAND},
+    }
+
+
+def mlflow_section(reference: dict[str, Any]) -> dict[str, Any]:
+    experiment, pipeline_run = reference.get("experiment_id"), reference.get("pipeline_run_id")
+    return {"tracking_uri": reference.get("tracking_uri"), "experiment_id": experiment,
+            "pipeline_run_id": pipeline_run, "report_run_id": reference.get("run_id"),
+            "ui_url": (f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/#/experiments/{experiment}/runs/{pipeline_run}"
+                       if experiment and pipeline_run else None),
+            "ui_command": UI_COMMAND}
+
+
+def data_sources(declarations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each declared source with what ingest read and what clean kept, rejected and redacted."""
+    ingested = {source["name"]: source for source in read_json(RAW_DIR / PROVENANCE_FILE)["sources"]}
+    cleaned = read_json(CLEAN_DIR / "summary.json")["sources"]
+    sources = []
+    for declared in declarations:
+        name = declared["name"]
+        if name not in ingested or name not in cleaned:
+            raise PipelineError(f"compliance.sources declares {name!r}, but {RAW_DIR}/ or {CLEAN_DIR}/ has no such "
+                                f"source: run `dvc repro` so that every stage sees the same params.yaml")
+        raw, clean = ingested[name], cleaned[name]
+        rejected = clean.get("rejected", {})
+        sources.append({**declared, "observed_origin": raw["origin"], "file": (RAW_DIR / raw["file"]).as_posix(),
+                        "sha256": raw["sha256"], "retrieved_at": raw["retrieved_at"], "rows_in": clean["rows_in"],
+                        "rows_kept": clean["kept"], "rows_rejected": sum(rejected.values()),
+                        "rejected_by_reason": rejected, "repaired": clean.get("repaired", {}),
+                        "formats": clean.get("formats", {}), "pii": clean.get("pii", {})})
+    return sources
+
+
+def stages_from_lock() -> list[dict[str, Any]]:
+    """Every stage that ran before this one, in dvc.lock's order: its command, input and output hashes as DVC
+    recorded them, its params, its provenance.json and its MLflow run."""
+    if not DVC_LOCK.exists():
+        raise PipelineError(f"{DVC_LOCK}: not found. Run the pipeline with `dvc repro` (it writes dvc.lock).")
+    lock = yaml.safe_load(DVC_LOCK.read_text(encoding="utf-8"))["stages"]
+    stages = []
+    for name, output_dir in STAGE_OUTPUTS.items():
+        if name == "report" or name not in lock:
+            continue
+        entry, provenance_path = lock[name], output_dir / PROVENANCE_FILE
+        provenance = read_json(provenance_path) if provenance_path.exists() else {}
+        stages.append({
+            "name": name, "cmd": entry.get("cmd"),
+            "deps": [_lock_file(item) for item in entry.get("deps", [])],
+            "outs": [_lock_file(item) for item in entry.get("outs", [])],
+            "params": entry.get("params", {}).get(str(PARAMS_FILE), {}),
+            "provenance": {"file": provenance_path.as_posix(), "created_at": provenance.get("created_at"),
+                           "git_commit": provenance.get("git", {}).get("commit"), "digest": provenance.get("digest"),
+                           "sha256": sha256_file(provenance_path) if provenance_path.exists() else None},
+            "mlflow_run_id": (provenance.get("mlflow") or {}).get("run_id"),
+        })
+    return stages
+
+
+def _lock_file(item: dict[str, Any]) -> dict[str, Any]:
+    return {key: item[key] for key in ("path", "md5", "size", "nfiles") if key in item}
+
+
+def training_section() -> dict[str, Any]:
+    trained = read_json(ADAPTER_DIR / PROVENANCE_FILE)
+    return {"params": trained["params"], "metrics": read_json(metrics_file("train")),
+            "environment": trained.get("environment", {})}   # where training ran: a GPU machine's, if there
+
+
+def evaluation_section() -> dict[str, Any]:
+    evaluation, merge = read_json(metrics_file("evaluate")), read_json(metrics_file("merge"))
+    gguf = read_json(metrics_file("quantize"))["files"]
+    return {"test_examples": evaluation["examples"], "base": evaluation["base"], "tuned": evaluation["tuned"],
+            "merged_validation_loss": merge["validation_loss"]["merged"],
+            "merge_gap_vs_adapter": merge["gap_vs_adapter"],
+            "gguf": {gguf_type: {key: entry[key] for key in ("validation_loss", "loss_gap", "tokenizer_mismatches")}
+                     for gguf_type, entry in gguf.items()}}
+
+
+def artifacts_section() -> list[dict[str, Any]]:
+    """Every produced artifact and its files, hashed now: what the release ships and the cards list."""
+    def files(paths: list[Path]) -> list[dict[str, Any]]:
+        return [{"path": path.as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                for path in paths]
+
+    def folder(path: Path) -> list[Path]:
+        return sorted(p for p in path.iterdir() if p.is_file() and p not in NOT_RELEASED)
+
+    artifacts = [
+        {"name": "adapter", "kind": "lora-adapter", "stage": "train", "folder": ADAPTER_DIR.as_posix(),
+         "release_folder": (RELEASE_DIR / "adapter").as_posix(), "files": files(folder(ADAPTER_DIR))},
+        {"name": "merged", "kind": "merged-model", "stage": "merge", "folder": MERGED_DIR.as_posix(),
+         "release_folder": (RELEASE_DIR / "merged").as_posix(),
+         "dtype": read_json(MERGED_DIR / PROVENANCE_FILE)["merged_into"]["dtype"],
+         "files": files(folder(MERGED_DIR))},
+    ]
+    for gguf_type, entry in read_json(metrics_file("quantize"))["files"].items():
+        artifacts.append({"name": f"gguf-{gguf_type}", "kind": "gguf", "stage": "quantize",
+                          "folder": GGUF_DIR.as_posix(), "release_folder": (RELEASE_DIR / f"gguf-{gguf_type}").as_posix(),
+                          "gguf_type": gguf_type, "files": files([GGUF_DIR / entry["file"]])})
+    return artifacts
+
+
+# --- writing the release -----------------------------------------------------------------------------------
+
+def write_release(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Fill `out_dir` (the temporary RELEASE_DIR) with the report, BOM, cards and artifact folders; return the
+    manifest: SHA-256 by project-relative path, the artifacts and every file written."""
+    sbom = build_sbom(report)
+    validate_sbom(sbom)   # a BOM that does not validate is a bug here: never publish it
+    manifest = {file["path"]: file["sha256"] for artifact in report["artifacts"] for file in artifact["files"]}
+    for artifact in report["artifacts"]:
+        folder = out_dir / Path(artifact["release_folder"]).relative_to(RELEASE_DIR)
+        folder.mkdir()
+        for file in artifact["files"]:
+            target = folder / Path(file["path"]).name
+            link_or_copy(Path(file["path"]), target)
+            manifest[_final(target, out_dir)] = file["sha256"]
+        atomic_write_text(folder / CARD_FILE, model_card(report, artifact["name"]))
+    write_json(out_dir / REPORT_FILES["report_json"], report)
+    atomic_write_text(out_dir / REPORT_FILES["report_markdown"], render_markdown(report))
+    atomic_write_text(out_dir / REPORT_FILES["report_html"], render_html(report))
+    write_json(out_dir / SBOM_FILE, sbom)
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_file() and _final(path, out_dir) not in manifest:
+            manifest[_final(path, out_dir)] = sha256_file(path)
+    atomic_write_text(out_dir / MANIFEST_FILE, "".join(f"{digest}  {path}\n" for path, digest in sorted(manifest.items())))
+    return manifest
+
+
+def _final(path: Path, out_dir: Path) -> str:
+    """Where a file written into the temporary folder will be once it is renamed into place."""
+    return (RELEASE_DIR / path.relative_to(out_dir)).as_posix()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link costs no disk (weights are hundreds of MiB); a copy where links are impossible."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def tracked_params(params: Params) -> dict:
+    """None: see collect_report (dvc.yaml lists no params for this stage; tests/test_dvc_yaml.py checks)."""
+    return {}
+
+
+def main() -> None:
+    stage_params = tracked_params(load_params())   # a broken params.yaml fails here with its usual message
+    with stage_run("report", stage_params) as tracker:
+        report = collect_report(tracker.reference())
+        with atomic_dir(RELEASE_DIR) as out_dir:
+            write_json(out_dir / PROVENANCE_FILE, stage_record("report", stage_params, mlflow=tracker.reference()))
+            manifest = write_release(report, out_dir)
+        metrics = {"artifacts": len(report["artifacts"]), "files": len(manifest),
+                   "data_sources": len(report["data_sources"]),
+                   "commercial_use_allowed": report["compliance"]["commercial_use_allowed"],
+                   "concluded_license": report["compliance"]["concluded_license"]}
+        write_json(metrics_file("report"), metrics)
+        tracker.log_metrics(metrics)
+        for name in (*REPORT_FILES.values(), SBOM_FILE, MANIFEST_FILE):
+            tracker.log_artifact(RELEASE_DIR / name, "release")
+    print(f"report: {report['compliance']['concluded_license']}, {len(report['artifacts'])} artifacts, "
+          f"{len(manifest)} files hashed -> {RELEASE_DIR}/ (open {RELEASE_DIR}/report.html; check with "
+          f"`{VERIFY_COMMAND}`)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

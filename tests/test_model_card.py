@@ -1,0 +1,217 @@
+"""ftpipe.model_card: each released artifact's README.md states the concluded license, not a fixed one. Pure, fast."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.model_card import CARD_FILE, model_card
+
+EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
+HOSTILE_NAME = "evil | name\n---\nlicense: mit\n# Heading"
+HOSTILE_CREATOR = "Mallory: {a: [b]} # not a comment | x\n| injected | row |"
+HOSTILE_BASE_ID = "org/model\n---\nlicense: apache-2.0 # '\"|"
+
+
+@pytest.fixture
+def report() -> dict:
+    return json.loads(EXAMPLE.read_text())
+
+
+def split_card(card: str) -> tuple[dict, str]:
+    """The front matter (parsed) and the Markdown body, split the way the Hub splits them."""
+    assert card.startswith("---\n")
+    front, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
+def section(body: str, heading: str) -> str:
+    """The text of one `## ` section, up to the next one."""
+    start = body.index(f"\n## {heading}\n")
+    end = body.find("\n## ", start + 1)
+    return body[start:end if end != -1 else None]
+
+
+def table_rows(body: str) -> list[str]:
+    return [line for line in body.splitlines() if line.startswith("|")]
+
+
+def unescaped_pipes(line: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def commercial_report(report: dict) -> dict:
+    """Only Apache-2.0 inputs, intended for commercial use: the gate concluded plain Apache-2.0."""
+    report = copy.deepcopy(report)
+    source = report["data_sources"][0]
+    source.update(license="Apache-2.0", license_url="https://www.apache.org/licenses/LICENSE-2.0")
+    report["data_sources"] = [source]
+    compliance = report["compliance"]
+    compliance["policy"]["intended_use"] = "commercial"
+    compliance.update(concluded_license="Apache-2.0", commercial_use_allowed=True, share_alike=[],
+                      non_commercial_sources=[], unknown_licenses=[], notes=[],
+                      inputs=[compliance["inputs"][0], {"role": "data source", "name": source["name"],
+                                                        "declared": "Apache-2.0", "chosen": "Apache-2.0"}],
+                      attribution=[compliance["attribution"][0],
+                                   {"source": source["name"], "license": "Apache-2.0", "notice": "keep notices"}])
+    return report
+
+
+def test_card_file_is_the_hub_readme():
+    assert CARD_FILE == "README.md"
+
+
+def test_research_report_card_is_non_commercial_with_other_license(report):
+    meta, body = split_card(model_card(report, "merged"))
+    assert meta["license"] == "other"
+    assert meta["license_name"] == "apache-2.0-and-cc-by-nc-4.0-and-cc-by-sa-4.0-and-psf-2.0"
+    assert meta["license_link"] == "#license"
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["base_model_relation"] == "finetune" and meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert {"ftpipe", "qlora", "lora", "non-commercial"} <= set(meta["tags"])
+    license_text = section(body, "License")
+    assert "Apache-2.0 AND CC-BY-NC-4.0 AND CC-BY-SA-4.0 AND PSF-2.0" in license_text
+    assert "**Commercial use: not allowed**, because of: lab_notes (CC-BY-NC-4.0, non-commercial)." in license_text
+    assert "**Commercial use: allowed**" not in body
+    assert "**research**" in license_text
+
+
+def test_license_section_lists_every_obligation(report):
+    license_text = section(split_card(model_card(report, "merged"))[1], "License")
+    share_alike = license_text.split("### Share-alike and copyleft obligations")[1].split("###")[0]
+    assert "forum_answers (CC-BY-SA-4.0, share-alike): the model and any adaptation of it must be shared" in share_alike
+    for entry in report["compliance"]["attribution"]:
+        assert f"- {entry['source']} ({entry['license']}): {entry['notice']}" in license_text
+    for note in report["compliance"]["notes"]:
+        assert f"- {note}" in license_text
+    base_terms = license_text.split("### Base model terms carried through")[1].split("###")[0]
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct: Apache-2.0 (https://www.apache.org/licenses/LICENSE-2.0)" in base_terms
+    assert "### Unknown licenses" not in license_text
+
+
+def test_commercial_report_card_uses_the_hub_license_id(report):
+    meta, body = split_card(model_card(commercial_report(report), "merged"))
+    assert meta["license"] == "apache-2.0"
+    assert "license_name" not in meta and "license_link" not in meta
+    assert "non-commercial" not in meta["tags"]
+    assert "**Commercial use: allowed**" in body and "not allowed" not in body
+    assert "none: no input's license propagates to the model" in section(body, "License")
+
+
+def test_each_gguf_card_shows_its_own_file_and_evaluation(report):
+    for own, other in (("f16", "q8_0"), ("q8_0", "f16")):
+        meta, body = split_card(model_card(report, f"gguf-{own}"))
+        assert meta["base_model_relation"] == "quantized" and meta["library_name"] == "gguf"
+        assert {"gguf", own} <= set(meta["tags"]) and other not in meta["tags"]
+        own_file = next(a for a in report["artifacts"] if a["name"] == f"gguf-{own}")["files"][0]
+        other_file = next(a for a in report["artifacts"] if a["name"] == f"gguf-{other}")["files"][0]
+        files = section(body, "Files")
+        assert f"model-{own}.gguf" in files and f"{own_file['bytes']:,} bytes" in files
+        assert f"{own_file['sha256']}  model-{own}.gguf" in files   # the sha256sum -c line
+        assert other_file["sha256"] not in body and f"model-{other}.gguf" not in body
+        evaluation = section(body, "Evaluation")
+        own_eval, other_eval = report["evaluation"]["gguf"][own], report["evaluation"]["gguf"][other]
+        assert f"validation loss {own_eval['validation_loss']:.4f}" in evaluation
+        assert f"gap vs the merged model {own_eval['loss_gap']:+.6f}" in evaluation
+        assert f"{other_eval['loss_gap']:+.6f}" not in evaluation
+        assert "tokenizer check against the Hugging Face tokenizer: passed" in evaluation
+    assert "model-q8_0.gguf" in section(split_card(model_card(report, "gguf-q8_0"))[1], "Files")
+    assert "138.1 MiB" in model_card(report, "gguf-q8_0")
+
+
+def test_gguf_without_evaluation_says_so(report):
+    report["evaluation"]["gguf"] = {}
+    assert "This GGUF file was not evaluated." in model_card(report, "gguf-f16")
+
+
+def test_adapter_card_is_a_peft_adapter(report):
+    meta, body = split_card(model_card(report, "adapter"))
+    assert meta["base_model_relation"] == "adapter" and meta["library_name"] == "peft"
+    assert "adapter_model.safetensors" in section(body, "Files") and "model.safetensors |" not in body.replace(
+        "adapter_model.safetensors |", "")
+    assert "Merged model: validation loss" not in body
+
+
+def test_merged_card_shows_the_merge_gap(report):
+    evaluation = section(split_card(model_card(report, "merged"))[1], "Evaluation")
+    assert "| Loss | 3.8616 | 2.5679 |" in evaluation and "| Perplexity | 47.54 | 13.04 |" in evaluation
+    assert "73 examples" in evaluation
+    assert f"merge gap vs the adapter on the same 16-bit base {2.6096133735276084e-05:+.6f}" in evaluation
+
+
+def test_card_has_every_section_in_order(report):
+    body = split_card(model_card(report, "merged"))[1]
+    headings = [line for line in body.splitlines() if line.startswith("## ")]
+    assert headings == ["## License", "## Base model", "## Training data", "## Intended use", "## Evaluation",
+                        "## Files", "## Provenance"]
+    data = section(body, "Training data")
+    assert "| Rows used | 101 of 120 |" in data
+    assert "| Model-generated | yes, by HuggingFaceTB/SmolLM2-1.7B-Instruct |" in data
+    assert "PII scan found email 7, phone 3 in 9 rows, action: redact" in data
+    assert "declared cc-by-nc-4.0, concluded CC-BY-NC-4.0" in data
+    intended = section(body, "Intended use")
+    assert "research on answer style" in intended and "not for high-stakes decisions" in intended
+
+
+def test_provenance_names_run_environment_and_report(report):
+    provenance = section(split_card(model_card(report, "merged"))[1], "Provenance")
+    assert report["project"]["git_commit"] in provenance and "1" * 64 in provenance and "2" * 64 in provenance
+    assert "9ffb8f6bcbd040bdabedebfbdbb2995b" in provenance and report["mlflow"]["ui_url"] in provenance
+    assert "torch 2.13.0+cpu" in provenance and "bitsandbytes 0.50.2" in provenance and "CPU" in provenance
+    assert "report.html" in provenance and "sbom.cdx.json" in provenance
+    files = section(split_card(model_card(report, "merged"))[1], "Files")
+    assert "sha256sum -c" in files and "python -m ftpipe.verify" in files
+
+
+def test_card_without_mlflow_says_not_logged(report):
+    report["mlflow"] = {key: None for key in report["mlflow"]}
+    assert "- MLflow: not logged to MLflow" in model_card(report, "merged")
+    report["mlflow"] = None
+    assert "- MLflow: not logged to MLflow" in model_card(report, "merged")
+
+
+def test_hostile_declared_text_breaks_neither_front_matter_nor_tables(report):
+    report["base_model"]["id"] = HOSTILE_BASE_ID
+    report["compliance"]["inputs"][0]["name"] = HOSTILE_BASE_ID
+    report["data_sources"][1]["name"] = HOSTILE_NAME
+    report["data_sources"][1]["creators"] = [HOSTILE_CREATOR]
+    report["data_sources"][1]["origin"] = "a\\|b"
+    report["compliance"]["inputs"][2]["name"] = HOSTILE_NAME
+    report["compliance"]["share_alike"][0]["source"] = HOSTILE_NAME
+    card = model_card(report, "merged")
+    meta, body = split_card(card)
+    assert meta["base_model"] == HOSTILE_BASE_ID and meta["license"] == "other"
+    assert card.count("\n---\n") == 1   # only the front matter's closing line
+    assert not any(line.startswith(("license:", "# Heading", "| injected")) for line in body.splitlines())
+    for line in table_rows(body):
+        assert unescaped_pipes(line) in (3, 4), line   # Field | Value, or Metric | Base | Tuned and File | Size | SHA
+    assert "\n### evil | name --- license: mit # Heading\n" in section(body, "Training data")
+    assert "- evil | name --- license: mit # Heading (CC-BY-SA-4.0, share-alike)" in section(body, "License")
+    assert "| License | declared CC-BY-SA-4.0, concluded CC-BY-SA-4.0 (" in body   # still matched by name
+    assert "| Origin | a\\\\\\|b |" in body
+    assert "Mallory: {a: [b]} # not a comment \\| x \\| injected \\| row \\|" in body
+
+
+def test_unknown_artifact_name_lists_the_valid_ones(report):
+    with pytest.raises(PipelineError, match="no artifact 'gguf-q4_k_m'.*adapter, gguf-f16, gguf-q8_0, merged"):
+        model_card(report, "gguf-q4_k_m")
+
+
+def test_unknown_licenses_are_flagged(report):
+    report["compliance"].update(
+        unknown_licenses=[{"source": "lab_notes", "license": "LicenseRef-Lab", "reason": "not in the license table"}],
+        non_commercial_sources=[], concluded_license="Apache-2.0 AND LicenseRef-Lab")
+    report["compliance"]["policy"]["unknown_blocks"] = False
+    meta, body = split_card(model_card(report, "merged"))
+    license_text = section(body, "License")
+    unknown = license_text.split("### Unknown licenses")[1].split("###")[0]
+    assert "**Warning:** lab_notes: LicenseRef-Lab (not in the license table)" in unknown
+    assert "its obligations were NOT checked" in unknown
+    assert "LicenseRef-Lab: unknown, so commercial use cannot be confirmed" in license_text
+    assert meta["license"] == "other" and meta["license_name"] == "apache-2.0-and-licenseref-lab"

@@ -1,0 +1,116 @@
+"""The report stage: the compliance report, BOM, model cards and the release folder (stages/report.py),
+on a small finished project (tests/release_fixtures.py): hashes match the disk, cards carry the concluded
+license, the BOM validates, and a failure publishes nothing."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.io import read_json, sha256_file
+from ftpipe.sbom import validate_sbom
+from stages import report
+from tests.release_fixtures import GGUF_TYPES, SOURCES, build_finished_project
+
+RELEASE = Path("models/release")
+
+
+@pytest.fixture
+def released(in_tmp_project) -> dict:
+    build_finished_project()
+    report.main()
+    return read_json(RELEASE / "report.json")
+
+
+def test_report_hashes_match_the_files_on_disk(released):
+    files = [file for artifact in released["artifacts"] for file in artifact["files"]]
+    assert {file["path"] for file in files} >= {"models/adapter/adapter_model.safetensors",
+                                               "models/merged/model.safetensors",
+                                               *(f"models/gguf/model-{t}.gguf" for t in GGUF_TYPES)}
+    for file in files:
+        assert sha256_file(Path(file["path"])) == file["sha256"], file["path"]
+        assert Path(file["path"]).stat().st_size == file["bytes"], file["path"]
+    for source in released["data_sources"]:
+        assert sha256_file(Path(source["file"])) == source["sha256"]
+    # and every file of the release, by the standard tool
+    done = subprocess.run(["sha256sum", "--check", "--strict", "--quiet", str(RELEASE / "MANIFEST.sha256")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = (RELEASE / "MANIFEST.sha256").read_text().splitlines()
+    listed = {line.split("  ", 1)[1] for line in manifest}
+    assert {"models/release/report.json", "models/release/report.html", "models/release/sbom.cdx.json",
+            "models/release/merged/README.md", "models/release/gguf-q8_0/model-q8_0.gguf"} <= listed
+
+
+def test_release_folders_hold_each_artifact_with_its_card(released):
+    for artifact in released["artifacts"]:
+        folder = Path(artifact["release_folder"])
+        names = {path.name for path in folder.iterdir()}
+        assert names == {Path(file["path"]).name for file in artifact["files"]} | {"README.md"}, folder
+        for file in artifact["files"]:   # hard links: the release costs no disk
+            assert (folder / Path(file["path"]).name).stat().st_ino == Path(file["path"]).stat().st_ino
+    # PEFT's placeholder card is not released: ours replaces it
+    adapter_card = (RELEASE / "adapter/README.md").read_text()
+    assert "Model Card for Model ID" not in adapter_card and "CC-BY-NC-4.0" in adapter_card
+
+
+def test_cards_carry_the_concluded_license_not_a_default(released):
+    for name in ("merged", *(f"gguf-{t}" for t in GGUF_TYPES)):
+        card = (RELEASE / name / "README.md").read_text()
+        front = yaml.safe_load(card.split("---")[1])
+        assert front["license"] == "other" and front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert "Commercial use: not allowed" in card and "lab_notes" in card and "CC-BY-NC-4.0" in card
+        assert "forum_answers" in card and "CC-BY-SA-4.0" in card   # share-alike travels to every card
+    gguf_card = (RELEASE / "gguf-q8_0/README.md").read_text()
+    q8 = next(a for a in released["artifacts"] if a["name"] == "gguf-q8_0")["files"][0]
+    assert q8["sha256"] in gguf_card
+
+
+def test_report_collects_sources_stages_training_and_evaluation(released):
+    compliance = released["compliance"]
+    assert compliance["verdict"] == "pass" and compliance["commercial_use_allowed"] is False
+    assert compliance["concluded_license"] == "Apache-2.0 AND CC-BY-NC-4.0 AND CC-BY-SA-4.0 AND PSF-2.0"
+    sources = {source["name"]: source for source in released["data_sources"]}
+    assert list(sources) == list(SOURCES)
+    forum = sources["forum_answers"]
+    assert (forum["rows_in"], forum["rows_kept"], forum["rows_rejected"]) == (10, 8, 2)
+    assert forum["rejected_by_reason"] == {"answer_too_short": 2}
+    assert forum["pii"] == {"action": "redact", "rows": 3, "found": {"email": 2, "phone": 1}}
+    assert forum["personal_data"] is True and forum["license"] == "CC-BY-SA-4.0"
+    assert sources["lab_notes"]["generated_by"] == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    stages = {stage["name"]: stage for stage in released["stages"]}
+    assert list(stages) == ["ingest", "compliance", "train", "merge", "quantize"]   # dvc.yaml's order
+    assert stages["quantize"]["deps"][0]["path"] == "models/merged"
+    assert stages["quantize"]["outs"][0]["md5"].endswith(".dir")
+    compliance_run = read_json(Path("data/compliance/provenance.json"))["mlflow"]["run_id"]
+    assert compliance_run and stages["compliance"]["mlflow_run_id"] == compliance_run
+    assert released["training"]["params"]["train.lora.r"] == 16
+    assert released["training"]["environment"]["packages"]["peft"] == "0.21.0"
+    assert released["evaluation"]["tuned"]["rougeL"] == 0.24 and set(released["evaluation"]["gguf"]) == set(GGUF_TYPES)
+    mlflow = released["mlflow"]
+    assert mlflow["pipeline_run_id"] and mlflow["report_run_id"]
+    assert mlflow["ui_url"].endswith(f"/runs/{mlflow['pipeline_run_id']}")
+    assert released["project"]["compliance_conclusion_sha256"] == sha256_file(Path("data/compliance/conclusion.json"))
+
+
+def test_bom_validates_and_html_markdown_are_written(released):
+    sbom = json.loads((RELEASE / "sbom.cdx.json").read_text())
+    validate_sbom(sbom)
+    assert sbom["specVersion"] == "1.6"
+    assert "Reviewer" in (RELEASE / "report.md").read_text() or "reviewer" in (RELEASE / "report.md").read_text()
+    assert 'id="data-sources"' in (RELEASE / "report.html").read_text()
+    metrics = read_json(Path("metrics/report.json"))
+    assert metrics["artifacts"] == 2 + len(GGUF_TYPES) and metrics["commercial_use_allowed"] is False
+
+
+def test_a_failure_keeps_the_previous_release(released):
+    before = (RELEASE / "report.json").read_bytes()
+    Path("models/merged/provenance.json").unlink()
+    with pytest.raises(PipelineError, match="models/merged/provenance.json: file not found"):
+        report.main()
+    assert (RELEASE / "report.json").read_bytes() == before
+    assert not list(Path("models").glob(".release.tmp-*"))

@@ -1,0 +1,297 @@
+"""ftpipe.report_render: the compliance report as Markdown and as one offline HTML page a reviewer signs.
+
+The example report (tests/data/report_example.json) renders with every section in order and every hash;
+hostile declared text stays text; the page fetches nothing; a minimal report (one source, no GGUF, no MLflow,
+no PII) renders too; and headless Chromium shows the sections and the charts (tests/chromium.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from ftpipe.report_render import render_html, render_markdown
+from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
+
+EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
+SECTIONS = [("summary", "Summary"), ("license", "License"), ("base-model", "Base model"),
+            ("data-sources", "Data sources"), ("pii", "PII"), ("stages", "Stages"), ("training", "Training"),
+            ("evaluation", "Evaluation"), ("artifacts", "Artifacts"), ("verification", "Verification")]
+HOSTILE = "<script>alert(1)</script>"
+DIGEST = re.compile(r"\b[0-9a-f]{32,64}(?:\.dir)?\b")
+
+
+@pytest.fixture
+def report() -> dict:
+    return json.loads(EXAMPLE.read_text(encoding="utf-8"))
+
+
+def minimal(report: dict) -> dict:
+    """One source, no GGUF, MLflow unavailable, no PII found, and an unknown license that is only flagged."""
+    report = copy.deepcopy(report)
+    report["data_sources"] = report["data_sources"][:1]
+    report["evaluation"]["gguf"] = {}
+    report["artifacts"] = [artifact for artifact in report["artifacts"] if artifact["kind"] != "gguf"]
+    report["mlflow"] = {key: None for key in report["mlflow"]}
+    report["stages"][0]["mlflow_run_id"] = None
+    compliance = report["compliance"]
+    compliance["policy"]["unknown_blocks"] = False
+    compliance["inputs"] = compliance["inputs"][:2]
+    compliance["inputs"][1]["declared"] = compliance["inputs"][1]["chosen"] = "LicenseRef-House"
+    compliance["unknown_licenses"] = [{"source": "python_stdlib_docs", "license": "LicenseRef-House",
+                                       "reason": "no properties row for LicenseRef-House"}]
+    compliance.update(share_alike=[], non_commercial_sources=[], notes=[], commercial_use_allowed=False)
+    return report
+
+
+def digests(item) -> set[str]:
+    """Every hex digest (md5, SHA-256, commit, run ids) anywhere in the report."""
+    if isinstance(item, dict):
+        return set().union(*map(digests, item.values())) if item else set()
+    if isinstance(item, list):
+        return set().union(*map(digests, item)) if item else set()
+    return set(DIGEST.findall(item)) if isinstance(item, str) else set()
+
+
+class Page(HTMLParser):
+    """What the tests read of an HTML page: each section's id, h2 text and text, every src or href, the text of
+    code.hash elements, the SVG charts (aria-label and text), every attribute name, and the visible text."""
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.sections, self.refs, self.hashes, self.charts, self.tags, self.text = [], [], [], [], [], ""
+        self.attributes: set[str] = set()
+        self._capture: list | None = None   # [kind, text]: a section's h2 or a code.hash
+        self._style, self._svg = False, 0
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self.attributes |= set(attrs)
+        self.refs += [(tag, name, attrs[name]) for name in ("src", "href", "srcset", "data") if attrs.get(name)]
+        if tag == "section":
+            self.sections.append([attrs.get("id"), "", ""])
+        elif tag == "h2" and self.sections and not self.sections[-1][1]:
+            self._capture = ["h2", ""]
+        elif tag == "code" and "hash" in (attrs.get("class") or "").split():
+            self._capture = ["hash", ""]
+        elif tag == "svg":
+            self.charts.append({"label": attrs.get("aria-label"), "text": ""})
+        self._style |= tag == "style"
+        self._svg += tag == "svg"
+
+    def handle_endtag(self, tag):
+        if self._capture and tag in ("h2", "code"):
+            kind, text = self._capture
+            if kind == "h2":
+                self.sections[-1][1] = text.strip()
+            else:
+                self.hashes.append(text)
+            self._capture = None
+        self._style &= tag != "style"
+        self._svg -= tag == "svg"
+
+    def handle_data(self, data):
+        if self._style:
+            return
+        self.text += data
+        if self.sections:
+            self.sections[-1][2] += data
+        if self._capture:
+            self._capture[1] += data
+        if self._svg:
+            self.charts[-1]["text"] += data + " "
+
+
+def md_headings(markdown: str, level: str = "##") -> list[str]:
+    return [line[len(level) + 1:] for line in markdown.splitlines() if line.startswith(level + " ")]
+
+
+def md_subsection(markdown: str, heading: str) -> str:
+    """The text under a ### heading, up to the next heading."""
+    return markdown.split(f"\n### {heading}\n", 1)[1].split("\n#", 1)[0]
+
+
+def md_tables(markdown: str) -> list[list[list[str]]]:
+    """Each GFM table as rows of cells: split on pipes not escaped with a backslash."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+# --- Markdown -------------------------------------------------------------------------------------------------
+
+def test_markdown_has_every_section_in_order_with_a_contents_list(report):
+    markdown = render_markdown(report)
+    assert markdown.startswith(f"# {report['title']}\n")
+    assert md_headings(markdown) == [title for _, title in SECTIONS]
+    for section_id, title in SECTIONS:   # the anchors GitHub derives from the headings are the HTML ids
+        assert f"[{title}](#{section_id})" in markdown
+
+
+def test_markdown_shows_every_hash_and_the_verdict(report):
+    markdown = render_markdown(report)
+    expected = digests(report)
+    assert len(expected) > 20   # the example has many: the test is not vacuous
+    assert sorted(digest for digest in expected if digest not in markdown) == []
+    assert "✓ PASS" in markdown and f"`{report['compliance']['concluded_license']}`" in markdown
+    assert "sha256sum -c models/release/MANIFEST.sha256" in markdown and "python -m ftpipe.verify" in markdown
+    assert "Reviewer sign-off" in markdown and "- Signature: ____" in markdown
+
+
+def test_markdown_names_the_non_commercial_source_and_its_license(report):
+    markdown = render_markdown(report)
+    non_commercial = md_subsection(markdown, "Non-commercial sources")
+    assert "| lab_notes | CC-BY-NC-4.0 |" in non_commercial
+    summary = markdown.split("\n## Summary\n", 1)[1].split("\n## ", 1)[0]
+    assert "not allowed" in summary and "lab_notes (CC-BY-NC-4.0)" in summary
+
+
+def test_markdown_cells_keep_their_row_whatever_the_declared_text(report):
+    report["compliance"]["inputs"][1]["name"] = "docs | part\ntwo"
+    report["compliance"]["attribution"][0]["notice"] = "keep `NOTICE` | and\r\nstate changes"
+    report["stages"][0]["cmd"] = "python -m stages.base | tee log"
+    markdown = render_markdown(report)
+    tables = md_tables(markdown)
+    assert len(tables) > 10
+    for table in tables:
+        assert len({len(row) for row in table}) == 1, f"a row lost its shape: {table}"
+    (inputs,) = [table for table in tables if table[0] == ["Role", "Name", "Declared", "Chosen"]]
+    assert inputs[3] == ["data source", r"docs \| part<br>two", "PSF-2.0", "PSF-2.0"]
+    assert r"keep \`NOTICE\` \| and<br>state changes" in markdown
+    assert r"`python -m stages.base \| tee log`" in markdown
+
+
+def test_markdown_escapes_markup_in_declared_text(report):
+    report["data_sources"][0]["name"] = HOSTILE
+    report["compliance"]["notes"] = ["# not a heading", "1. not a list"]
+    markdown = render_markdown(report)
+    assert HOSTILE not in markdown and r"\<script\>alert(1)\</script\>" in markdown
+    assert "- \\# not a heading" in markdown and "- 1\\. not a list" in markdown
+    assert md_headings(markdown) == [title for _, title in SECTIONS]
+
+
+# --- HTML -----------------------------------------------------------------------------------------------------
+
+def test_html_has_every_section_in_order_with_a_table_of_contents(report):
+    page = Page(render_html(report))
+    assert [tuple(section[:2]) for section in page.sections] == SECTIONS
+    toc = [value for tag, name, value in page.refs if tag == "a" and value.startswith("#")]
+    assert toc[:len(SECTIONS)] == [f"#{section_id}" for section_id, _ in SECTIONS]
+    assert page.tags[:2] == ["html", "head"] and "✓ PASS" in page.text
+
+
+def test_html_escapes_hostile_declared_text(report):
+    report["data_sources"][1]["name"] = HOSTILE
+    report["compliance"]["notes"].append(f'" onmouseover="alert(2) {HOSTILE}')
+    report["data_sources"][2]["license_url"] = "javascript:alert(3)"
+    html = render_html(report)
+    page = Page(html)
+    assert "script" not in page.tags and HOSTILE in page.text   # shown as text, never an element
+    assert f'" onmouseover="alert(2) {HOSTILE}' in page.text and not [a for a in page.attributes if a.startswith("on")]
+    assert not [ref for ref in page.refs if "javascript:" in ref[2]]
+    assert "javascript:alert(3)" in page.text   # the URL is still shown, as text
+    assert any(HOSTILE in chart["text"] for chart in page.charts)   # the chart's label is escaped too
+
+
+def test_html_references_nothing_external(report):
+    html = render_html(report)
+    page = Page(html)
+    allowed = {report["mlflow"]["ui_url"], report["base_model"]["license_url"],
+               *(source["license_url"] for source in report["data_sources"])}
+    for tag, name, value in page.refs:
+        assert value.startswith("#") or (tag, name) == ("a", "href") and value in allowed, (tag, name, value)
+    assert not {"link", "script", "img", "iframe", "object", "embed", "video", "audio"} & set(page.tags)
+    assert "@import" not in html and "url(" not in html and "@font-face" not in html
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    assert "@media print" in html
+
+
+def test_html_hashes_are_monospace_and_whole(report):
+    page = Page(render_html(report))
+    run_ids = {report["mlflow"]["pipeline_run_id"], report["mlflow"]["report_run_id"],
+               *(stage["mlflow_run_id"] for stage in report["stages"])}   # ids, shown as links or code
+    expected = digests(report) - run_ids
+    assert len(expected) > 20 and sorted(expected - set(page.hashes)) == []
+    assert re.search(r'<code class="hash" title="([0-9a-f]{64})">\1</code>', render_html(report))
+
+
+def test_html_charts_show_rows_models_and_gguf_gaps_with_their_numbers(report):
+    page = Page(render_html(report))
+    charts = {chart["label"]: " ".join(chart["text"].split()) for chart in page.charts}
+    assert len(charts) == 3
+    rows = next(text for label, text in charts.items() if label.startswith("Rows per data source"))
+    for needle in ("python_stdlib_docs", "1,517", "answer_too_short 86", "contaminates_evaluation 2",
+                   "forum_answers", "placeholder_answer 7", "lab_notes", "kept 40"):
+        assert needle in rows
+    legend = rows.split("kept 40", 1)[1]   # the legend follows the last bar: every category, once
+    assert all(reason in legend for reason in ("kept", "answer_too_long", "near_duplicate", "placeholder_answer"))
+    models = next(text for label, text in charts.items() if label.startswith("Base vs tuned"))
+    assert all(needle in models for needle in ("ROUGE-L", "0.1124", "0.2383", "Loss", "3.862", "2.568", "tuned model"))
+    gguf = next(text for label, text in charts.items() if "GGUF" in label)
+    assert "f16" in gguf and "q8_0" in gguf and "+0.001143" in gguf
+
+
+def test_html_shows_a_failed_gate_with_its_violations(report):
+    report["compliance"].update(verdict="fail", violations=[
+        {"source": "lab_notes", "role": "data source", "license": "CC-BY-NC-4.0", "rule": "non-commercial",
+         "reason": "non-commercial license, intended_use is commercial", "fix": "remove the data source"}])
+    page = Page(render_html(report))
+    assert "✗ FAIL" in page.text and "1 violation(s)" in page.text and "✓ PASS" not in page.text
+    assert "non-commercial license, intended_use is commercial" in page.text
+    assert "Warning:" in page.text   # the violations are flagged in words, not only by colour
+    assert "✗ FAIL" in render_markdown(report)
+
+
+# --- a minimal report -------------------------------------------------------------------------------------------
+
+def test_minimal_report_renders_both_ways(report):
+    small = minimal(report)
+    markdown, page = render_markdown(small), Page(render_html(small))
+    summary = page.sections[0][2], markdown.split("\n## Summary\n", 1)[1].split("\n## ", 1)[0]
+    assert all("MLflow pipeline run" in text and "not logged to MLflow" in text for text in summary)
+    for text in (markdown, page.text):
+        assert "none found" in text
+        assert "none: no GGUF file was produced" in text and "model-q8_0.gguf" not in text
+        assert "LicenseRef-House" in text and "are only flagged" in text
+    assert [section[0] for section in page.sections] == [section_id for section_id, _ in SECTIONS]
+    assert md_headings(markdown) == [title for _, title in SECTIONS]
+    assert "PII: none found in any data source." in markdown
+    assert "> **⚠ Warning:** 1 license(s) unknown to ftpipe" in markdown
+    assert "forum_answers" not in markdown.split("## Data sources", 1)[1].split("## PII", 1)[0]
+    assert len(page.charts) == 2   # rows and base vs tuned; no GGUF chart without GGUF files
+    assert "127.0.0.1" not in markdown and not [ref for ref in page.refs if ref[2].startswith("http://")]
+
+
+# --- as a reviewer sees it: rendered by a real browser, offline ------------------------------------------------
+
+def test_chromium_renders_every_section_and_the_charts(report, tmp_path):
+    chromium = require_chromium()
+    page_file = tmp_path / "report.html"
+    page_file.write_text(render_html(report), encoding="utf-8")
+    dom = run_chromium(chromium, tmp_path / "profile-dom", page_file.as_uri(), "--dump-dom")
+    rendered, outline = RenderedPage(dom), Page(dom)
+    assert [tuple(section[:2]) for section in outline.sections] == SECTIONS
+    for _, title in SECTIONS:
+        assert title in rendered.text
+    assert "Reviewer sign-off" in rendered.text and "lab_notes" in rendered.text
+    assert len(outline.charts) == 3 and dom.count("<rect") > 15
+    assert rendered.links["#data-sources"] == "Data sources"
+
+    screenshot = tmp_path / "report.png"
+    run_chromium(chromium, tmp_path / "profile-screenshot", page_file.as_uri(), f"--screenshot={screenshot}",
+                 "--window-size=1280,2000")
+    width, height, shades = png_facts(screenshot)
+    assert (width, height) == (1280, 2000)
+    assert shades > 50, f"{screenshot}: only {shades} distinct byte values: a blank page?"

@@ -1,0 +1,91 @@
+"""python -m ftpipe.verify: a release that is what the pipeline produced passes; a changed artifact, card or
+report is caught, even when the records next to it were changed to match."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftpipe import verify
+from ftpipe.errors import PipelineError
+from ftpipe.io import sha256_file
+from stages import report
+from tests.release_fixtures import build_finished_project
+
+RELEASE = Path("models/release")
+
+
+@pytest.fixture
+def released(in_tmp_project) -> None:
+    build_finished_project()
+    report.main()
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def run_verify(capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exited:
+        verify.main([])
+    return exited.value.code, capsys.readouterr().out
+
+
+def test_an_untouched_release_passes_every_check(released, capsys):
+    verify.main([])
+    out = capsys.readouterr().out
+    assert "all checks passed" in out
+    result = verify.verify()
+    assert result["passed"] and set(result["checked"]) == {"manifest", "report", "stage records", "dvc.lock", "current"}
+    assert all(count > 0 for count in result["checked"].values())
+
+
+def test_a_tampered_gguf_is_caught_by_every_record(released, capsys):
+    flip_a_byte(Path("models/gguf/model-q8_0.gguf"))
+    code, out = run_verify(capsys)
+    assert code == verify.MISMATCH_EXIT
+    caught_by = {m["check"] for m in verify.verify()["mismatches"] if m["path"].endswith("model-q8_0.gguf")}
+    assert caught_by == {"manifest", "report", "stage records", "dvc.lock"}
+    assert "! models/gguf/model-q8_0.gguf: manifest check" in out and "Do not ship this release" in out
+
+
+def test_a_tampered_card_is_caught(released, capsys):
+    card = RELEASE / "merged/README.md"
+    card.write_text(card.read_text().replace("Commercial use: not allowed", "Commercial use: allowed"))
+    code, out = run_verify(capsys)
+    assert code == verify.MISMATCH_EXIT and "! models/release/merged/README.md: manifest check" in out
+
+
+def test_rewriting_the_report_and_manifest_to_match_is_still_caught(released):
+    """Whoever swaps a GGUF and updates report.json and MANIFEST.sha256 to match still meets the stages'
+    own records and dvc.lock."""
+    gguf = Path("models/gguf/model-q8_0.gguf")
+    old = sha256_file(gguf)
+    flip_a_byte(gguf)
+    new = sha256_file(gguf)
+    for name in ("report.json", "MANIFEST.sha256"):
+        path = RELEASE / name
+        path.write_text(path.read_text().replace(old, new))
+    manifest = RELEASE / "MANIFEST.sha256"   # and the report's own line in the manifest
+    lines = [f"{sha256_file(RELEASE / 'report.json')}  models/release/report.json"
+             if line.endswith("models/release/report.json") else line for line in manifest.read_text().splitlines()]
+    manifest.write_text("\n".join(lines) + "\n")
+    caught_by = {m["check"] for m in verify.verify()["mismatches"]}
+    assert caught_by == {"stage records", "dvc.lock"}
+
+
+def test_a_release_older_than_the_compliance_conclusion_is_stale(released, capsys):
+    conclusion = Path("data/compliance/conclusion.json")
+    data = json.loads(conclusion.read_text())
+    data["conclusion"]["policy"]["intended_use"] = "internal"
+    conclusion.write_text(json.dumps(data))
+    code, out = run_verify(capsys)
+    assert code == verify.MISMATCH_EXIT and "the release is stale (run `dvc repro`)" in out
+
+
+def test_no_release_is_an_error_saying_what_to_run(in_tmp_project):
+    with pytest.raises(PipelineError, match=r"models/release/report.json: not found. Run `dvc repro`"):
+        verify.verify()
