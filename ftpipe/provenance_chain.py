@@ -278,9 +278,14 @@ def md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def dir_listing_path(cache: Path, dir_md5: str) -> Path:
+    """Where DVC keeps a folder output's listing: named by its own md5 (dvc.lock's 'xxx.dir')."""
+    return cache / "files" / "md5" / dir_md5[:2] / dir_md5[2:]
+
+
 def dir_listing(cache: Path, dir_md5: str) -> list[dict] | None:
     """DVC's listing of a folder output (relpath and md5 of each file), from the cache, None if gone."""
-    path = cache / "files" / "md5" / dir_md5[:2] / dir_md5[2:]
+    path = dir_listing_path(cache, dir_md5)
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -31,11 +30,12 @@ from typing import Any
 import yaml
 
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import HASH_CHUNK, read_json, sha256_file
+from ftpipe.io import read_json, sha256_file
 from ftpipe.paths import ADAPTER_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, RELEASE_DIR, metrics_file
+from ftpipe.provenance_chain import dir_listing, dir_listing_path, md5_file
 
 MISMATCH_EXIT = 1
-DVC_CACHE = Path(".dvc/cache/files/md5")
+DVC_CACHE = Path(".dvc/cache")
 ARTIFACT_STAGES = {"train": ADAPTER_DIR, "merge": MERGED_DIR, "quantize": GGUF_DIR}
 
 
@@ -45,13 +45,7 @@ def sha256_of(path: Path) -> str | None:
 
 
 def md5_of(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return md5_file(path) if path.is_file() else None
 
 
 class Checks:
@@ -114,13 +108,13 @@ def check_dvc_lock(checks: Checks, lock_path: Path = Path("dvc.lock")) -> None:
         if out is None or not str(out.get("md5", "")).endswith(".dir"):
             checks.notes["dvc.lock"] = f"skipped {folder}: dvc.lock has no folder hash for it"
             continue
-        name = out["md5"][:-len(".dir")]
-        listing_path = DVC_CACHE / name[:2] / f"{name[2:]}.dir"
-        if not listing_path.exists():
+        listing_path, listing = dir_listing_path(DVC_CACHE, out["md5"]), dir_listing(DVC_CACHE, out["md5"])
+        if listing is None:
             checks.notes["dvc.lock"] = f"skipped {folder}: its listing {listing_path} is not in the DVC cache"
             continue
-        checks.compare("dvc.lock", listing_path.as_posix(), f"{lock_path} ({stage})", name, md5_of(listing_path))
-        for entry in json.loads(listing_path.read_text(encoding="utf-8")):
+        checks.compare("dvc.lock", listing_path.as_posix(), f"{lock_path} ({stage})", out["md5"][:-len(".dir")],
+                       md5_of(listing_path))
+        for entry in listing:
             path = folder / entry["relpath"]
             checks.compare("dvc.lock", path.as_posix(), f"{listing_path} (named in {lock_path})", entry["md5"],
                            md5_of(path))

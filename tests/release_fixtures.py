@@ -92,15 +92,18 @@ def write_artifacts() -> None:
                                             "gap_vs_adapter": 0.00003})
 
 
-def dvc_listing(folder: Path) -> str:
-    """The folder's listing in the DVC cache, as DVC writes it; returns its name (the MD5 of its text)."""
-    listing = json.dumps([{"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.name}
-                          for path in sorted(folder.iterdir())])
-    name = hashlib.md5(listing.encode()).hexdigest()
-    cache = Path(".dvc/cache/files/md5") / name[:2] / f"{name[2:]}.dir"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(listing)
-    return name + ".dir"
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()   # noqa: S324 - DVC's content address
+
+
+def write_dir_listing(root: Path, files: dict[str, bytes]) -> str:
+    """Put DVC's .dir listing of a folder output into root/.dvc/cache; return its md5 (xxx.dir)."""
+    listing = json.dumps([{"md5": md5(data), "relpath": name} for name, data in sorted(files.items())]).encode()
+    dir_md5 = md5(listing) + ".dir"
+    path = root / ".dvc/cache/files/md5" / dir_md5[:2] / dir_md5[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(listing)
+    return dir_md5
 
 
 def write_dvc_lock() -> None:
@@ -111,7 +114,8 @@ def write_dvc_lock() -> None:
         name: {"cmd": f"python -m stages.{name}",
                "deps": [{"path": dep, "hash": "md5", "md5": "0" * 32, "size": 1} for dep in deps],
                "params": {"params.yaml": {f"{name}.example": 1}},
-               "outs": [{"path": out, "hash": "md5", "md5": dvc_listing(Path(out)), "size": 1, "nfiles": 2}]}
+               "outs": [{"path": out, "hash": "md5", "size": 1, "nfiles": 2, "md5": write_dir_listing(
+                   Path("."), {path.name: path.read_bytes() for path in Path(out).iterdir()})}]}
         for name, (out, deps) in stages.items()}}
     Path("dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
 

@@ -22,25 +22,12 @@ import yaml
 from ftpipe.audit import main
 from ftpipe.errors import PipelineError, run_stage
 from ftpipe.reproduce import compare_metrics, external_dep_changes
+from tests.release_fixtures import write_dir_listing
 
 STAGES = ["base", "ingest", "compliance", "train"]
 SOURCE_SHA = "7bcdaee2523f2aaa8f985d4416182f346a718e110298c8f1fd161bed86d8437b"
 BASE_DIGEST = "a80b3a7b9a05406961c28f06b725628037526725b793d62b2b9ce721ec2cb651"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()   # noqa: S324 - DVC's content address
-
-
-def write_dir_listing(root: Path, files: dict[str, bytes]) -> str:
-    """Put DVC's .dir listing of a folder output into root/.dvc/cache; return its md5 (xxx.dir)."""
-    listing = json.dumps([{"md5": md5(data), "relpath": name} for name, data in sorted(files.items())]).encode()
-    dir_md5 = md5(listing) + ".dir"
-    path = root / ".dvc/cache/files/md5" / dir_md5[:2] / dir_md5[2:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(listing)
-    return dir_md5
 
 
 def lock_entry(deps: dict[str, str], outs: dict[str, str]) -> dict:
