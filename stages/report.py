@@ -34,6 +34,7 @@ from ftpipe.params import Params, load_params
 from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CLEAN_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE,
                           PROVENANCE_FILE, RAW_DIR, RELEASE_DIR, STAGE_OUTPUTS, metrics_file)
 from ftpipe.provenance import git_state, stage_record, utc_now
+from ftpipe.provenance_chain import lock_hashes
 from ftpipe.report_render import render_html, render_markdown
 from ftpipe.sbom import SBOM_FILE, build_sbom, validate_sbom
 from ftpipe.tracking import stage_run
@@ -125,9 +126,7 @@ def stages_from_lock() -> list[dict[str, Any]]:
         entry, provenance_path = lock[name], output_dir / PROVENANCE_FILE
         provenance = read_json(provenance_path) if provenance_path.exists() else {}
         stages.append({
-            "name": name, "cmd": entry.get("cmd"),
-            "deps": [_lock_file(item) for item in entry.get("deps", [])],
-            "outs": [_lock_file(item) for item in entry.get("outs", [])],
+            "name": name, "cmd": entry.get("cmd"), **lock_hashes(entry),
             "params": entry.get("params", {}).get(str(PARAMS_FILE), {}),
             "provenance": {"file": provenance_path.as_posix(), "created_at": provenance.get("created_at"),
                            "git_commit": provenance.get("git", {}).get("commit"), "digest": provenance.get("digest"),
@@ -135,10 +134,6 @@ def stages_from_lock() -> list[dict[str, Any]]:
             "mlflow_run_id": (provenance.get("mlflow") or {}).get("run_id"),
         })
     return stages
-
-
-def _lock_file(item: dict[str, Any]) -> dict[str, Any]:
-    return {key: item[key] for key in ("path", "md5", "size", "nfiles") if key in item}
 
 
 def training_section() -> dict[str, Any]:
