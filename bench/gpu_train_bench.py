@@ -87,9 +87,10 @@ def build_model(size: str, folder: Path) -> None:
     model.save_pretrained(folder, max_shard_size="5GB")
     tokenizer.save_pretrained(folder)
     parameters = sum(p.numel() for p in model.parameters())
-    # train_adapter fingerprints the base by its provenance digest
-    (folder / "provenance.json").write_text(json.dumps({"digest": f"random-init-llama-{size}-seed0",
-                                                        "dtype": "bfloat16", "parameters": parameters}))
+    # train_adapter fingerprints the base by its content digest (content.json, as the base stage writes it)
+    record = json.dumps({"digest": f"random-init-llama-{size}-seed0", "dtype": "bfloat16", "parameters": parameters})
+    (folder / "provenance.json").write_text(record)
+    (folder / "content.json").write_text(record)
     del model
     torch.cuda.empty_cache()
 
@@ -188,7 +189,8 @@ def train_params(args, steps: int):
                                target_modules=TARGET_MODULES)
     return dataclasses.replace(train, backend="unsloth", max_steps=steps, num_epochs=None, batch_size=args.batch,
                                gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler="linear",
-                               warmup_steps=2, gradient_checkpointing=True, checkpoint_every=10_000, lora=lora)
+                               warmup_steps=2, gradient_checkpointing=True, checkpoint_every=10_000,
+                               checkpoint_runs_kept=0, lora=lora)
 
 
 # --- the methods (worker side) -------------------------------------------------------------------------
@@ -470,7 +472,7 @@ def run_max_length(args) -> dict:
 def worker(args) -> None:
     if not args.worker.startswith("hf_peft_bnb"):
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
-    from stages.tokenize import load_tokenized
+    from ftpipe.tokenized import load_tokenized
 
     work = Path(args.work)
     data = {name: load_tokenized("train", work / "data" / name)

@@ -44,7 +44,7 @@ def build_random_base() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftpipe.io import file_hashes, tree_digest, write_json
+    from ftpipe.io import write_content_record, write_json
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(SKELETON), dtype=torch.bfloat16)
@@ -52,9 +52,9 @@ def build_random_base() -> None:
     shutil.rmtree(base, ignore_errors=True)
     shutil.copytree(SKELETON, base)
     model.save_pretrained(base)
-    hashes = file_hashes(base)
-    write_json(base / "provenance.json", {"source": {"kind": "random-init", "config": "SmolLM2-135M-Instruct"},
-                                          "dtype": "bfloat16", "digest": tree_digest(hashes)})
+    record = write_content_record(base, source={"kind": "random-init", "config": "SmolLM2-135M-Instruct"},
+                                  dtype="bfloat16")
+    write_json(base / "provenance.json", record)
 
 
 def set_train_params() -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -17,21 +18,65 @@ from typing import Any, Iterable, Iterator
 from ftpipe.errors import PipelineError
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads keep memory flat on multi-GB weight files
+# In a model folder (base, adapter): the SHA-256 of every file but the run's own records. Later stages
+# depend on it in dvc.yaml instead of the whole folder, whose provenance.json changes with every run (time,
+# MLflow run): a rerun that writes the same weights reruns nothing after it.
+CONTENT_FILE = "content.json"
+RUN_RECORDS = ("provenance.json", CONTENT_FILE)
+
+
+def _temporary_prefix(final: Path, kind: str) -> str:
+    """`.<name>.tmp-<pid>-`: the pid tells a later run whether the writer is still alive."""
+    return f".{final.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_dead_temporaries(final: Path) -> list[Path]:
+    """Remove the temporaries of `final` (`.<name>.tmp-*`, `.<name>.old-*`) left by a writer that no longer
+    runs: a process killed with SIGKILL runs no cleanup. A live writer's are kept. Returns what was removed."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for path in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = path.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            print(f"removed {path}: the temporary of a run that was killed", file=sys.stderr)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `final`, on failure it is removed."""
+    """Yield an empty temporary folder; on success it replaces `final`, on failure it is removed.
+    Temporaries of an earlier writer that was killed are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_dead_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final, "tmp"), dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private; outputs are ordinary folders
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = final.parent / f"{_temporary_prefix(final, 'old')}0"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -48,7 +93,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -131,3 +177,12 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
 def tree_digest(hashes: dict[str, str]) -> str:
     """One digest for a whole folder: the hash of its sorted (path, hash) list."""
     return sha256_text("\n".join(f"{name} {digest}" for name, digest in sorted(hashes.items())))
+
+
+def write_content_record(folder: Path, **facts: Any) -> dict[str, Any]:
+    """Write `folder`/content.json: `facts` (which must depend on the content alone), the SHA-256 of every
+    file but the run records, and their digest. Returns it."""
+    hashes = file_hashes(folder, exclude=RUN_RECORDS)
+    record = {**facts, "files_sha256": hashes, "digest": tree_digest(hashes)}
+    write_json(Path(folder) / CONTENT_FILE, record)
+    return record

@@ -58,6 +58,7 @@ class SourceParams:
 @dataclass(frozen=True)
 class IngestParams:
     sources: list[SourceParams]
+    empty_source: Literal["warn", "fail"]   # a source with no rows: a warning naming it, or the stage fails
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "sources: list at least one data source")
@@ -152,7 +153,8 @@ class TrainParams:
     weight_decay: float
     max_grad_norm: float
     gradient_checkpointing: bool
-    checkpoint_every: int
+    checkpoint_every: int        # steps between checkpoints (changes no result: not in the run fingerprint)
+    checkpoint_runs_kept: int    # checkpoint folders of other runs (params, data, code) kept, newest first
     lora: LoraParams
     quantization: QuantizationParams
 
@@ -165,6 +167,7 @@ class TrainParams:
                "batch_size and gradient_accumulation_steps must be positive")
         _check(self.learning_rate > 0, "learning_rate: must be positive")
         _check(self.checkpoint_every > 0, "checkpoint_every: must be positive")
+        _check(self.checkpoint_runs_kept >= 0, "checkpoint_runs_kept: must be 0 or more")
 
 
 @dataclass(frozen=True)

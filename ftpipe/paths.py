@@ -2,10 +2,12 @@
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
+DVC_YAML = Path("dvc.yaml")
 
 SOURCES_DIR = Path("data/sources")          # the user's own data files (a dependency of ingest)
 LOCAL_MODELS_DIR = Path("models/source")    # the user's own base model folders (a dependency of base)
 
+CHECKED_PARAMS_DIR = Path("data/checked_params")   # params.yaml validated (stages/check_params.py)
 BASE_DIR = Path("models/base")
 RAW_DIR = Path("data/raw")
 CLEAN_DIR = Path("data/clean")
@@ -20,7 +22,7 @@ COMPLIANCE_DIR = Path("data/compliance")    # the license gate's conclusion (sta
 RELEASE_DIR = Path("models/release")        # report, BOM, model cards and publishable folders (stages/report.py)
 
 # Each stage's output folder, in dvc.yaml's order (tests/test_dvc_yaml.py checks both).
-STAGE_OUTPUTS = {"base": BASE_DIR, "ingest": RAW_DIR, "compliance": COMPLIANCE_DIR, "clean": CLEAN_DIR,
+STAGE_OUTPUTS = {"check_params": CHECKED_PARAMS_DIR, "base": BASE_DIR, "ingest": RAW_DIR, "compliance": COMPLIANCE_DIR, "clean": CLEAN_DIR,
                  "validate": VALIDATION_DIR, "tokenize": TOKENIZED_DIR, "train": ADAPTER_DIR,
                  "evaluate": EVALUATION_DIR, "merge": MERGED_DIR, "quantize": GGUF_DIR, "report": RELEASE_DIR}
 

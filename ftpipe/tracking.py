@@ -59,6 +59,18 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
 
 
+# Where the exceptions of an unavailable or failing store come from (MLflow, its database and HTTP layers);
+# anything else raised while recording is a bug of ours, and must not be reported as "MLflow unavailable".
+STORE_ERROR_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "alembic", "requests", "urllib3", "http")
+
+
+def store_failure(err: BaseException) -> bool:
+    """Did `err` come from the tracking store (unreachable, locked, full, refused), not from our code?"""
+    if isinstance(err, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return any(cls.__module__.split(".")[0] in STORE_ERROR_MODULES for cls in type(err).__mro__)
+
+
 def is_measurement(metric: str) -> bool:
     return any(part in metric for part in MEASUREMENTS)
 
@@ -130,6 +142,7 @@ def pipeline_run_id(client, experiment_id: str, invocation: str, create: bool = 
                                    max_results=1)
         if found or not create:
             return found[0].info.run_id if found else None
+        reconcile_dead_runs(client, experiment_id)
         git = git_state()
         tags = {KIND: "pipeline", INVOCATION: invocation, "git.commit": str(git["commit"]),
                 "git.dirty": str(git["dirty"])}
@@ -138,6 +151,41 @@ def pipeline_run_id(client, experiment_id: str, invocation: str, create: bool = 
         if os.environ.get("FTPIPE_REPRODUCES"):
             tags["ftpipe.reproduces"] = os.environ["FTPIPE_REPRODUCES"]
         return client.create_run(experiment_id, run_name=RUNNING_NAME, tags=tags).info.run_id
+
+
+def invocation_alive(invocation: str) -> bool | None:
+    """Is the process of an invocation key (host:pid:start time) still running? None: another host's."""
+    host, _, rest = invocation.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        import psutil  # noqa: PLC0415 - installed with MLflow
+
+        return abs(psutil.Process(int(pid)).create_time() - float(started or 0)) < 2
+    except ImportError:
+        return None
+    except (psutil.Error, ValueError):
+        return False
+
+
+def reconcile_dead_runs(client, experiment_id: str) -> list[str]:
+    """Runs left RUNNING by an invocation whose process is gone (killed with SIGKILL, the machine restarted:
+    no Python cleanup ran) are ended as KILLED, saying so, by the next invocation on the same host. Runs of
+    other hosts are left alone: their process cannot be seen from here. Returns the ids ended."""
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        invocation = run.data.tags.get(INVOCATION, "")
+        if run.data.tags.get(KIND) and invocation_alive(invocation) is False:
+            client.set_tag(run.info.run_id, "ftpipe.ended_by",
+                           f"the next invocation ({invocation_key()}): the process of {invocation} was gone")
+            if run.data.tags.get(KIND) == "pipeline":
+                client.set_tag(run.info.run_id, RUN_NAME, f"killed ({run.info.run_name})"[:250])
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        print(f"MLflow: ended {len(ended)} run(s) left RUNNING by a killed invocation as KILLED", file=sys.stderr)
+    return ended
 
 
 def mark_failed(client, pipeline_run: str, stage: str) -> None:

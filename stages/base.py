@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, file_hashes, sha256_file, tree_digest, write_json
+from ftpipe.io import atomic_dir, file_hashes, sha256_file, write_content_record, write_json
 from ftpipe.modeling import torch_dtype
 from ftpipe.params import BaseParams, EMBEDDED_BASE_MODEL, Params, flatten, load_params
 from ftpipe.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE, metrics_file
@@ -138,15 +138,9 @@ def materialize_base(params: BaseParams, out_dir: Path) -> dict:
         )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    hashes = file_hashes(out_dir)
-    return {
-        "source": source,
-        "dtype": params.dtype,
-        "architecture": model.config.architectures,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "files_sha256": hashes,
-        "digest": tree_digest(hashes),
-    }
+    # content.json: what later stages depend on (not provenance.json, which changes with every run)
+    return write_content_record(out_dir, source=source, dtype=params.dtype, architecture=model.config.architectures,
+                                parameters=sum(p.numel() for p in model.parameters()))
 
 
 def tracked_params(params: Params) -> dict:

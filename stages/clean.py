@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -373,6 +374,11 @@ def clean_sources(raw_dir: Path, params: CleanParams) -> tuple[dict[str, list], 
     return splits, rejected, summary
 
 
+def all_rejected_sources(summary: dict) -> list[str]:
+    """Sources that had rows and of which none was kept: named, so a user sees that a source taught nothing."""
+    return [name for name, entry in summary["sources"].items() if entry["rows_in"] and not entry["kept"]]
+
+
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
     return flatten(params.clean, "clean")
@@ -393,7 +399,7 @@ def main() -> None:
                    **{f"rows_{split}": n for split, n in summary["kept"].items()},
                    "near_duplicates": summary["rejected"].get("near_duplicate", 0),
                    "decontaminated": summary["rejected"].get("contaminates_evaluation", 0),
-                   "pii_rows": summary["pii"]["rows"],
+                   "pii_rows": summary["pii"]["rows"], "sources_all_rejected": len(all_rejected_sources(summary)),
                    **{f"pii_{kind}": n for kind, n in summary["pii"]["found"].items()}}
         write_json(metrics_file("clean"), metrics)
         tracker.log_metrics(metrics)
@@ -402,6 +408,11 @@ def main() -> None:
             tracker.log_input(raw, f"raw/{raw.stem}", "source")
         for split in splits:
             tracker.log_input(CLEAN_DIR / f"{split}.jsonl", f"clean/{split}", split)
+    for name in all_rejected_sources(summary):
+        reasons = summary["sources"][name]["rejected"]
+        print(f"warning: clean: every row of source '{name}' was rejected ({summary['sources'][name]['rows_in']} rows: "
+              f"{', '.join(f'{reason} {n}' for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])) or 'none'}); "
+              f"see {CLEAN_DIR}/rejected.jsonl", file=sys.stderr)
     print(f"clean: {summary['rows_in']} rows in -> {summary['kept']}, rejected {summary['rejected']}; "
           f"PII ({summary['pii']['action']}): {summary['pii']['found'] or 'none'} in {summary['pii']['rows']} rows")
 

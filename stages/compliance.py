@@ -24,7 +24,7 @@ from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import run_stage
-from ftpipe.io import atomic_dir, read_json, write_json
+from ftpipe.io import CONTENT_FILE, atomic_dir, read_json, write_json
 from ftpipe.licenses import (LicenseDeclaration, LicenseError, LicensePolicy, conclude_licenses, enforce_license_gate,
                              resolve_license_id)
 from ftpipe.params import ComplianceParams, Params, flatten, load_params
@@ -72,9 +72,11 @@ def conclude(params: ComplianceParams, raw_record: dict[str, Any], base_record: 
 
 
 def gate_record(result: dict[str, Any]) -> dict[str, Any]:
-    """What train depends on: stable under a license change that still passes."""
-    return {"verdict": result["conclusion"]["verdict"], "base_model_digest": result["inputs"]["base_model"]["digest"],
-            "sources_sha256": {name: entry["sha256"] for name, entry in result["inputs"]["sources"].items()}}
+    """What train depends on: the verdict alone. Train reads its data and base through their own deps, so
+    the hashes checked here (in conclusion.json) would only rerun it for what cannot change its numbers: a
+    license change that still passes, or a new source whose rows are all empty or rejected. A failed gate
+    writes no gate.json, and DVC runs no train without it."""
+    return {"verdict": result["conclusion"]["verdict"]}
 
 
 def summary_metrics(conclusion: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    raw_record, base_record = read_json(RAW_DIR / PROVENANCE_FILE), read_json(BASE_DIR / PROVENANCE_FILE)
+    raw_record, base_record = read_json(RAW_DIR / PROVENANCE_FILE), read_json(BASE_DIR / CONTENT_FILE)
     with stage_run("compliance", stage_params) as tracker:
         result = conclude(params.compliance, raw_record, base_record)
         conclusion = result["conclusion"]

@@ -86,7 +86,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    from stages.tokenize import load_tokenized
+    from ftpipe.tokenized import load_tokenized
 
     examples, tokenized = read_jsonl(CLEAN_DIR / "test.jsonl"), load_tokenized("test")
     with stage_run("evaluate", stage_params) as tracker:

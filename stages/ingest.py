@@ -330,6 +330,20 @@ def ingest_source(source: SourceParams, out_dir: Path) -> dict:
     return entry
 
 
+def check_empty_sources(sources: list[dict], action: str) -> list[str]:
+    """The names of sources that gave no row: a warning each, or (ingest.empty_source: fail) an error."""
+    empty = [source["name"] for source in sources if source["rows"] == 0]
+    for name in empty:
+        origin = next(s["origin"] for s in sources if s["name"] == name)
+        message = (f"ingest source '{name}' ({origin.get('path', origin['kind'])}) has no rows: an empty file, "
+                   f"or a format with no records.")
+        if action == "fail":
+            raise PipelineError(f"{message} Fix the file, or remove the source from ingest.sources and "
+                                f"compliance.sources (or set ingest.empty_source: warn).")
+        print(f"warning: {message} Set ingest.empty_source: fail to stop on this.", file=sys.stderr)
+    return empty
+
+
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
     return flatten(params.ingest, "ingest")
@@ -341,9 +355,10 @@ def main() -> None:
     with stage_run("ingest", stage_params) as tracker:
         with atomic_dir(RAW_DIR) as out_dir:
             sources = [ingest_source(source, out_dir) for source in params.ingest.sources]
+            empty = check_empty_sources(sources, params.ingest.empty_source)
             write_json(out_dir / PROVENANCE_FILE, stage_record("ingest", stage_params, mlflow=tracker.reference(),
                                                                sources=sources))
-        metrics = {"rows_total": sum(s["rows"] for s in sources),
+        metrics = {"rows_total": sum(s["rows"] for s in sources), "empty_sources": len(empty),
                    **{f"rows.{s['name']}": s["rows"] for s in sources}}
         write_json(metrics_file("ingest"), metrics)
         tracker.log_metrics(metrics)

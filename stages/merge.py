@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, file_hashes, read_json, tree_digest, write_json
+from ftpipe.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, tree_digest, write_json
 from ftpipe.modeling import (cuda_available, inference_dtype, load_model, load_tokenizer, mean_loss,
                              resolve_compute_dtype, torch_dtype)
 from ftpipe.params import MergeParams, Params, QuantizationParams, flatten, load_params
@@ -83,7 +83,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    from stages.tokenize import load_tokenized
+    from ftpipe.tokenized import load_tokenized
 
     rows = load_tokenized("validation")
     with stage_run("merge", stage_params) as tracker:
@@ -94,7 +94,7 @@ def main() -> None:
             write_json(out_dir / PROVENANCE_FILE, stage_record(
                 "merge", stage_params, mlflow=tracker.reference(), metrics=metrics, files_sha256=hashes,
                 digest=tree_digest(hashes),
-                merged_into={"base_digest": read_json(BASE_DIR / PROVENANCE_FILE)["digest"],
+                merged_into={"base_digest": read_json(BASE_DIR / CONTENT_FILE)["digest"],
                              "dtype": params.base.dtype, "merge_compute_dtype": "float32"},
                 adapter_sha256=file_hashes(ADAPTER_DIR)))
         write_json(metrics_file("merge"), metrics)

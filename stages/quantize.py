@@ -94,7 +94,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    from stages.tokenize import load_tokenized
+    from ftpipe.tokenized import load_tokenized
 
     rows = load_tokenized("validation")
     with stage_run("quantize", stage_params) as tracker:

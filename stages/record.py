@@ -12,6 +12,7 @@ previous pipeline run (e.g. `train.learning_rate=0.001 (was 0.0005)`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,11 +25,11 @@ import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import run_stage
-from ftpipe.io import write_json
+from ftpipe.io import read_json, write_json
 from ftpipe.params import Params, flatten, load_params
-from ftpipe.paths import PARAMS_FILE, metrics_file
+from ftpipe.paths import PARAMS_FILE, PROVENANCE_FILE, STAGE_OUTPUTS, metrics_file
 from ftpipe.tracking import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
-                             log_batch, metric_points, pipeline_run_id, short_param)
+                             log_batch, metric_points, pipeline_run_id, short_param, store_failure)
 
 DVC_YAML, DVC_LOCK = Path("dvc.yaml"), Path("dvc.lock")
 OUTS_TAG = "dvc.outs_md5"
@@ -141,7 +142,18 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
 
 
 def _producer(client, experiment_id: str, stage: str, digest: str | None):
-    """The latest run of `stage` whose outputs had this digest: the one that made them."""
+    """The run that made `stage`'s current outputs: the one their provenance.json names (it is there even when
+    the pipeline run it belonged to failed later, before this stage could tag it), else the latest run of
+    `stage` whose outputs had this digest."""
+    output_dir = STAGE_OUTPUTS.get(stage)
+    record = output_dir / PROVENANCE_FILE if output_dir else None
+    if record and record.exists():
+        with contextlib.suppress(Exception):   # an unreadable record or an unknown run: fall back on the digest
+            run_id = (read_json(record).get("mlflow") or {}).get("run_id")
+            if run_id:
+                run = client.get_run(run_id)
+                if run.info.experiment_id == experiment_id:
+                    return run
     if digest is None:
         return None
     found = client.search_runs([experiment_id], f"tags.`{KIND}` = 'stage' and tags.`{STAGE}` = '{stage}' and "
@@ -171,7 +183,9 @@ def main() -> None:
     invocation = invocation_key()
     try:
         summary = close_pipeline_run(invocation, stage_names, lock, params_raw, files)
-    except Exception as err:  # noqa: BLE001 - the record must never fail the pipeline
+    except Exception as err:  # noqa: BLE001 - an unavailable store must never fail the pipeline; a bug must show
+        if not store_failure(err):
+            raise
         print(f"warning: MLflow unavailable ({type(err).__name__}: {str(err)[:300]}); the pipeline run of "
               f"{invocation} stays open", file=sys.stderr)
         summary = {"pipeline_run_id": None, "invocation": invocation, "error": f"{type(err).__name__}: {err}"}

@@ -255,17 +255,6 @@ def tokenize_splits(clean_dir: Path, tokenizer, params: TokenizeParams,
     return stats, lengths
 
 
-def load_tokenized(split: str, folder: Path = TOKENIZED_DIR) -> list[dict]:
-    """The rows of one tokenized split, as written by this stage: one example per row ({id, input_ids,
-    labels}), or packed train rows ({ids, input_ids, labels, position_ids}) when tokenize.packing is on."""
-    import pyarrow.parquet as pq
-
-    path = Path(folder) / f"{split}.parquet"
-    if not path.exists():
-        raise PipelineError(f"{path}: not found. Run `dvc repro tokenize` first.")
-    return pq.read_table(path).to_pylist()
-
-
 def length_histogram(lengths: dict[str, list[int]], max_seq_length: int) -> list[dict[str, int]]:
     """Rows {tokens, <split>: examples, ...}, one per HISTOGRAM_BINS bin from 0 to max_seq_length (the
     last bin includes max_seq_length itself); `tokens` is the bin's lower edge. One column per split:

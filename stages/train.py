@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,14 +24,14 @@ from typing import Any
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 import ftpipe.modeling as modeling_module
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import (atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text, tree_digest,
-                       write_json)
+from ftpipe.io import (CONTENT_FILE, atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text,
+                       tree_digest, write_content_record, write_json)
 from ftpipe.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, pad_packed_batch, padding_free_batch,
                              require_model_dir, resolve_compute_dtype, torch_dtype)
 from ftpipe.params import Params, TrainParams, flatten, load_params
 from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PROVENANCE_FILE, TOKENIZED_DIR,
                           metrics_file)
-from ftpipe.provenance import stage_record
+from ftpipe.provenance import package_version, stage_record
 from ftpipe.tracking import stage_run
 
 # tokens: positions the model computed, padding included; useful_tokens: the real (non-padding) ones.
@@ -38,6 +39,16 @@ from ftpipe.tracking import stage_run
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "useful_tokens", "loss_tokens", "seconds",
                  "tokens_per_s", "useful_tokens_per_s", "peak_memory_gib", "mfu")
 TOKENS_KEY = "real_tokens"   # the collator's count of a batch's non-padding tokens; the model never sees it
+# Params that change no number of the result: how often checkpoints are written and how many old runs' are
+# kept. They are left out of the fingerprint (a resume is the same run) and out of dvc.yaml (no rerun).
+RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept")
+# Params whose value is resolved on the machine ('auto'): the fingerprint holds the resolved value instead.
+RESOLVED = ("backend", "quantization.compute_dtype")
+# Packages whose version changes a step's numbers: a checkpoint is resumed only under the same ones.
+NUMERIC_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "unsloth", "unsloth-zoo")
+RUN_FILE = "run.json"              # in a checkpoint folder: which MLflow run started it, and when
+COMPLETED_DIR = "completed"        # in a checkpoint folder: the finished run's adapter and result.json
+RESULT_FILE = "result.json"
 
 
 def resolve_backend(requested: str) -> str:
@@ -52,15 +63,35 @@ def resolve_backend(requested: str) -> str:
     return "unsloth" if has_cuda else "cpu"
 
 
-def fingerprint(params: TrainParams, base_dir: Path, tokenized_dir: Path) -> str:
-    """Identity of a training run: params + base weights + training data + this stage's code.
-    Checkpoints are only resumed by a run with the same fingerprint: a checkpoint written by other
-    code may hold a different optimizer state or per-step log."""
-    base = read_json(base_dir / PROVENANCE_FILE)["digest"]
+def fingerprint(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path, backend: str,
+                compute_dtype: str) -> str:
+    """Identity of a training run: what can change its numbers. Params (less RESULT_NEUTRAL ones, with
+    'auto' values resolved: a run started on the CPU never resumes on a GPU), the base weights, the
+    training data, this stage's step code and the numeric packages' versions. Checkpoints are only resumed
+    by a run with the same fingerprint: a checkpoint written by other code may hold a different optimizer
+    state or per-step log."""
+    numbers = {key: value for key, value in flatten(params).items() if key not in RESULT_NEUTRAL + RESOLVED}
+    base = read_json(base_dir / CONTENT_FILE)["digest"]
     data = tree_digest(file_hashes(tokenized_dir, exclude=(PROVENANCE_FILE,)))
     code = [sha256_file(Path(__file__)), sha256_file(Path(modeling_module.__file__))]   # the step and the batches
-    return sha256_text(json.dumps({"train": flatten(params), "base": base, "data": data, "code": code},
-                                  sort_keys=True))[:16]
+    packages = {name: package_version(name) for name in NUMERIC_PACKAGES}
+    return sha256_text(json.dumps({"train": numbers, "max_seq_length": max_seq_length, "backend": backend,
+                                   "compute_dtype": compute_dtype, "base": base, "data": data, "code": code,
+                                   "packages": packages}, sort_keys=True))[:16]
+
+
+def prune_checkpoint_runs(root: Path, current: Path, kept: int) -> list[str]:
+    """Keep the `kept` most recent checkpoint folders of other runs (other params, data or code: they are
+    resumed if those come back), remove older ones, saying so. Returns the removed run ids."""
+    others = sorted((path for path in root.glob("*") if path.is_dir() and path != current),
+                    key=lambda path: path.stat().st_mtime, reverse=True)
+    removed = []
+    for path in others[kept:]:
+        shutil.rmtree(path)
+        removed.append(path.name)
+        print(f"train: removed the checkpoints of run {path.name} (other params, data or code; "
+              f"train.checkpoint_runs_kept: {kept} runs are kept)")
+    return removed
 
 
 def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_seq_length: int,
@@ -223,32 +254,72 @@ def run_completed(checkpoint: Path) -> bool:
     return state["global_step"] >= state["max_steps"]
 
 
-def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path,
-                  checkpoints_root: Path, out_dir: Path, callbacks: list | None = None) -> dict:
-    """Train LoRA adapters on the 4-bit base; save them into `out_dir`; return metrics and curve."""
-    from stages.tokenize import load_tokenized
+def completed_result(checkpoint_dir: Path, out_dir: Path) -> dict | None:
+    """The result of a run with this fingerprint that already finished, its adapter copied into `out_dir`;
+    None if there is none. The stage reruns for reasons that change no number (a helper module edited, a
+    license declaration that still passes): training again would cost hours for the same adapter."""
+    completed = checkpoint_dir / COMPLETED_DIR
+    if not (completed / RESULT_FILE).exists():
+        return None
+    for path in completed.iterdir():
+        if path.name != RESULT_FILE:
+            shutil.copy2(path, out_dir / path.name)
+    result = read_json(completed / RESULT_FILE)
+    result["metrics"]["reused_completed_run"] = True
+    return result
 
+
+def save_completed(checkpoint_dir: Path, out_dir: Path, result: dict) -> None:
+    """Keep the finished run's adapter and result beside its checkpoints (written atomically)."""
+    with atomic_dir(checkpoint_dir / COMPLETED_DIR) as completed:
+        for path in out_dir.iterdir():
+            shutil.copy2(path, completed / path.name)
+        write_json(completed / RESULT_FILE, result)
+
+
+def start_record(checkpoint_dir: Path, resume_from: str | None, mlflow_run_id: str | None) -> dict:
+    """Who started this checkpoint folder (written by the run that starts it) and, on a resume, that run."""
+    path = checkpoint_dir / RUN_FILE
+    if resume_from and path.exists():
+        return {**read_json(path), "resumed_from_checkpoint": Path(resume_from).name}
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    record = {"mlflow_run_id": mlflow_run_id, "pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                              time.gmtime())}
+    write_json(path, record)
+    return {**record, "resumed_from_checkpoint": Path(resume_from).name if resume_from else None}
+
+
+def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path,
+                  checkpoints_root: Path, out_dir: Path, callbacks: list | None = None,
+                  mlflow_run_id: str | None = None) -> dict:
+    """Train LoRA adapters on the 4-bit base; save them into `out_dir`; return metrics and curve (and, under
+    "start", which run started the checkpoints this run resumed)."""
+    from ftpipe.tokenized import load_tokenized
+
+    backend = resolve_backend(params.backend)
+    compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend == "unsloth")
+    run_id = fingerprint(params, max_seq_length, base_dir, tokenized_dir, backend, compute_dtype)
+    checkpoint_dir = checkpoints_root / run_id
+    prune_checkpoint_runs(checkpoints_root, checkpoint_dir, params.checkpoint_runs_kept)
+    reused = completed_result(checkpoint_dir, out_dir)
+    if reused:
+        print(f"train: run {run_id} (same params, base, data, code and packages) already finished; "
+              f"its adapter is published again, without training")
+        return reused
+    resume_from = last_checkpoint(checkpoint_dir)
+    if resume_from and run_completed(Path(resume_from)):
+        # A finished run without its completed/ record (killed while saving it): resuming its last checkpoint
+        # would take one step more (step 201 of 200), so it trains again: same seed and data, same adapter.
+        shutil.rmtree(checkpoint_dir)
+        resume_from = None
+    start = start_record(checkpoint_dir, resume_from, mlflow_run_id)
     rows = load_tokenized("train", tokenized_dir)
     packed = "position_ids" in rows[0]   # tokenize.packing wrote packed rows
     pad_id = load_tokenizer(base_dir).pad_token_id
-    backend = resolve_backend(params.backend)
-    compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend == "unsloth")
-    run_id = fingerprint(params, base_dir, tokenized_dir)
-    checkpoint_dir = checkpoints_root / run_id
-    for stale in checkpoints_root.glob("*"):   # checkpoints of other params/data can never be resumed
-        if stale != checkpoint_dir and stale.is_dir():
-            shutil.rmtree(stale)
-    resume_from = last_checkpoint(checkpoint_dir)
-    if resume_from and run_completed(Path(resume_from)):
-        # The checkpoint of a run that finished: the trainer checks for the end only after a step, so
-        # resuming it would take one step more (step 201 of 200). The stage reruns because its code or
-        # inputs changed, so it trains again from the start: same seed and data, same adapter.
-        shutil.rmtree(checkpoint_dir)
-        resume_from = None
     print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}, "
           f"{len(rows)} {'packed' if packed else 'one-example'} rows"
-          + (f", resuming from {resume_from}" if resume_from else ""))
-
+          + (f", resuming from {resume_from} (started by MLflow run {start.get('mlflow_run_id')})"
+             if resume_from else ""))
     from transformers import set_seed
 
     set_seed(params.seed)
@@ -274,9 +345,11 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         "train_loss": sum(row["loss"] for row in curve) / len(curve),
         "seconds": round(time.perf_counter() - started, 1),
         **throughput(curve),
-        "trainable_parameters": trainable, "base_parameters": base_parameters,
+        "trainable_parameters": trainable, "base_parameters": base_parameters, "reused_completed_run": False,
     }
-    return {"metrics": metrics, "curve": curve}
+    result = {"metrics": metrics, "curve": curve, "start": start}
+    save_completed(checkpoint_dir, out_dir, result)
+    return result
 
 
 def curve_csv(curve: list[dict]) -> str:
@@ -288,9 +361,25 @@ def curve_csv(curve: list[dict]) -> str:
 
 
 def tracked_params(params: Params) -> dict:
-    """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
-    return {**flatten(params.train, "train"), "tokenize.max_seq_length": params.tokenize.max_seq_length,
+    """The params.yaml keys that can change this stage's result: dvc.yaml lists the same
+    (tests/test_dvc_yaml.py), so that changing one reruns training."""
+    train = {key: value for key, value in flatten(params.train, "train").items()
+             if key.removeprefix("train.") not in RESULT_NEUTRAL}
+    return {**train, "tokenize.max_seq_length": params.tokenize.max_seq_length}
+
+
+def settings(params: Params) -> dict:
+    """The params.yaml keys this stage also reads, which change no result (checkpoint cadence and retention,
+    what MLflow keeps): not in dvc.yaml, so that changing one reruns nothing; logged to MLflow all the same."""
+    return {**{f"train.{key}": getattr(params.train, key) for key in RESULT_NEUTRAL},
             **flatten(params.tracking, "tracking")}
+
+
+# Whole-run figures whose names are also per-step metrics: logged to MLflow as run/<name> (a total of 461
+# seconds at step 0 beside per-step values of 2 s would read as one spike of the same series).
+def run_totals(metrics: dict) -> dict:
+    return {(f"run/{key}" if key in CURVE_COLUMNS else key): value for key, value in metrics.items()
+            if isinstance(value, (int, float))}
 
 
 def mlflow_callback(tracker, checkpoint_max_mib: float):
@@ -327,29 +416,38 @@ def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
     base_dir = require_model_dir(BASE_DIR, "base model")
-    with stage_run("train", stage_params, params.tracking.system_metrics_interval_s) as tracker:
+    base_content = read_json(base_dir / CONTENT_FILE)
+    with stage_run("train", {**stage_params, **settings(params)},
+                   params.tracking.system_metrics_interval_s) as tracker:
         tracker.log_input(TOKENIZED_DIR / "train.parquet", "tokenized/train", "training")
-        tracker.set_tags({"base.digest": read_json(base_dir / PROVENANCE_FILE)["digest"]})
+        tracker.set_tags({"base.digest": base_content["digest"]})
         live = mlflow_callback(tracker, params.tracking.checkpoint_artifact_max_mib)
         with atomic_dir(ADAPTER_DIR) as out_dir:
             result = train_adapter(params.train, params.tokenize.max_seq_length, base_dir, TOKENIZED_DIR,
-                                   CHECKPOINTS_DIR, out_dir, callbacks=[live])
-            base_provenance = read_json(base_dir / PROVENANCE_FILE)
+                                   CHECKPOINTS_DIR, out_dir, callbacks=[live], mlflow_run_id=tracker.run_id)
+            write_content_record(out_dir)
             write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "train", stage_params, mlflow=tracker.reference(), metrics=result["metrics"],
-                trained_on={"base_digest": base_provenance["digest"], "base_dtype": base_provenance["dtype"],
+                "train", stage_params, mlflow=tracker.reference(), metrics=result["metrics"], start=result["start"],
+                trained_on={"base_digest": base_content["digest"], "base_dtype": base_content["dtype"],
                             "quantized_as": f"bitsandbytes {params.train.quantization.quant_type} 4-bit "
                                             f"(double quant: {params.train.quantization.double_quant}) "
                                             f"of {BASE_DIR}"},
                 data_sha256=file_hashes(TOKENIZED_DIR)))
+        start, metrics = result["start"], result["metrics"]
+        tracker.set_tags({"ftpipe.run_fingerprint": metrics["run_fingerprint"],
+                          "ftpipe.resumed": str(bool(start.get("resumed_from_checkpoint"))).lower(),
+                          "ftpipe.reused_completed_run": str(metrics["reused_completed_run"]).lower()})
+        if start.get("resumed_from_checkpoint"):
+            tracker.set_tags({"ftpipe.resumed_from_checkpoint": start["resumed_from_checkpoint"],
+                              "ftpipe.resumed_from_run": str(start.get("mlflow_run_id"))})
         atomic_write_text(PLOTS_DIR / "train_loss.csv", curve_csv(result["curve"]))
-        write_json(metrics_file("train"), result["metrics"])
-        for row in result["curve"]:   # the steps a resumed run took before its interruption
+        write_json(metrics_file("train"), metrics)
+        for row in result["curve"]:   # the steps a resumed (or reused) run took before this process
             if row["step"] not in live.logged_steps:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
-        tracker.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
+        tracker.log_metrics(run_totals(metrics))
         tracker.log_artifact(ADAPTER_DIR, "adapter")
-    m = result["metrics"]
+    m = metrics
     print(f"train: {m['steps']} steps, final loss {m['final_loss']:.4f}"
           + (f", {m['useful_tokens_per_s']} useful tokens/s ({m['useful_token_share']:.0%} of the "
              f"{m['tokens_per_s']} computed)" if "tokens_per_s" in m else "")

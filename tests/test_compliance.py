@@ -34,6 +34,7 @@ def write_project(sources: dict[str, str | None], intended_use: str = "commercia
         {"name": name, "file": f"{name}.jsonl", "sha256": f"{index:064x}", "rows": 10 + index}
         for index, name in enumerate(sources)]})
     write_json(Path("models/base/provenance.json"), {"stage": "base", **BASE_RECORD})
+    write_json(Path("models/base/content.json"), BASE_RECORD)   # what the stage reads (and depends on)
 
 
 def run_gate() -> dict:
@@ -145,8 +146,19 @@ def test_a_license_change_that_still_passes_leaves_the_gate_byte_identical(in_tm
     assert conclusion["inputs"][1] == {"role": "data source", "name": "docs", "declared": "MIT OR Apache-2.0",
                                        "chosen": "Apache-2.0"}   # as restrictive as MIT, and already the base's
     assert conclusion["concluded_license"] == "Apache-2.0"
-    assert json.loads(gate_before) == {"verdict": "pass", "base_model_digest": "b" * 64,
-                                       "sources_sha256": {"docs": f"{0:064x}"}}
+    assert json.loads(gate_before) == {"verdict": "pass"}
+
+
+def test_a_new_empty_source_leaves_the_gate_byte_identical(in_tmp_project):
+    """A source with no rows (or whose rows clean rejects) changes what compliance checked, not what train
+    trains on: gate.json, train's dependency, stays the same bytes, so nothing is retrained."""
+    write_project({"docs": "PSF-2.0"})
+    run_gate()
+    gate_before = Path("data/compliance/gate.json").read_bytes()
+    write_project({"docs": "PSF-2.0", "empty": "MIT"})
+    conclusion = run_gate()
+    assert Path("data/compliance/gate.json").read_bytes() == gate_before
+    assert set(conclusion["inputs"]["sources"]) == {"docs", "empty"}   # the conclusion still names both
 
 
 def test_repo_params_pass_the_gate(in_tmp_project):

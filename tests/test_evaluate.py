@@ -8,7 +8,7 @@ from ftpipe.errors import PipelineError
 from ftpipe.io import read_jsonl
 from ftpipe.params import EvaluateParams
 from stages.evaluate import evaluate_models, rouge_l, select_examples
-from stages.tokenize import load_tokenized
+from ftpipe.tokenized import load_tokenized
 
 PARAMS = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2)
 

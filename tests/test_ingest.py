@@ -347,7 +347,8 @@ def test_main_writes_raw_data_provenance_and_metrics(in_tmp_project, capsys):
     assert sources["mine"]["sha256"] == sha256_file(Path("data/raw/mine.jsonl"))
     assert sources["other"]["rows"] == 1
 
-    assert read_json(Path("metrics/ingest.json")) == {"rows_total": 5, "rows.mine": 4, "rows.other": 1}
+    assert read_json(Path("metrics/ingest.json")) == {"rows_total": 5, "empty_sources": 0, "rows.mine": 4,
+                                                      "rows.other": 1}
     out = capsys.readouterr().out
     assert "ingest: mine: 4 rows -> data/raw/mine.jsonl" in out
 
@@ -363,5 +364,24 @@ def test_main_failure_keeps_the_previous_raw_data(in_tmp_project):
     with pytest.raises(PipelineError, match=r"mine\.json: a \.json source must hold an array"):
         ingest.main()
     assert Path("data/raw/mine.jsonl").read_text(encoding="utf-8") == before
-    assert read_json(Path("metrics/ingest.json")) == {"rows_total": 1, "rows.mine": 1}
+    assert read_json(Path("metrics/ingest.json")) == {"rows_total": 1, "empty_sources": 0, "rows.mine": 1}
     assert sorted(p.name for p in Path("data").iterdir()) == ["raw", "sources"]
+
+
+@pytest.mark.parametrize("action", ["warn", "fail"])
+def test_an_empty_source_is_named_with_a_warning_or_fails(in_tmp_project, capsys, action):
+    write_lines(Path("data/sources/mine.jsonl"), [json.dumps(alpaca(1))])
+    Path("data/sources/empty.jsonl").write_text("\n\n", encoding="utf-8")   # blank lines only: no record
+    write_params([{"name": "mine", "type": "file", "path": "data/sources/mine.jsonl"},
+                  {"name": "empty", "type": "file", "path": "data/sources/empty.jsonl"}])
+    data = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    data["ingest"]["empty_source"] = action
+    Path("params.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    if action == "fail":
+        with pytest.raises(PipelineError, match=r"ingest source 'empty' \(data/sources/empty.jsonl\) has no rows"):
+            ingest.main()
+        assert not Path("data/raw").exists()   # nothing published
+        return
+    ingest.main()
+    assert "warning: ingest source 'empty' (data/sources/empty.jsonl) has no rows" in capsys.readouterr().err
+    assert read_json(Path("metrics/ingest.json"))["empty_sources"] == 1

@@ -46,6 +46,29 @@ def test_atomic_dir_publishes_on_success(tmp_path):
     assert leftovers(final.parent) == []
 
 
+def test_a_killed_writers_temporaries_are_removed_by_the_next_run(tmp_path):
+    """SIGKILL runs no cleanup: the next atomic_dir of the same output removes what the dead process
+    left (its temporary and backup folders, a half-written file), and keeps a live writer's."""
+    import signal
+    import subprocess
+    import sys
+
+    final = tmp_path / "adapter"
+    script = ("import os, signal, sys; from pathlib import Path; from ftpipe.io import atomic_dir\n"
+              "with atomic_dir(Path(sys.argv[1])) as work:\n"
+              "    (work / 'half.bin').write_bytes(b'x' * 10)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(final)], cwd=Path(__file__).parents[1])
+    assert killed.returncode == -signal.SIGKILL
+    assert len(leftovers(tmp_path)) == 1 and leftovers(tmp_path)[0].startswith(".adapter.tmp-")
+    live_writer = tmp_path / f".adapter.tmp-{os.getpid()}-inprogress"   # this process is alive
+    live_writer.mkdir()
+    with atomic_dir(final) as work:
+        (work / "ok.txt").write_text("ok")
+    assert leftovers(tmp_path) == [live_writer.name]
+    assert (final / "ok.txt").read_text() == "ok"
+
+
 def test_atomic_dir_replaces_an_existing_folder(tmp_path):
     final = tmp_path / "out"
     final.mkdir()

@@ -13,7 +13,7 @@ from ftpipe.io import file_hashes, read_json, tree_digest
 from ftpipe.modeling import load_model, load_tokenizer, mean_loss
 from ftpipe.params import MergeParams
 from stages.merge import check_parity
-from stages.tokenize import load_tokenized
+from ftpipe.tokenized import load_tokenized
 
 from tests.model_fixtures import TARGET_MODULES, TRAIN
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO / "params.yaml"
 TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps",
               "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
-              "gradient_checkpointing", "checkpoint_every", "lora", "quantization")
+              "gradient_checkpointing", "checkpoint_every", "checkpoint_runs_kept", "lora", "quantization")
 
 
 def edited_text(tmp_path: Path, old: str, new: str) -> Path:
@@ -254,12 +254,12 @@ def test_flatten_with_prefix_and_several_sources():
     ingest = IngestParams(sources=[
         SourceParams(name="a", type="file", path="data/sources/a.jsonl", max_rows=5),
         SourceParams(name="b", type="python_stdlib_docstrings"),
-    ])
+    ], empty_source="warn")
     assert flatten(ingest, "ingest") == {
         "ingest.sources.0.name": "a", "ingest.sources.0.type": "file",
         "ingest.sources.0.path": "data/sources/a.jsonl", "ingest.sources.0.max_rows": 5,
         "ingest.sources.1.name": "b", "ingest.sources.1.type": "python_stdlib_docstrings",
-        "ingest.sources.1.path": None, "ingest.sources.1.max_rows": None,
+        "ingest.sources.1.path": None, "ingest.sources.1.max_rows": None, "ingest.empty_source": "warn",
     }
 
 

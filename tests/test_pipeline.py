@@ -22,10 +22,11 @@ from tests.conftest import REPO
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/config",
                  ".dvc/.gitignore", "data/sources/.gitkeep", "models/source/.gitkeep")
 PROJECT_DIRS = ("stages", "ftpipe")
-STAGES = ("base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "merge", "quantize",
+STAGES = ("check_params", "base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "merge", "quantize",
           "report")
 AFTER_TRAIN = {"train", "evaluate", "merge", "quantize", "report"}
 RECORD = "record"   # always runs: it closes the invocation's MLflow pipeline run
+CHECK = "check_params"   # runs on every edit of params.yaml, before any other stage; changes no output
 
 
 def run(command: list[str], cwd: Path, stdout_only: bool = False) -> str:
@@ -142,9 +143,49 @@ def test_changed_learning_rate_reruns_train_and_after_only(project, first_repro)
     assert_nothing_reruns(project)   # start from an up-to-date project, whatever ran before
     edit_params(project, **{"train.learning_rate": 1.0e-3})
     output = run(["dvc", "repro"], project)
-    assert stages_run(output) == AFTER_TRAIN | {RECORD}
-    for stage in set(STAGES) - AFTER_TRAIN:
+    assert stages_run(output) == AFTER_TRAIN | {CHECK, RECORD}
+    for stage in set(STAGES) - AFTER_TRAIN - {CHECK}:
         assert f"Stage '{stage}' didn't change, skipping" in output
+
+
+def test_a_params_typo_fails_before_any_output_is_touched(project, first_repro):
+    """DVC deletes a stage's outputs before running it: a misspelt key must stop `dvc repro` at the params
+    check, with the did-you-mean message, the trained adapter still in place; fixing it reruns nothing."""
+    from ftpipe.io import file_hashes
+
+    run(["dvc", "repro"], project)   # up to date, whatever ran before
+    adapter, train_metrics = file_hashes(project / "models/adapter"), (project / "metrics/train.json").read_text()
+    params_file = project / "params.yaml"
+    good = params_file.read_text()
+    assert good.count("  learning_rate:") == 1
+    params_file.write_text(good.replace("  learning_rate:", "  learnig_rate:"))
+    output = repro_failing(project)
+    assert "unknown key 'train.learnig_rate'. Did you mean 'train.learning_rate'?" in output
+    assert stages_run(output) == {CHECK}
+    assert file_hashes(project / "models/adapter") == adapter
+    assert (project / "metrics/train.json").read_text() == train_metrics
+    params_file.write_text(good)
+    assert stages_run(run(["dvc", "repro"], project)) == {CHECK, RECORD}
+
+
+def test_result_neutral_params_rerun_nothing(project, first_repro):
+    """Checkpoint cadence and retention, and what MLflow keeps, change no result: no stage reruns."""
+    run(["dvc", "repro"], project)
+    edit_params(project, **{"train.checkpoint_every": 2, "train.checkpoint_runs_kept": 1,
+                            "tracking.system_metrics_interval_s": 5.0})
+    assert stages_run(run(["dvc", "repro"], project)) == {CHECK, RECORD}
+
+
+def test_a_deleted_adapter_comes_back_from_dvcs_run_cache_without_training(project, first_repro):
+    """No stage output persists, so DVC's run cache holds every stage: an adapter lost with a failed or
+    killed run (DVC deletes it before train starts) is checked out again, not trained again."""
+    run(["dvc", "repro"], project)
+    shutil.rmtree(project / "models/adapter")
+    (project / "metrics/train.json").unlink()
+    output = run(["dvc", "repro"], project)
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in output
+    assert stages_run(output) == {RECORD}   # evaluate, merge, ...: the same adapter content, nothing reruns
+    assert (project / "models/adapter/adapter_model.safetensors").exists() and (project / "metrics/train.json").exists()
 
 
 # --- the MLflow record ------------------------------------------------------------------------------------
@@ -209,7 +250,7 @@ def test_a_params_change_names_the_run_and_links_the_skipped_stages(project, fir
     index = next(i for i, parent in enumerate(parents) if parent.info.run_name == named)
     changed, before = parents[index], parents[index - 1]
     assert set(changed.data.tags["stages.executed"].split(",")) == AFTER_TRAIN
-    for stage in set(STAGES) - AFTER_TRAIN:
+    for stage in set(STAGES) - AFTER_TRAIN - {CHECK}:
         producer = changed.stages[stage].data.tags["ftpipe.produced_by"]
         assert producer == (before.stages[stage].data.tags.get("ftpipe.produced_by") or before.stages[stage].info.run_id)
 
@@ -264,7 +305,7 @@ def repro_failing(project: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     done = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
-    assert done.returncode != 0, "dvc repro passed, but the license gate should have failed it"
+    assert done.returncode != 0, "dvc repro passed, but it should have failed"
     return done.stdout + done.stderr
 
 
@@ -272,7 +313,7 @@ def test_changing_only_a_declared_license_reruns_only_compliance_and_report(proj
     run(["dvc", "repro"], project)   # up to date, whatever ran before
     edit_params(project, **{"compliance.sources.0.license": "PSF-2.0 OR MIT"})
     output = run(["dvc", "repro"], project)
-    assert stages_run(output) == {"compliance", "report", RECORD}
+    assert stages_run(output) == {CHECK, "compliance", "report", RECORD}
     card = (project / "models/release/merged/README.md").read_text()
     assert "Apache-2.0 AND MIT" in card   # MIT chosen: as permissive as PSF-2.0, first by name
     assert "all checks passed" in run([sys.executable, "-m", "ftpipe.verify"], project)
@@ -282,13 +323,13 @@ def test_a_non_commercial_source_stops_commercial_use_and_research_use_says_so(p
     edit_params(project, **{"compliance.sources.0.license": "CC-BY-NC-4.0", "compliance.intended_use": "commercial"})
     output = repro_failing(project)
     assert "data source 'python_stdlib_docs': CC-BY-NC-4.0 [non-commercial] forbids commercial use" in output
-    assert stages_run(output) == {"compliance"} and not (project / "data/compliance").exists()
+    assert stages_run(output) == {CHECK, "compliance"} and not (project / "data/compliance").exists()
     stale = subprocess.run([sys.executable, "-m", "ftpipe.verify"], cwd=project, capture_output=True, text=True)
     assert stale.returncode == 1 and "the release is stale" in stale.stdout   # the old release must not ship
 
     edit_params(project, **{"compliance.intended_use": "research"})
     output = run(["dvc", "repro"], project)
-    assert stages_run(output) == {"compliance", "report", RECORD}   # the gate passes again: no retraining
+    assert stages_run(output) == {CHECK, "compliance", "report", RECORD}   # the gate passes again: no retraining
     for name in ("merged", "gguf-q8_0"):
         card = (project / "models/release" / name / "README.md").read_text()
         assert "Commercial use: not allowed" in card and "CC-BY-NC-4.0" in card and "python_stdlib_docs" in card

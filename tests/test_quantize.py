@@ -10,7 +10,7 @@ from ftpipe.errors import PipelineError
 from ftpipe.io import atomic_dir
 from ftpipe.params import QuantizeParams
 from stages.quantize import quantize_and_check, tokenizer_mismatches
-from stages.tokenize import load_tokenized
+from ftpipe.tokenized import load_tokenized
 
 PARAMS = QuantizeParams(types=["f16", "q8_0"], max_loss_gap={"f16": 0.01, "q8_0": 0.05})   # as in params.yaml
 WEIGHT_TYPES = {"f16": "F16", "q8_0": "Q8_0"}

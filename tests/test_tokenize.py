@@ -15,7 +15,8 @@ from ftpipe.io import read_json, sha256_text
 from ftpipe.modeling import IGNORE_INDEX, render_chat
 from ftpipe.params import TokenizeParams
 from ftpipe.paths import SPLITS
-from stages.tokenize import (TOKENIZER_FILES, length_histogram, load_tokenized, pack_examples, tokenize_batch,
+from ftpipe.tokenized import load_tokenized
+from stages.tokenize import (TOKENIZER_FILES, length_histogram, pack_examples, tokenize_batch,
                              tokenize_example, tokenize_splits)
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -81,6 +81,34 @@ def test_a_failing_stage_closes_its_run_and_its_pipeline_run_as_failed(store, mo
     assert parent.data.tags["mlflow.runName"] == "failed at broken"
 
 
+def test_runs_left_running_by_a_killed_invocation_are_ended_by_the_next(store, monkeypatch):
+    """SIGKILL runs no cleanup: the stage run and its pipeline run stay RUNNING. The next invocation on this
+    host sees that their process is gone and ends them as KILLED, saying by whom; a live one is kept."""
+    import socket
+
+    from ftpipe.tracking import StageTracker
+
+    dead = f"{socket.gethostname()}:{2**22 + 7}:1"   # above the default pid_max: no such process
+    monkeypatch.setenv("FTPIPE_INVOCATION", dead)
+    killed = StageTracker("train", {})
+    killed.start()   # never ended, as when the process is killed
+    import psutil
+
+    monkeypatch.setenv("FTPIPE_INVOCATION", f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time())}")
+    alive = StageTracker("ingest", {})
+    alive.start()   # this process: alive, must be kept RUNNING
+    monkeypatch.setenv("FTPIPE_INVOCATION", "host:9:9")
+    with stage_run("base", {}):
+        pass
+    (old_stage,) = runs(store, "stage", dead)
+    (old_pipeline,) = runs(store, "pipeline", dead)
+    assert old_stage.info.status == old_pipeline.info.status == "KILLED"
+    assert "the process of " + dead + " was gone" in old_stage.data.tags["ftpipe.ended_by"]
+    assert old_pipeline.data.tags["mlflow.runName"].startswith("killed (")
+    assert store.get_run(alive.run_id).info.status == "RUNNING"
+    alive.end("FINISHED")
+
+
 def test_stages_of_one_invocation_share_one_pipeline_run(store, monkeypatch):
     for invocation in ("host:3:3", "host:3:3", "host:4:4"):
         monkeypatch.setenv("FTPIPE_INVOCATION", invocation)

@@ -14,14 +14,34 @@ import pytest
 from ftpipe.errors import PipelineError
 from ftpipe.io import read_json
 from ftpipe.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
-from stages.tokenize import load_tokenized, packed_rows
+from ftpipe.tokenized import load_tokenized
+from stages.tokenize import packed_rows
 from stages.train import CURVE_COLUMNS, TOKENS_KEY, TokenCountingCollator, curve_csv, fingerprint, resolve_backend
 
 from tests.conftest import EMBEDDED_EOS_ID
-from tests.model_fixtures import PACKED_TOKENIZE, TARGET_MODULES, TRAIN, build_tokenized, model_probe, train_tiny
+from tests.model_fixtures import (PACKED_TOKENIZE, TARGET_MODULES, TOKENIZE, TRAIN, build_tokenized, model_probe,
+                                  train_tiny)
 
 REPO = Path(__file__).resolve().parents[1]
 N_LAYERS = 2   # the tiny model's (tests/conftest.py)
+
+
+def cpu_fingerprint(params, base_dir, tokenized_dir) -> str:
+    """The fingerprint train_tiny's runs have: the CPU backend, float32 compute (TRAIN's)."""
+    return fingerprint(params, TOKENIZE.max_seq_length, base_dir, tokenized_dir, "cpu", "float32")
+
+
+def train_began():
+    """A TrainerCallback that counts how often training began (0: the stage trained nothing)."""
+    from transformers import TrainerCallback
+
+    class Began(TrainerCallback):
+        count = 0
+
+        def on_train_begin(self, *args, **kwargs):
+            type(self).count += 1
+
+    return Began()
 
 
 def interrupt_at(step: int):
@@ -90,11 +110,15 @@ def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, t
     assert metrics["final_loss"] == curve[-1]["loss"]
     assert metrics["train_loss"] == pytest.approx(sum(row["loss"] for row in curve) / 6)
     assert metrics["trainable_parameters"] == lora_parameter_count(model_config, 4)
-    assert metrics["run_fingerprint"] == fingerprint(TRAIN, tiny_base, tiny_data[1])
+    assert metrics["run_fingerprint"] == cpu_fingerprint(TRAIN, tiny_base, tiny_data[1])
+    assert metrics["reused_completed_run"] is False
     assert metrics["tokens_per_s"] > 0
 
     checkpoints = tiny_trained["checkpoints"] / metrics["run_fingerprint"]
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                                                   "completed", "run.json"]
+    assert read_json(checkpoints / "completed" / "result.json")["metrics"] == metrics
+    assert adapter_tensors(checkpoints / "completed").keys() == adapter_tensors(adapter).keys()
     lines = curve_csv(curve).splitlines()
     assert lines[0] == ",".join(CURVE_COLUMNS) and len(lines) == 7
 
@@ -114,13 +138,16 @@ def resumed(tmp_path_factory, tiny_base, tiny_data):
 
 
 def test_interrupted_run_leaves_only_its_checkpoint(resumed):
-    assert resumed["left"] == {"checkpoints": ["checkpoint-2"], "adapter_files": []}
+    assert resumed["left"] == {"checkpoints": ["checkpoint-2", "run.json"], "adapter_files": []}
 
 
 def test_rerun_resumes_and_ends_where_an_uninterrupted_run_ends(resumed, tiny_trained):
     metrics, curve = resumed["result"]["metrics"], resumed["result"]["curve"]
     reference = tiny_trained["result"]   # same params, base and data, never interrupted
     assert metrics["resumed_from"] == "checkpoint-2"
+    # the interrupted process started the folder: the resumed run names it (and its MLflow run) as its start
+    assert resumed["result"]["start"]["resumed_from_checkpoint"] == "checkpoint-2"
+    assert resumed["result"]["start"]["pid"] == __import__("os").getpid()
     assert metrics["steps"] == 6 and [row["step"] for row in curve] == [1, 2, 3, 4, 5, 6]
     assert metrics["run_fingerprint"] == reference["metrics"]["run_fingerprint"]
     # CPU training here is deterministic (seeded LoRA init, data order and RNG state restored from the
@@ -137,25 +164,58 @@ def test_rerun_resumes_and_ends_where_an_uninterrupted_run_ends(resumed, tiny_tr
     assert all((resumed_tensors[k] - reference_tensors[k]).abs().max() <= 1e-6 for k in reference_tensors)
 
 
-def test_changed_params_start_over_and_delete_stale_checkpoints(tmp_path, tiny_base, tiny_data, tiny_trained):
+def test_changed_params_start_over_and_keep_the_other_runs_checkpoints(tmp_path, tiny_base, tiny_data, tiny_trained,
+                                                                        capsys):
     old_id = tiny_trained["result"]["metrics"]["run_fingerprint"]
     root = tmp_path / "checkpoints"
     shutil.copytree(tiny_trained["checkpoints"], root)
     changed = dataclasses.replace(TRAIN, learning_rate=TRAIN.learning_rate / 2)
-    new_id = fingerprint(changed, tiny_base, tiny_data[1])
+    new_id = cpu_fingerprint(changed, tiny_base, tiny_data[1])
     assert new_id != old_id
 
     result = train_tiny(changed, tiny_base, tiny_data[1], root, tmp_path / "adapter")
     assert result["metrics"]["run_fingerprint"] == new_id and result["metrics"]["resumed_from"] is None
-    assert [path.name for path in root.iterdir()] == [new_id]
+    assert sorted(path.name for path in root.iterdir()) == sorted([new_id, old_id])   # the old run's are kept
     assert result["curve"][-1]["loss"] != tiny_trained["result"]["curve"][-1]["loss"]
 
+    # Going back to the old params finds that run finished: nothing is trained, both runs stay kept.
+    began = train_began()
+    again = train_tiny(TRAIN, tiny_base, tiny_data[1], root, tmp_path / "adapter-again", [began])
+    assert began.count == 0 and again["metrics"]["run_fingerprint"] == old_id
+    assert sorted(path.name for path in root.iterdir()) == sorted([new_id, old_id])
 
-def test_a_rerun_after_a_completed_run_trains_again_to_the_same_adapter(tmp_path, tiny_base, tiny_data, tiny_trained):
-    """The stage reruns when its code changed: the finished run's last checkpoint must not be resumed
-    (the trainer would take a 7th step of 6) but trained again, to the same result."""
+    # Beyond train.checkpoint_runs_kept, the oldest other runs are removed, each with a log line.
+    capsys.readouterr()
+    dropped = dataclasses.replace(TRAIN, learning_rate=TRAIN.learning_rate / 4, checkpoint_runs_kept=0)
+    train_tiny(dropped, tiny_base, tiny_data[1], root, tmp_path / "adapter-dropped")
+    assert [path.name for path in root.iterdir()] == [cpu_fingerprint(dropped, tiny_base, tiny_data[1])]
+    log = capsys.readouterr().out
+    assert f"removed the checkpoints of run {old_id}" in log and f"removed the checkpoints of run {new_id}" in log
+
+
+def test_a_rerun_of_a_completed_run_publishes_its_adapter_without_training(tmp_path, tiny_base, tiny_data,
+                                                                          tiny_trained):
+    """The stage reruns for reasons that change no number (a helper module edited): the run with the same
+    fingerprint finished, so its adapter and result are published again and nothing is trained."""
     root = tmp_path / "checkpoints"
     shutil.copytree(tiny_trained["checkpoints"], root)
+    began = train_began()
+    result = train_tiny(TRAIN, tiny_base, tiny_data[1], root, tmp_path / "adapter", [began])
+    reference = tiny_trained["result"]
+    assert began.count == 0
+    assert result["metrics"] == {**reference["metrics"], "reused_completed_run": True}
+    assert result["curve"] == reference["curve"]
+    tensors, reference_tensors = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tiny_trained["adapter"])
+    assert all(bool((tensors[k] == reference_tensors[k]).all()) for k in reference_tensors)
+
+
+def test_a_finished_run_without_its_record_trains_again_to_the_same_adapter(tmp_path, tiny_base, tiny_data,
+                                                                            tiny_trained):
+    """Killed after its last checkpoint but before its completed/ record: the last checkpoint must not be
+    resumed (the trainer would take a 7th step of 6) but trained again, to the same result."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_trained["checkpoints"], root)
+    shutil.rmtree(root / tiny_trained["result"]["metrics"]["run_fingerprint"] / "completed")
     result = train_tiny(TRAIN, tiny_base, tiny_data[1], root, tmp_path / "adapter")
     reference = tiny_trained["result"]
     assert (result["metrics"]["steps"], result["metrics"]["resumed_from"]) == (6, None)
@@ -164,19 +224,29 @@ def test_a_rerun_after_a_completed_run_trains_again_to_the_same_adapter(tmp_path
     assert all(bool((tensors[k] == reference_tensors[k]).all()) for k in reference_tensors)
 
 
-def test_fingerprint_follows_base_and_data_but_not_provenance(tmp_path, tiny_base, tiny_data):
+def test_fingerprint_follows_what_changes_the_numbers(tmp_path, tiny_base, tiny_data):
     tokenized = shutil.copytree(tiny_data[1], tmp_path / "tokenized")
-    original = fingerprint(TRAIN, tiny_base, tokenized)
-    assert fingerprint(TRAIN, tiny_base, tokenized) == original
+    original = cpu_fingerprint(TRAIN, tiny_base, tokenized)
+    assert cpu_fingerprint(TRAIN, tiny_base, tokenized) == original
     (tokenized / "provenance.json").write_text("{}")   # written after the data: not part of it
-    assert fingerprint(TRAIN, tiny_base, tokenized) == original
+    assert cpu_fingerprint(TRAIN, tiny_base, tokenized) == original
     (tokenized / "stats.json").write_text("{}")
-    assert fingerprint(TRAIN, tiny_base, tokenized) != original
+    assert cpu_fingerprint(TRAIN, tiny_base, tokenized) != original
 
     base = tmp_path / "base"
     base.mkdir()
-    (base / "provenance.json").write_text(json.dumps({"digest": "another base"}))
-    assert fingerprint(TRAIN, base, tiny_data[1]) != fingerprint(TRAIN, tiny_base, tiny_data[1])
+    (base / "content.json").write_text(json.dumps({"digest": "another base"}))
+    assert cpu_fingerprint(TRAIN, base, tiny_data[1]) != cpu_fingerprint(TRAIN, tiny_base, tiny_data[1])
+
+    same = cpu_fingerprint(TRAIN, tiny_base, tiny_data[1])
+    # checkpoint cadence and retention change no number: an interrupted run resumes after they change
+    assert cpu_fingerprint(dataclasses.replace(TRAIN, checkpoint_every=5, checkpoint_runs_kept=0),
+                           tiny_base, tiny_data[1]) == same
+    # 'auto' is resolved: the same machine gives the same run; a run started on the CPU never resumes on a GPU
+    assert cpu_fingerprint(dataclasses.replace(TRAIN, backend="auto"), tiny_base, tiny_data[1]) == same
+    assert fingerprint(TRAIN, TOKENIZE.max_seq_length, tiny_base, tiny_data[1], "unsloth", "float32") != same
+    assert fingerprint(TRAIN, TOKENIZE.max_seq_length, tiny_base, tiny_data[1], "cpu", "bfloat16") != same
+    assert fingerprint(TRAIN, TOKENIZE.max_seq_length * 2, tiny_base, tiny_data[1], "cpu", "float32") != same
 
 
 def test_resolve_backend_on_a_machine_without_cuda():
