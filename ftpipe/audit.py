@@ -2,7 +2,7 @@
 
     python -m ftpipe.audit provenance RUN_ID [--json]         # a pipeline run, or one of its stage runs
     python -m ftpipe.audit provenance --file PATH [--json]    # the run that produced this file
-    python -m ftpipe.audit reproduce RUN_ID [--workdir DIR] [--tolerance X] [--keep]
+    python -m ftpipe.audit reproduce RUN_ID [--workdir DIR] [--rtol X] [--atol X] [--keep]
     python -m ftpipe.audit upload-pending [FOLDER]            # = python -m ftpipe.pending (mlflow-pending/)
 
 This module is the command line only. `provenance` prints the chain a reviewer needs: the pipeline run
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
+from ftpipe.paths import PARAMS_FILE
 from ftpipe.provenance_chain import (collect_provenance, find_producers, format_matches, format_provenance, open_store,
                                      pipeline_run_of)
 from ftpipe.reproduce import format_reproduction, reproduce
@@ -44,14 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("run_id")
     rep.add_argument("--workdir", type=Path, help="where the worktree, repro.log and report.json go (default: a new "
                                                   "temporary folder)")
-    rep.add_argument("--tolerance", type=float, default=0.0, help="allowed |reproduced - recorded| (default 0)")
+    rep.add_argument("--rtol", type=float, help="relative tolerance (default: params.yaml reproduce.relative_tolerance)")
+    rep.add_argument("--atol", type=float, help="absolute tolerance (default: params.yaml reproduce.absolute_tolerance)")
     rep.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
     commands.add_parser("upload-pending", help="log what stages kept in mlflow-pending/ (python -m ftpipe.pending)")
     args = parser.parse_args(argv)
     if args.command == "provenance" and (args.run_id is None) == (args.file is None):
         parser.error("provenance takes a RUN_ID or --file PATH (one of them)")
-    if args.command == "reproduce" and args.tolerance < 0:
-        parser.error("--tolerance must be >= 0")
+    if args.command == "reproduce" and any(value is not None and value < 0 for value in (args.rtol, args.atol)):
+        parser.error("--rtol and --atol must be >= 0")
     return args
 
 
@@ -75,7 +77,12 @@ def provenance_command(args: argparse.Namespace) -> None:
 
 
 def reproduce_command(args: argparse.Namespace) -> None:
-    report = reproduce(args.run_id, args.workdir, args.tolerance, args.keep)
+    from ftpipe.params import load_params  # noqa: PLC0415
+
+    defaults = load_params(project_root() / PARAMS_FILE).reproduce
+    tolerance = {"relative": defaults.relative_tolerance if args.rtol is None else args.rtol,
+                 "absolute": defaults.absolute_tolerance if args.atol is None else args.atol}
+    report = reproduce(args.run_id, args.workdir, tolerance, args.keep)
     print(format_reproduction(report))
     if not report["agree"]:
         sys.exit(MISMATCH_EXIT)

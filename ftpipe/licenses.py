@@ -4,10 +4,12 @@ Every data source and the base model declare a license as an SPDX expression ("A
 "CC-BY-4.0 OR MIT", "GPL-2.0-or-later WITH Classpath-exception-2.0") or a Hugging Face id ("apache-2.0",
 "llama3"). A missing or unparseable declaration is a LicenseError that names the input and shows the
 expected form. Parsing and id validation are the `license-expression` package's; what a license asks of
-a model trained on it is ours, in ftpipe/license_table.py.
+a model trained on it is ours, in ftpipe/license_table.py, or a reviewer's, in params.yaml
+compliance.reviewed_licenses (a license the table lacks, with its properties, URL and reviewer).
 
-    conclusion = conclude_licenses(base_model, data_sources, policy)   # a JSON-ready dict, pass or fail
-    enforce_license_gate(conclusion)                                   # LicenseGateError if it failed
+    reviewed = reviewed_license_properties(params.compliance.reviewed_licenses)   # checked against the table
+    conclusion = conclude_licenses(base_model, data_sources, policy, reviewed)   # JSON-ready, pass or fail
+    enforce_license_gate(conclusion)                                              # LicenseGateError if it failed
 
 The model:
 - Ids. Hugging Face ids go through an explicit table (llama3 -> LicenseRef-Llama3-Community); SPDX ids
@@ -15,15 +17,21 @@ The model:
   unknown when it is not recognized (other, LicenseRef-Foo, xyzzy) or has no properties row: it is
   flagged, and its obligations are never guessed. In the concluded expression an id that is not valid
   SPDX (other) is written LicenseRef-Unknown; unknown LicenseRef- ids are kept as declared.
+- Reviewed licenses. An entry of compliance.reviewed_licenses is a properties row like the table's: its id
+  (a LicenseRef- id, or an SPDX id the table has no row for; one the table knows is an error) resolves
+  case-insensitively and is written as the reviewer declared it. The conclusion records each one used
+  (id, name, URL, properties, reviewer, the inputs under it) and notes, per input, whose review applies.
 - Expressions. "A AND B": all of A's and B's obligations. "A OR B": the licensee chooses, so the gate
   takes the option with the fewest policy violations, then the least restrictive one (no no-derivatives,
   then known, then commercial use allowed, then the weakest copyleft, then the fewest attribution
   duties, then the fewest licenses), and records the choice in notes. "A WITH exception": A's properties;
   the exception is recorded, not evaluated.
 - Conclusion. The model is a derivative of every input, so its license is the AND of every input's
-  chosen licenses (deduplicated, sorted); commercial use is allowed only if every license allows it and
-  none is unknown; share-alike and pass-through terms, attribution duties and notes are collected per
-  input.
+  chosen licenses (deduplicated, sorted); share-alike and pass-through terms, attribution duties and
+  notes are collected per input. Commercial use (commercial_use) is "not allowed" when a known license
+  forbids it, else "unknown" when some license is unknown (nothing forbids it, but nothing establishes
+  it: with unknown_blocks false the gate passes, and the report and cards say why and how to fix it),
+  else "allowed"; commercial_use_allowed, for older readers, is true only for "allowed".
 - Policy. intended_use is commercial, research or internal; only "commercial" conflicts with a
   non-commercial license. "internal" means internal non-commercial use (evaluation, research and
   development): a company using the model for its business is using it commercially in the sense of
@@ -31,7 +39,8 @@ The model:
 - Violations (the gate fails on any): no-derivatives, always (a fine-tuned model is an adaptation; no
   policy can allow it); non-commercial, when intended_use is commercial; denied, a license in
   denied_licenses; not-allowed, a license outside a non-empty allowed_licenses; unknown-license, when
-  unknown_blocks is true (otherwise unknown licenses are only flagged).
+  unknown_blocks is true (otherwise unknown licenses are only flagged). Its first fix: a reviewer reads the
+  license and declares it under compliance.reviewed_licenses.
 """
 from __future__ import annotations
 
@@ -58,11 +67,15 @@ FIXES = {
                       "commercially, or {remove}",
     "denied": "{remove}, or take {license} off denied_licenses",
     "not-allowed": "{remove}, or add {license} to allowed_licenses",
-    "unknown-license": "declare a license that ftpipe/license_table.py knows (or add a row for it there), "
-                       "{remove}, or set unknown_blocks to false to only flag it",
+    "unknown-license": "have a reviewer read its text and declare it under compliance.reviewed_licenses in "
+                       "params.yaml (an id, LicenseRef-<name> if SPDX does not list it, also declared as the "
+                       "input's license; its properties, URL and reviewer), declare a license that "
+                       "ftpipe/license_table.py knows (or add a row for it there), {remove}, or set "
+                       "unknown_blocks to false to only flag it",
 }
 Role = Literal["base model", "data source"]
 REMOVE = {"data source": "remove the data source", "base model": "choose another base model"}
+REVIEWED_IN = "params.yaml compliance.reviewed_licenses"
 
 
 class LicenseError(PipelineError):
@@ -129,6 +142,50 @@ class LicenseTerm:
 Option = tuple[LicenseTerm, ...]   # licenses that apply together: one choice out of an expression's ORs
 
 
+@dataclass(frozen=True)
+class ReviewedLicenseProperties(LicenseProperties):
+    """A row for a license ftpipe/license_table.py lacks, declared in params.yaml compliance.reviewed_licenses:
+    the gate uses it as a row of the table; the conclusion also names the license, its text and its reviewer."""
+    name: str
+    url: str
+    reviewed_by: str
+
+
+def reviewed_license_properties(entries: Sequence[Any]) -> tuple[ReviewedLicenseProperties, ...]:
+    """Rows from params.yaml compliance.reviewed_licenses entries (ftpipe.params.ReviewedLicense); LicenseError,
+    naming the key and the id, for an id the table already knows or that is neither LicenseRef- nor SPDX."""
+    rows = tuple(ReviewedLicenseProperties(
+        license_id=entry.id, commercial_use=entry.commercial_use, copyleft=entry.copyleft,
+        no_derivatives=entry.no_derivatives, attribution=entry.attribution, notes=entry.notes, name=entry.name,
+        url=entry.url, reviewed_by=entry.reviewed_by) for entry in entries)
+    _check_reviewed(rows)
+    return rows
+
+
+def _check_reviewed(rows: Sequence[ReviewedLicenseProperties]) -> None:
+    errors, seen = [], set()
+    for row in rows:
+        license_id = row.license_id
+        where = f"{REVIEWED_IN}: id {license_id!r}"
+        known = resolve_license_id(license_id)
+        if license_id.lower() in seen:
+            errors.append(f"{where}: declared more than once; keep one entry")
+        elif license_id.lower() == UNKNOWN_LICENSE_REF.lower():
+            errors.append(f"{where}: {UNKNOWN_LICENSE_REF} is reserved (it stands for ids that are not SPDX); "
+                          f"name the license: LicenseRef-<name>")
+        elif known in LICENSE_PROPERTIES:
+            errors.append(f"{where}: ftpipe/license_table.py already has a row for {known}, and that row applies; "
+                          f"remove this entry (or, if the row is wrong, correct it there)")
+        elif not license_id.startswith("LicenseRef-") and known is None:
+            errors.append(f"{where}: not an SPDX license id; for a license SPDX does not list, write "
+                          f"LicenseRef-<name>")
+        elif not license_id.startswith("LicenseRef-") and known != license_id:
+            errors.append(f"{where}: write the SPDX id in SPDX's case: {known!r}")
+        seen.add(license_id.lower())
+    if errors:
+        raise LicenseError("\n".join(errors))
+
+
 @functools.cache
 def _spdx() -> Licensing:
     return get_spdx_licensing()
@@ -141,23 +198,27 @@ def _known_ids_by_lowercase() -> dict[str, str]:
     return known | {license_id.lower(): license_id for license_id in LICENSE_PROPERTIES}
 
 
-def resolve_license_id(declared: str) -> str | None:
-    """The canonical SPDX or LicenseRef- id of one declared id (Hugging Face or SPDX, any case); None if
-    not recognized. A recognized id can still lack a properties row (license_properties returns None)."""
+def resolve_license_id(declared: str, reviewed: Sequence[LicenseProperties] = ()) -> str | None:
+    """The canonical SPDX or LicenseRef- id of one declared id (Hugging Face or SPDX, any case; or the id of a
+    reviewed row, written as its reviewer declared it); None if not recognized. A recognized id can still lack
+    a properties row (license_properties returns None)."""
     lowercase = declared.strip().lower()
     if lowercase in HF_LICENSE_IDS:
         return HF_LICENSE_IDS[lowercase]
-    return None if lowercase in HF_IDS_NAMING_NO_LICENSE else _known_ids_by_lowercase().get(lowercase)
+    if lowercase in HF_IDS_NAMING_NO_LICENSE:
+        return None
+    return (_known_ids_by_lowercase().get(lowercase)
+            or {row.license_id.lower(): row.license_id for row in reviewed}.get(lowercase))
 
 
-def license_properties(license_id: str) -> LicenseProperties | None:
-    return LICENSE_PROPERTIES.get(license_id)
+def license_properties(license_id: str, reviewed: Sequence[LicenseProperties] = ()) -> LicenseProperties | None:
+    return LICENSE_PROPERTIES.get(license_id) or next((row for row in reviewed if row.license_id == license_id), None)
 
 
-def _named_id(declared: str) -> str | None:
+def _named_id(declared: str, reviewed: Sequence[LicenseProperties] = ()) -> str | None:
     """resolve_license_id, or an unrecognized LicenseRef- id as written: it is valid SPDX, so it keeps its name
     (in the concluded expression, and for matching a policy's lists)."""
-    return resolve_license_id(declared) or (declared if declared.startswith("LicenseRef-") else None)
+    return resolve_license_id(declared, reviewed) or (declared if declared.startswith("LicenseRef-") else None)
 
 
 def _policy_ids(field: str, entries: Sequence[str]) -> tuple[str, ...]:
@@ -173,9 +234,9 @@ def _policy_ids(field: str, entries: Sequence[str]) -> tuple[str, ...]:
     return tuple(ids)
 
 
-def _term(declared: str, exception: str | None) -> LicenseTerm:
-    recognized = resolve_license_id(declared)
-    properties = license_properties(recognized) if recognized else None
+def _term(declared: str, exception: str | None, reviewed: Sequence[LicenseProperties]) -> LicenseTerm:
+    recognized = resolve_license_id(declared, reviewed)
+    properties = license_properties(recognized, reviewed) if recognized else None
     if properties is not None:
         reason = None
     elif recognized is not None:
@@ -185,12 +246,13 @@ def _term(declared: str, exception: str | None) -> LicenseTerm:
     else:
         reason = (f"{declared!r} is not an SPDX id, a LicenseRef- id of ftpipe/license_table.py or a known Hugging "
                   f"Face id")
-    return LicenseTerm(declared, _named_id(declared), exception, properties, reason)
+    return LicenseTerm(declared, _named_id(declared, reviewed), exception, properties, reason)
 
 
-def parse_license(role: Role, declaration: LicenseDeclaration) -> list[Option]:
-    """The options a declared expression offers (one per way of resolving its ORs); LicenseError if the
-    declaration is missing or not a valid expression."""
+def parse_license(role: Role, declaration: LicenseDeclaration,
+                  reviewed: Sequence[LicenseProperties] = ()) -> list[Option]:
+    """The options a declared expression offers (one per way of resolving its ORs), its ids resolved against the
+    table and the `reviewed` rows; LicenseError if the declaration is missing or not a valid expression."""
     where = f"{role} {declaration.name!r}"
     declared = declaration.license
     if declared is not None and not isinstance(declared, str):
@@ -203,15 +265,15 @@ def parse_license(role: Role, declaration: LicenseDeclaration) -> list[Option]:
                            f"expected {EXPECTED_FORM}") from None
     if expression is None:
         raise LicenseError(f"{where}: no license declared; expected {EXPECTED_FORM}")
-    return _options(expression)
+    return _options(expression, reviewed)
 
 
-def _options(node: Any) -> list[Option]:
+def _options(node: Any, reviewed: Sequence[LicenseProperties]) -> list[Option]:
     if isinstance(node, LicenseWithExceptionSymbol):
-        return [(_term(node.license_symbol.key, node.exception_symbol.key),)]
+        return [(_term(node.license_symbol.key, node.exception_symbol.key, reviewed),)]
     if isinstance(node, LicenseSymbol):
-        return [(_term(node.key, None),)]
-    children = [_options(child) for child in node.args]
+        return [(_term(node.key, None, reviewed),)]
+    children = [_options(child, reviewed) for child in node.args]
     if isinstance(node, _spdx().OR):
         return [option for child in children for option in child]
     # AND: every combination of the children's options, each license once.
@@ -259,14 +321,17 @@ def _render(option: Option) -> str:
 
 
 def conclude_licenses(base_model: LicenseDeclaration, data_sources: Sequence[LicenseDeclaration],
-                      policy: LicensePolicy) -> dict[str, Any]:
-    """The fine-tuned model's concluded license, obligations, verdict and violations (a JSON-ready dict).
+                      policy: LicensePolicy,
+                      reviewed_licenses: Sequence[ReviewedLicenseProperties] = ()) -> dict[str, Any]:
+    """The fine-tuned model's concluded license, obligations, verdict and violations (a JSON-ready dict), with
+    the `reviewed_licenses` rows (reviewed_license_properties) used as rows of ftpipe/license_table.py.
     Raises LicenseError, listing every input at fault, if a declaration is missing or unparseable."""
+    _check_reviewed(reviewed_licenses)
     inputs = [("base model", base_model)] + [("data source", source) for source in data_sources]
     parsed, errors = [], []
     for role, declaration in inputs:
         try:
-            parsed.append((role, declaration, parse_license(role, declaration)))
+            parsed.append((role, declaration, parse_license(role, declaration, reviewed_licenses)))
         except LicenseError as err:
             errors.append(str(err))
     if errors:
@@ -276,10 +341,10 @@ def conclude_licenses(base_model: LicenseDeclaration, data_sources: Sequence[Lic
                                              "allowed_licenses": list(policy.allowed_licenses),
                                              "denied_licenses": list(policy.denied_licenses),
                                              "unknown_blocks": policy.unknown_blocks},
-                                  "verdict": "pass", "concluded_license": "",
+                                  "verdict": "pass", "concluded_license": "", "commercial_use": "allowed",
                                   "commercial_use_allowed": True, "inputs": [], "share_alike": [], "attribution": [],
-                                  "non_commercial_sources": [], "unknown_licenses": [], "notes": [],
-                                  "violations": []}
+                                  "non_commercial_sources": [], "unknown_licenses": [], "reviewed_licenses": [],
+                                  "notes": [], "violations": []}
     chosen_terms: list[LicenseTerm] = []
     for role, declaration, options in parsed:
         option = _choose(role, declaration.name, options, policy)
@@ -287,10 +352,29 @@ def conclude_licenses(base_model: LicenseDeclaration, data_sources: Sequence[Lic
         _record_input(conclusion, role, declaration, option, len(options) > 1)
         conclusion["violations"] += _violations(role, declaration.name, option, policy)
     conclusion["concluded_license"] = _render(tuple(chosen_terms))
-    conclusion["commercial_use_allowed"] = all(term.properties is not None and term.properties.commercial_use
-                                               for term in chosen_terms)
+    conclusion["commercial_use"] = commercial_use(chosen_terms)
+    conclusion["commercial_use_allowed"] = conclusion["commercial_use"] == "allowed"
     conclusion["verdict"] = "fail" if conclusion["violations"] else "pass"
     return conclusion
+
+
+def commercial_use(terms: Sequence[LicenseTerm]) -> Literal["allowed", "not allowed", "unknown"]:
+    """"not allowed" if a known license forbids it; else "unknown" if a license is unknown; else "allowed"."""
+    known = [term.properties for term in terms if term.properties is not None]
+    if not all(props.commercial_use for props in known):
+        return "not allowed"
+    return "unknown" if len(known) < len(terms) else "allowed"
+
+
+def commercial_use_of(conclusion: dict[str, Any]) -> str:
+    """A conclusion's "allowed", "not allowed" or "unknown"; conclusions written before the field existed hold
+    only commercial_use_allowed, and the unknown and non-commercial lists it was derived from."""
+    if conclusion.get("commercial_use"):
+        return conclusion["commercial_use"]
+    if conclusion["commercial_use_allowed"]:
+        return "allowed"
+    unknown_only = conclusion.get("unknown_licenses") and not conclusion.get("non_commercial_sources")
+    return "unknown" if unknown_only else "not allowed"
 
 
 def _record_input(conclusion: dict[str, Any], role: Role, declaration: LicenseDeclaration, option: Option,
@@ -314,6 +398,10 @@ def _record_input(conclusion: dict[str, Any], role: Role, declaration: LicenseDe
             notes.append(f"{where}: {term.declared} is unknown ({term.unknown_reason}): its obligations were "
                          f"not checked and commercial use cannot be confirmed")
             continue
+        if isinstance(props, ReviewedLicenseProperties):
+            _record_reviewed(conclusion, name, props)
+            notes.append(f"{where}: {props.license_id} was reviewed by {props.reviewed_by}; its properties come "
+                         f"from {REVIEWED_IN}")
         if props.share_alike:
             conclusion["share_alike"].append({"source": name, "license": license_id, "copyleft": props.copyleft})
         if props.attribution:
@@ -322,6 +410,21 @@ def _record_input(conclusion: dict[str, Any], role: Role, declaration: LicenseDe
             conclusion["non_commercial_sources"].append({"source": name, "license": license_id})
         if props.notes:
             notes.append(f"{where}: {license_id}: {props.notes}")
+
+
+def _record_reviewed(conclusion: dict[str, Any], name: str, props: ReviewedLicenseProperties) -> None:
+    """List a reviewed license once, with every input that uses it."""
+    for entry in conclusion["reviewed_licenses"]:
+        if entry["id"] == props.license_id:
+            if name not in entry["used_by"]:
+                entry["used_by"].append(name)
+            return
+    conclusion["reviewed_licenses"].append({
+        "id": props.license_id, "name": props.name, "url": props.url,
+        "properties": {"commercial_use": props.commercial_use, "copyleft": props.copyleft,
+                       "no_derivatives": props.no_derivatives, "attribution": props.attribution,
+                       "notes": props.notes},
+        "reviewed_by": props.reviewed_by, "used_by": [name]})
 
 
 def format_violations(conclusion: dict[str, Any]) -> str:

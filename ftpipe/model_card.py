@@ -7,8 +7,9 @@ compliance report's dict (tests/data/report_example.json shows its shape):
 
 Why our own card: peer tools write `license: apache-2.0` (or a placeholder) whatever the model was trained
 on, but a fine-tuned model carries the obligations of its base model and of every data source. This card
-states the license the gate concluded (ftpipe.licenses), whether commercial use is allowed and why, and the
-duties that travel with the model; then the data, the scores, the files and how to check them. Declared
+states the license the gate concluded (ftpipe.licenses), whether commercial use is allowed, not allowed or not
+established (a license unknown to ftpipe) and why, the licenses a reviewer declared, and the duties that travel
+with the model; then the data, the scores, the files and how to check them. Declared
 names, creators and notes are untrusted text: the front matter is yaml.safe_dump's and Markdown text is
 flattened and escaped, so no declaration can change the card's structure.
 """
@@ -22,6 +23,7 @@ import yaml
 
 from ftpipe.errors import PipelineError
 from ftpipe.license_table import HF_LICENSE_IDS
+from ftpipe.licenses import commercial_use_of
 
 CARD_FILE = "README.md"
 
@@ -109,8 +111,9 @@ def _front_matter(report: dict[str, Any], artifact: dict[str, Any]) -> str:
     tags = ["ftpipe", "qlora", "lora"]
     if artifact["kind"] == "gguf":
         tags += ["gguf", str(artifact.get("gguf_type"))]
-    if not compliance["commercial_use_allowed"]:
-        tags.append("non-commercial")
+    commercial = commercial_use_of(compliance)
+    if commercial != "allowed":
+        tags.append("non-commercial" if commercial == "not allowed" else "commercial-use-unknown")
     meta.update(base_model=report["base_model"]["id"], base_model_relation=relation, library_name=library,
                 pipeline_tag="text-generation", tags=tags)
     # width: no folding, so a long value stays on one line; safe_dump quotes and escapes everything else.
@@ -135,17 +138,35 @@ def _summary(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
             f"every input: see [License](#license)."]
 
 
+def _commercial_use_text(compliance: dict[str, Any]) -> str:
+    """The License section's sentence on commercial use: it must agree with the verdict beside it."""
+    commercial, reviewed = commercial_use_of(compliance), compliance.get("reviewed_licenses") or []
+    unknown = [f"{_inline(entry['source'])} ({_inline(entry['license'])})" for entry in compliance["unknown_licenses"]]
+    if commercial == "allowed":
+        by_review = (f"; {_inline([entry['id'] for entry in reviewed])}: as declared by a reviewer, see "
+                     f"[Reviewed licenses](#reviewed-licenses)" if reviewed else "")
+        return f"**Commercial use: allowed** (every input's license allows it{by_review})."
+    if commercial == "unknown":
+        flagged = (" The license gate passed only because `compliance.unknown_blocks` is false: it flags an unknown "
+                   "license instead of failing on it." if not compliance["policy"]["unknown_blocks"] else "")
+        return (f"**Commercial use: not established.** No input's license forbids it, but these licenses are unknown "
+                f"to ftpipe, so their terms were not checked: {'; '.join(unknown)}.{flagged} To establish it, a "
+                f"reviewer reads each license's text and declares it under `compliance.reviewed_licenses` in "
+                f"params.yaml (its properties, URL and reviewer), and the pipeline is run again.")
+    reasons = [f"{_inline(entry['source'])} ({_inline(entry['license'])}, non-commercial)"
+               for entry in compliance["non_commercial_sources"]]
+    reasons += [f"{_inline(entry['source'])} ({_inline(entry['license'])}: unknown, so commercial use "
+                f"cannot be confirmed)" for entry in compliance["unknown_licenses"]]
+    return f"**Commercial use: not allowed**, because of: {'; '.join(reasons) or 'n/a'}."
+
+
 def _license(report: dict[str, Any]) -> list[str]:
     compliance, base = report["compliance"], report["base_model"]
     policy = compliance["policy"]
-    if compliance["commercial_use_allowed"]:
-        commercial = "**Commercial use: allowed** (every input's license allows it)."
-    else:
-        reasons = [f"{_inline(entry['source'])} ({_inline(entry['license'])}, non-commercial)"
-                   for entry in compliance["non_commercial_sources"]]
-        reasons += [f"{_inline(entry['source'])} ({_inline(entry['license'])}: unknown, so commercial use "
-                    f"cannot be confirmed)" for entry in compliance["unknown_licenses"]]
-        commercial = f"**Commercial use: not allowed**, because of: {'; '.join(reasons) or 'n/a'}."
+    commercial = _commercial_use_text(compliance)
+    unknown_count = len(compliance["unknown_licenses"])
+    flagged = (f", with {unknown_count} unknown license{'s' if unknown_count != 1 else ''} flagged, not checked "
+               f"(`compliance.unknown_blocks` is false)" if unknown_count and not policy["unknown_blocks"] else "")
     use = policy["intended_use"]
     base_prefix = f"base model {base['id']!r}:"   # how ftpipe.licenses prefixes a note about the base model
     base_terms = [f"{_inline(base['id'])}: {_inline(base['license'])} ({_inline(base.get('license_url'))})"]
@@ -153,12 +174,22 @@ def _license(report: dict[str, Any]) -> list[str]:
     lines = ["## License", "", f"Concluded license: **{_inline(compliance['concluded_license'])}** (the model is "
              "an adaptation of every input below, so all their obligations apply together).", "", commercial, "",
              f"Intended use (license policy): **{_inline(use)}** ({INTENDED_USE_MEANINGS.get(use, 'n/a')}). "
-             f"License gate verdict: {_inline(compliance['verdict'])}."]
+             f"License gate verdict: {_inline(compliance['verdict'])}{flagged}."]
     if compliance["unknown_licenses"]:
         lines += _bullets("Unknown licenses", [
             f"**Warning:** {_inline(entry['source'])}: {_inline(entry['license'])} ({_inline(entry.get('reason'))}); "
-            "its obligations were NOT checked: a person must read its terms before the model is shared or used"
+            "its obligations were NOT checked: a person must read its terms before the model is shared or used, "
+            "and declare it under `compliance.reviewed_licenses`"
             for entry in compliance["unknown_licenses"]], "")
+    if compliance.get("reviewed_licenses"):
+        lines += _bullets("Reviewed licenses", [
+            f"{_inline(entry['id'])} ({_inline(entry['name'])}, {_inline(entry['url'])}), used by "
+            f"{_inline(entry['used_by'])}: reviewed by {_inline(entry['reviewed_by'])}; commercial use "
+            f"{'allowed' if entry['properties']['commercial_use'] else 'not allowed'}, copyleft "
+            f"{_inline(entry['properties']['copyleft'])}, derivatives "
+            f"{'forbidden' if entry['properties']['no_derivatives'] else 'allowed'}. Its properties are the "
+            "reviewer's, declared in params.yaml `compliance.reviewed_licenses`, not ftpipe's license table"
+            for entry in compliance["reviewed_licenses"]], "")
     lines += _bullets("Share-alike and copyleft obligations", [
         f"{_inline(entry['source'])} ({_inline(entry['license'])}, {_inline(entry['copyleft'])}): "
         f"{COPYLEFT_MEANINGS.get(entry['copyleft'], 'see the license text')}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class SourceParams:
 class IngestParams:
     sources: list[SourceParams]
     empty_source: Literal["warn", "fail"]   # a source with no rows: a warning naming it, or the stage fails
+    keep_pii_in_raw: bool   # false: data/raw (and the DVC cache) hold PII replaced by placeholders, counted per row
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "sources: list at least one data source")
@@ -177,11 +179,20 @@ class EvaluateParams:
     max_new_tokens: int
     num_samples: int              # generations written to the samples file
 
+    def __post_init__(self) -> None:
+        _check(self.max_examples is None or self.max_examples > 0, "max_examples: must be positive or null (all)")
+        _check(self.batch_size > 0 and self.max_new_tokens > 0, "batch_size and max_new_tokens must be positive")
+        _check(self.num_samples >= 0, "num_samples: must be 0 or more")
+
 
 @dataclass(frozen=True)
 class MergeParams:
     max_loss_gap_vs_adapter: float   # merged vs adapter on the same 16-bit base: rounding only
     max_loss_gap_vs_trained: float   # merged vs adapter on the 4-bit base it was trained on
+
+    def __post_init__(self) -> None:
+        _check(self.max_loss_gap_vs_adapter >= 0 and self.max_loss_gap_vs_trained >= 0,
+               "max_loss_gap_vs_adapter and max_loss_gap_vs_trained must be 0 or more (nats of validation loss)")
 
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -207,6 +218,18 @@ class TrackingParams:
     def __post_init__(self) -> None:
         _check(self.checkpoint_artifact_max_mib >= 0, "checkpoint_artifact_max_mib: must be >= 0")
         _check(self.system_metrics_interval_s > 0, "system_metrics_interval_s: must be positive")
+
+
+@dataclass(frozen=True)
+class ReproduceParams:
+    """How close `python -m ftpipe.audit reproduce` wants a rerun's result metrics: |reproduced - recorded| <=
+    absolute_tolerance + relative_tolerance x |recorded|. No stage reads them."""
+    relative_tolerance: float
+    absolute_tolerance: float
+
+    def __post_init__(self) -> None:
+        _check(self.relative_tolerance >= 0 and self.absolute_tolerance >= 0,
+               "relative_tolerance and absolute_tolerance must be 0 or more")
 
 
 INTENDED_USES = ("commercial", "research", "internal")   # ftpipe/licenses.py says what each allows
@@ -256,6 +279,41 @@ class SourceDeclaration(Declaration):
                f"{label}: generated_by is set but model_generated is false")
 
 
+# An SPDX license id, or LicenseRef- and an idstring (letters, digits, '.' and '-'), as SPDX defines them.
+LICENSE_ID = re.compile(r"(LicenseRef-)?[A-Za-z0-9][A-Za-z0-9.\-]*")
+
+
+@dataclass(frozen=True)
+class ReviewedLicense:
+    """A license ftpipe/license_table.py has no row for, read by a reviewer who declares what it asks of a model
+    trained on it. The license gate (ftpipe/licenses.py) uses it exactly as a row of that table, and checks the
+    id against the table (this module imports no license code: every stage imports it)."""
+    id: str                         # LicenseRef-<name>, or an SPDX id the table has no row for (in SPDX's case)
+    name: str                       # the license's name, as its text titles it
+    url: str                        # where its text is
+    commercial_use: bool            # may the fine-tuned model be used commercially?
+    # the values of ftpipe.license_table.Copyleft (tests/test_params.py checks that they agree)
+    copyleft: Literal["none", "pass-through-terms", "weak-copyleft", "share-alike", "copyleft", "network-copyleft"]
+    no_derivatives: bool            # forbids adaptations (a fine-tuned model is one): the gate always fails
+    attribution: Optional[str]      # what a distributor of the model must do to credit; null: nothing
+    notes: str                      # conditions the fields above cannot express; "" if none
+    reviewed_by: str                # who reviewed it, and when: "J. Doe, legal, 2026-11-30"
+
+    def __post_init__(self) -> None:
+        label = f"reviewed license {self.id!r}"
+        _check(bool(LICENSE_ID.fullmatch(self.id)) and self.id != "LicenseRef-",
+               f"{label}: id: write LicenseRef-<name> (letters, digits, '.' and '-'; 'LicenseRef-' in this case) "
+               f"or an SPDX license id")
+        _check(not self.id.lower().startswith("licenseref-") or self.id.startswith("LicenseRef-"),
+               f"{label}: id: write the prefix as SPDX does: 'LicenseRef-{self.id[len('licenseref-'):]}'")
+        for key in ("name", "url", "reviewed_by"):
+            _check(bool(getattr(self, key).strip()), f"{label}: {key}: must not be empty" + (
+                " (say who reviewed the license text, and when: 'J. Doe, legal, 2026-11-30')"
+                if key == "reviewed_by" else ""))
+        _check(self.attribution is None or bool(self.attribution.strip()),
+               f"{label}: attribution: say what a distributor must do to credit, or null if nothing")
+
+
 @dataclass(frozen=True)
 class ComplianceParams:
     """The intended use, the license policy, and the declared provenance of every input. Read only by
@@ -264,12 +322,17 @@ class ComplianceParams:
     allowed_licenses: list[str]     # empty: any license that is not denied
     denied_licenses: list[str]
     unknown_blocks: bool            # does a license ftpipe cannot judge fail the gate, or is it only flagged?
+    reviewed_licenses: list[ReviewedLicense]   # licenses the table lacks, with a reviewer's properties
     base_model: BaseModelDeclaration
     sources: list[SourceDeclaration]
 
     def __post_init__(self) -> None:
         names = [source.name for source in self.sources]
         _check(len(names) == len(set(names)), f"sources: names must be unique, got {names}")
+        ids = [entry.id.lower() for entry in self.reviewed_licenses]   # ids match case-insensitively
+        duplicates = sorted({entry.id for entry in self.reviewed_licenses if ids.count(entry.id.lower()) > 1})
+        _check(not duplicates, f"reviewed_licenses: ids must be unique (case-insensitively), got {duplicates} "
+                               f"more than once")
 
 
 @dataclass(frozen=True)
@@ -284,6 +347,7 @@ class Params:
     merge: MergeParams
     quantize: QuantizeParams
     tracking: TrackingParams
+    reproduce: ReproduceParams
     compliance: ComplianceParams
 
     def __post_init__(self) -> None:

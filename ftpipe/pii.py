@@ -167,3 +167,25 @@ def redact(text: str) -> tuple[str, Counter]:
         pos = f.end
     parts.append(text[pos:])
     return "".join(parts), counts
+
+
+def redact_value(value: object) -> tuple[object, Counter]:
+    """A JSON value (a record, a list, a string) with every finding in its strings replaced by its placeholder,
+    and the counts by kind. Keys are left alone: they name fields, they hold no one's data."""
+    if isinstance(value, str):
+        return redact(value)
+    counts: Counter = Counter()
+    if isinstance(value, list):
+        items = []
+        for item in value:
+            redacted, found = redact_value(item)
+            items.append(redacted)
+            counts.update(found)
+        return items, counts
+    if isinstance(value, dict):
+        fields = {}
+        for key, item in value.items():
+            fields[key], found = redact_value(item)
+            counts.update(found)
+        return fields, counts
+    return value, counts

@@ -31,6 +31,7 @@ import yaml
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError
 from ftpipe.io import HASH_CHUNK, sha256_file
+from ftpipe.licenses import commercial_use_of
 from ftpipe.paths import PROVENANCE_FILE
 from ftpipe.tracking import INVOCATION, KIND, PARENT, RUN_NAME, STAGE, experiment_name, is_measurement, tracking_uri
 
@@ -211,7 +212,7 @@ def declared_licenses(client, compliance_run) -> dict[str, Any]:
     return {"sources": {source["name"]: source["license"] for source in declared["sources"]},
             "base_model": declared["base_model"]["license"],
             "conclusion": {key: conclusion[key] for key in ("verdict", "concluded_license", "commercial_use_allowed")}
-            | {"intended_use": conclusion["policy"]["intended_use"]}}
+            | {"intended_use": conclusion["policy"]["intended_use"], "commercial_use": commercial_use_of(conclusion)}}
 
 
 def data_sources(client, ingest_run, licenses: dict[str, Any]) -> list[dict[str, Any]]:
@@ -361,7 +362,8 @@ def format_provenance(report: dict[str, Any]) -> str:
     lines += ["", "License (the compliance stage's conclusion)"]
     lines += _fields([("concluded", conclusion["concluded_license"]), ("verdict", conclusion["verdict"]),
                       ("intended use", conclusion["intended_use"]),
-                      ("commercial use", "allowed" if conclusion["commercial_use_allowed"] else "not allowed")]
+                      ("commercial use", conclusion.get("commercial_use")
+                       or ("allowed" if conclusion["commercial_use_allowed"] else "not allowed"))]
                      ) if conclusion else ["  (the compliance stage's conclusion.json was not found)"]
     lines += ["", "Data sources (licenses as declared in params.yaml compliance.sources)"]
     lines += [f"  {s['name']:<24} {s['license'] or '?':<14} {str(s['rows']) + ' rows':<12} sha256 {s['sha256']}"

@@ -8,7 +8,8 @@ stages/report.py writes both next to report.json (tests/data/report_example.json
 Sections, in this order (the HTML ids; the Markdown headings slugify to the same anchors):
 
     summary       verdict, concluded license, commercial use, commit, MLflow run, reviewer sign-off
-    license       policy, each input's license, obligations (share-alike, attribution), warnings, notes
+    license       policy, each input's license, obligations (share-alike, attribution), warnings, reviewed
+                  licenses (declared in params.yaml, with their reviewer), notes
     base-model    the base model as declared and as observed (file, hashes, architecture)
     data-sources  each source: declaration, observed origin, raw file hash, rows kept and rejected
     pii           personal data found per source, and what clean did with it
@@ -36,6 +37,7 @@ from collections import namedtuple
 from dataclasses import make_dataclass
 from typing import Any, Callable, Sequence, Union
 
+from ftpipe.licenses import commercial_use_of
 from ftpipe.report_charts import STYLE, comparison_chart, gguf_gap_chart, rows_chart
 
 
@@ -140,8 +142,17 @@ def verdict(compliance: dict) -> Inline:
 
 
 def commercial_use(compliance: dict) -> Inline:
-    if compliance["commercial_use_allowed"]:
-        return Mark("pass", "allowed")
+    status, reviewed = commercial_use_of(compliance), compliance.get("reviewed_licenses") or []
+    if status == "allowed":
+        return Mark("pass", "allowed"), (f" — {', '.join(entry['id'] for entry in reviewed)} as declared by a "
+                                         "reviewer: see Reviewed licenses" if reviewed else "")
+    if status == "unknown":
+        unknown = [f"{entry['source']} ({entry['license']})" for entry in compliance["unknown_licenses"]]
+        flagged = ("; the license gate only flagged them because compliance.unknown_blocks is false"
+                   if not compliance["policy"]["unknown_blocks"] else "")
+        return (Mark("warn", "not established"), f" — no input's license forbids it, but these licenses are unknown "
+                f"to ftpipe: {', '.join(unknown)}{flagged}. To establish it, read each license's text and declare it "
+                "under ", Code("compliance.reviewed_licenses"), " in params.yaml")
     blockers = [f"{entry['source']} ({entry['license']})" for entry in compliance["non_commercial_sources"]]
     blockers += [f"{entry['source']} (unknown: {entry['license']})" for entry in compliance["unknown_licenses"]]
     return Mark("warn", "not allowed"), (f" — because of {', '.join(blockers)}" if blockers else "")
@@ -191,11 +202,24 @@ def license_section(report: dict) -> list:
     unknown = compliance["unknown_licenses"]
     blocks += [Heading("Unknown licenses")]
     if unknown:
-        blocks += [Para(f"{len(unknown)} license(s) unknown to ftpipe: their obligations were not assessed. "
-                        "Check each license text before release.", warning=True),
+        blocks += [Para((f"{len(unknown)} license(s) unknown to ftpipe: their obligations were not assessed. "
+                         "Check each license text before release, and declare it under ",
+                         Code("compliance.reviewed_licenses"), " in params.yaml (its properties, URL and reviewer)."),
+                        warning=True),
                    records(("Source", "License", "Reason"), unknown, ("source", "license", "reason"))]
     else:
         blocks.append(Para("none"))
+    reviewed = compliance.get("reviewed_licenses") or []
+    blocks += [Heading("Reviewed licenses")]
+    if reviewed:
+        blocks += [Para(("Licenses ftpipe/license_table.py has no row for, whose properties a reviewer declared in "
+                         "params.yaml ", Code("compliance.reviewed_licenses"), "; the gate used them as rows of the "
+                         "table.")),
+                   Table(("License", "Name", "Text", "Reviewed by", "Used by", "Properties"),
+                         [(Code(entry["id"]), entry["name"], Link(entry["url"], entry["url"]), entry["reviewed_by"],
+                           value(entry["used_by"]), value(entry["properties"])) for entry in reviewed])]
+    else:
+        blocks.append(Para("none: the properties of every known license come from ftpipe/license_table.py"))
     notes = compliance["notes"]
     return blocks + [Heading("Notes"), Items(list(notes)) if notes else Para("none")]
 
@@ -252,7 +276,10 @@ def pii_section(report: dict) -> list:
     anything = any((source.get("pii") or {}).get("found") for source in report["data_sources"])
     lead = Para("PII found by clean's patterns, counted by kind (the values themselves are never stored)."
                 if anything else "PII: none found in any data source.")
-    return [lead, Table(("Source", "Action", "Rows affected", "Found by kind"), rows, numeric=(2,))]
+    # a declaration the data contradicts (personal_data: false, PII found): the sign-off rests on it
+    mismatches = [Para(f"Declaration mismatch: {mismatch['message']}", warning=True)
+                  for mismatch in report.get("declaration_mismatches") or []]
+    return [lead, *mismatches, Table(("Source", "Action", "Rows affected", "Found by kind"), rows, numeric=(2,))]
 
 
 PROJECT_FILES = {"params_sha256": "params.yaml SHA-256", "dvc_lock_sha256": "dvc.lock SHA-256",

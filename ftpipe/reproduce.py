@@ -3,10 +3,14 @@
 reproduce checks out the run's commit in a fresh git worktree, writes the run's own params.yaml there,
 copies the user data that git does not hold (data/sources, models/source), runs `dvc repro --force`
 into the same MLflow store (the new pipeline run is tagged `ftpipe.reproduces`) and compares every
-result metric, timings and memory excluded (ftpipe.tracking.is_measurement). The CPU path is
-bit-identical, hence the default tolerance 0. Its report (report.json), the dvc log (repro.log) and,
-with --keep, the worktree stay in the work folder; the verdict is also tagged on the reproducing run.
-The runs themselves are read through ftpipe.provenance_chain's store helpers.
+result metric, timings and memory excluded (ftpipe.tracking.is_measurement), and the machines the two runs
+ran on (CPU model and the instruction sets that choose matrix kernels, GPU, numeric packages). The verdict
+is one of: bit-identical (every metric equal), within tolerance (|difference| <= absolute + relative x
+|recorded|, the params.yaml `reproduce.*` values unless --rtol/--atol say otherwise) or different. What
+to expect: on the same machine the CPU path is bit-identical; across machines (AMD EPYC vs Intel Xeon with
+AMX) bf16 kernels differ and results agree within the tolerance. Its report (report.json), the dvc log
+(repro.log) and, with --keep, the worktree stay in the work folder; the verdict is also tagged on the
+reproducing run. The runs themselves are read through ftpipe.provenance_chain's store helpers.
 """
 from __future__ import annotations
 
@@ -27,35 +31,86 @@ import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError
 from ftpipe.io import write_json
 from ftpipe.paths import LOCAL_MODELS_DIR, SOURCES_DIR
-from ftpipe.provenance_chain import get_run, open_store, pipeline_run_of, read_artifact
+from ftpipe.provenance_chain import get_run, open_store, pipeline_run_of, read_artifact, stage_runs
 from ftpipe.tracking import KIND, is_measurement, project_root, tracking_uri
 
 USER_DATA_DIRS = (SOURCES_DIR, LOCAL_MODELS_DIR)   # inputs that live outside git: copied into the worktree
+# What decides a run's numbers besides its code, params and data: the env.* tags of its stage runs.
+MACHINE_TAGS = {"cpu": "env.cpu", "cpu_flags": "env.cpu_flags", "gpu": "env.gpu", "torch": "env.torch",
+                "transformers": "env.transformers", "peft": "env.peft", "bitsandbytes": "env.bitsandbytes",
+                "unsloth": "env.unsloth", "python": "env.python"}
+VERDICTS = ("bit-identical", "within tolerance", "different")
+
+
+def within(difference: float, recorded: float, tolerance: dict[str, float]) -> bool:
+    return difference <= tolerance["absolute"] + tolerance["relative"] * abs(recorded)
 
 
 # --- reproduce: comparing ----------------------------------------------------------------------------------
 
-def compare_metrics(recorded: dict[str, float], reproduced: dict[str, float], tolerance: float) -> list[dict]:
-    """One row per result metric of the recorded run (measurements of time and memory left out): ok when
-    |reproduced - recorded| <= tolerance (two NaNs agree); a metric the reproduction lacks fails. A
-    metric only the reproduction has is listed, ok (it says nothing about the recorded results)."""
+def compare_metrics(recorded: dict[str, float], reproduced: dict[str, float], tolerance: dict[str, float]
+                    ) -> list[dict]:
+    """One row per result metric of the recorded run (measurements of time and memory left out): identical when
+    equal (two NaNs are), ok when |reproduced - recorded| <= tolerance["absolute"] + tolerance["relative"] x
+    |recorded|; a metric the reproduction lacks fails. A metric only the reproduction has is listed, ok (it
+    says nothing about the recorded results)."""
     rows = []
     for name in sorted(set(recorded) | set(reproduced)):
         if is_measurement(name):
             continue
         old, new = recorded.get(name), reproduced.get(name)
         if old is None:
-            rows.append({"metric": name, "recorded": None, "reproduced": new, "difference": None, "ok": True,
-                         "note": "only in the reproduction"})
+            rows.append({"metric": name, "recorded": None, "reproduced": new, "difference": None, "identical": True,
+                         "ok": True, "note": "only in the reproduction"})
         elif new is None:
-            rows.append({"metric": name, "recorded": old, "reproduced": None, "difference": None, "ok": False,
-                         "note": "missing from the reproduction"})
+            rows.append({"metric": name, "recorded": old, "reproduced": None, "difference": None, "identical": False,
+                         "ok": False, "note": "missing from the reproduction"})
         else:
             both_nan = math.isnan(old) and math.isnan(new)
             difference = 0.0 if both_nan else abs(new - old)
             rows.append({"metric": name, "recorded": old, "reproduced": new, "difference": difference,
-                         "ok": both_nan or difference <= tolerance, "note": None})
+                         "identical": both_nan or new == old, "ok": both_nan or within(difference, old, tolerance),
+                         "note": None})
     return rows
+
+
+def verdict(rows: list[dict]) -> str:
+    """bit-identical, within tolerance or different (see the module docstring)."""
+    if all(row["identical"] for row in rows):
+        return "bit-identical"
+    return "within tolerance" if all(row["ok"] for row in rows) else "different"
+
+
+def machine_of(client, pipeline) -> dict[str, str | None]:
+    """The machine a pipeline run ran on, from the env.* tags of its executed stage runs (train's first: it does
+    the arithmetic that depends on the machine most)."""
+    runs = [run for run in stage_runs(client, pipeline).values() if run.data.tags.get("ftpipe.skipped") != "true"]
+    runs.sort(key=lambda run: run.data.tags.get("ftpipe.stage") != "train")
+    tags = runs[0].data.tags if runs else {}
+    return {name: tags.get(tag) for name, tag in MACHINE_TAGS.items()}
+
+
+def compare_machines(recorded: dict[str, str | None], reproduced: dict[str, str | None]) -> dict[str, Any]:
+    """Where two machines differ, on what both records know (a run logged before a field was recorded differs
+    in nothing there: unknown, and said so)."""
+    differences = [{"what": key, "recorded": recorded.get(key), "reproduced": reproduced.get(key)}
+                   for key in MACHINE_TAGS if recorded.get(key) and reproduced.get(key)
+                   and recorded[key] != reproduced[key]]
+    unknown = [key for key in MACHINE_TAGS if bool(recorded.get(key)) != bool(reproduced.get(key))]
+    return {"recorded": recorded, "reproduced": reproduced, "same": not differences, "differences": differences,
+            "unknown": unknown}
+
+
+def expectation(machine: dict[str, Any], result: str) -> str:
+    """What the verdict means for this pair of machines."""
+    if machine["same"]:
+        return ("same machine: bit-identical, as promised" if result == "bit-identical" else
+                f"same machine, but {result}: on one machine the CPU path repeats bit for bit, so something else "
+                "changed (an input outside the pipeline, a GPU kernel that is not deterministic)")
+    what = ", ".join(d["what"] for d in machine["differences"])
+    return (f"another machine ({what} differ): {result}" +
+            ("" if result != "different" else "; across machines results agree within the tolerance, or differ "
+                                              "by more than bf16 kernels explain"))
 
 
 def external_dep_changes(recorded_lock: dict | None, reproduced_lock: dict | None) -> list[dict]:
@@ -77,13 +132,15 @@ def external_dep_changes(recorded_lock: dict | None, reproduced_lock: dict | Non
 def format_comparison(rows: list[dict], tolerance: float) -> str:
     width = max([len(row["metric"]) for row in rows] + [6])
     lines = [f"{'metric':<{width}}  {'recorded':>16}  {'reproduced':>16}  {'difference':>11}  ok"]
+    bound = f"{tolerance['absolute']:g} + {tolerance['relative']:g} x |recorded|"
     for row in rows:
         cells = [_cell(row[k]) for k in ("recorded", "reproduced")] + [_cell(row["difference"], ".3g")]
         mark = "yes" if row["ok"] else "NO"
         lines.append(f"{row['metric']:<{width}}  {cells[0]:>16}  {cells[1]:>16}  {cells[2]:>11}  {mark}"
                      + (f"  ({row['note']})" if row["note"] else ""))
     failed = sum(not row["ok"] for row in rows)
-    lines.append(f"{len(rows) - failed} of {len(rows)} result metrics agree within {tolerance:g}"
+    identical = sum(row["identical"] for row in rows)
+    lines.append(f"{identical} of {len(rows)} result metrics bit-identical, {len(rows) - failed} within {bound}"
                  + (f"; {failed} differ" if failed else ""))
     return "\n".join(lines)
 
@@ -190,16 +247,19 @@ def recorded_run(client, run_id: str) -> tuple[Any, str]:
     return original, params_text
 
 
-def reproduction_report(client, original, new, tolerance: float) -> dict[str, Any]:
+def reproduction_report(client, original, new, tolerance: dict[str, float]) -> dict[str, Any]:
     rows = compare_metrics(original.data.metrics, new.data.metrics, tolerance)
     locks = [_yaml(read_artifact(client, run.info.run_id, "pipeline/dvc.lock")) for run in (original, new)]
+    machine = compare_machines(machine_of(client, original), machine_of(client, new))
+    result = verdict(rows)
     return {"recorded_run_id": original.info.run_id, "reproduced_run_id": new.info.run_id,
             "commit": original.data.tags["git.commit"], "recorded_git_dirty": original.data.tags.get("git.dirty"),
-            "tolerance": tolerance, "agree": all(row["ok"] for row in rows), "metrics": rows,
+            "tolerance": tolerance, "verdict": result, "agree": result != "different",
+            "machine": machine, "expectation": expectation(machine, result), "metrics": rows,
             "dependency_changes": external_dep_changes(*locks)}
 
 
-def reproduce(run_id: str, workdir: Path | None, tolerance: float, keep: bool) -> dict[str, Any]:
+def reproduce(run_id: str, workdir: Path | None, tolerance: dict[str, float], keep: bool) -> dict[str, Any]:
     client, uri = open_store()
     original, params_text = recorded_run(client, run_id)
     run_id, commit, root = original.info.run_id, original.data.tags.get("git.commit"), project_root()
@@ -228,7 +288,7 @@ def reproduce(run_id: str, workdir: Path | None, tolerance: float, keep: bool) -
 
 def _record_outcome(client, run_id: str, report: dict) -> None:
     """The verdict on the reproducing run itself, so the MLflow UI shows it."""
-    client.set_tag(run_id, "ftpipe.reproduced", "agrees" if report["agree"] else "differs")
+    client.set_tag(run_id, "ftpipe.reproduced", report["verdict"])
     client.log_dict(run_id, report, "reproduce/report.json")
 
 
@@ -238,7 +298,11 @@ def _yaml(text: str | None) -> dict | None:
 
 def format_reproduction(report: dict[str, Any]) -> str:
     lines = [f"Reproduction of run {report['recorded_run_id']} by run {report['reproduced_run_id']} "
-             f"(commit {report['commit']})", format_comparison(report["metrics"], report["tolerance"])]
+             f"(commit {report['commit']})", format_comparison(report["metrics"], report["tolerance"]),
+             f"verdict: {report['verdict']} ({report['expectation']})"]
+    for difference in report["machine"]["differences"]:
+        lines.append(f"  machine {difference['what']}: recorded {difference['recorded']}, "
+                     f"reproduced {difference['reproduced']}")
     if report["dependency_changes"]:
         lines.append("Inputs outside the pipeline that differ from the recorded run (a likely cause of a difference):")
         lines += [f"  {c['path']}: recorded md5 {c['recorded']}, reproduced {c['reproduced']}"

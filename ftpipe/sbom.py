@@ -32,6 +32,7 @@ from cyclonedx.validation.json import JsonStrictValidator
 from jsonschema.exceptions import best_match
 
 from ftpipe.errors import PipelineError
+from ftpipe.licenses import commercial_use_of
 
 SBOM_FILE = "sbom.cdx.json"
 SPEC_VERSION = "1.6"
@@ -97,6 +98,9 @@ def _merged_model(report: dict[str, Any], merged: dict[str, Any], data_refs: lis
     component["properties"] += _properties({
         "intended_use": compliance["policy"].get("intended_use"), "compliance:verdict": compliance.get("verdict"),
         "compliance:commercial_use_allowed": compliance.get("commercial_use_allowed"),
+        "compliance:commercial_use": commercial_use_of(compliance),
+        "compliance:reviewed_license": [f"{entry['id']} (reviewed by {entry['reviewed_by']})"
+                                        for entry in compliance.get("reviewed_licenses") or []],
         "compliance:non_commercial_source": [entry["source"] for entry in compliance.get("non_commercial_sources", [])],
         "compliance:unknown_license": compliance.get("unknown_licenses"),
         "compliance:attribution": [f"{entry['source']} ({entry['license']}): {entry['notice']}"
@@ -220,7 +224,8 @@ def _performance_metrics(evaluation: dict[str, Any]) -> list[dict[str, str]]:
 
 def _use_cases(report: dict[str, Any]) -> list[str]:
     compliance = report["compliance"]
-    allowed = "allowed" if compliance.get("commercial_use_allowed") else "not allowed"
+    allowed = {"unknown": "not established (a license is unknown)"}.get(commercial_use_of(compliance),
+                                                                          commercial_use_of(compliance))
     cases = [f"intended use: {compliance['policy'].get('intended_use')}",
              f"commercial use: {allowed} under the concluded license {compliance.get('concluded_license')}"]
     if report["base_model"].get("intended_use_notes"):

@@ -197,7 +197,7 @@ def environment_tags(env: dict[str, Any]) -> dict[str, str]:
     """The environment pins worth filtering and comparing runs on, as `env.*` tags (the full
     `pip freeze` and environment.json are artifacts of every stage run)."""
     tags = {"env.python": env["python"], "env.os": env["platform"], "env.cpu": env["processor"],
-            "env.cpu_count": str(env["cpu_count"])}
+            "env.cpu_count": str(env["cpu_count"]), "env.cpu_flags": " ".join(env.get("cpu_flags", []))}
     tags.update({f"env.{name}": version for name, version in env["packages"].items()})
     if env.get("torch_cuda"):
         tags["env.torch_cuda"] = env["torch_cuda"]

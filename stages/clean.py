@@ -234,13 +234,7 @@ def _recognise(raw: dict) -> tuple[str | None, list[dict], str | None, str | Non
 def redact_record(value: object) -> object:
     """A quarantined record with every PII finding in its strings replaced by a placeholder:
     rejected.jsonl shows why a row was dropped without keeping the personal data it held."""
-    if isinstance(value, str):
-        return pii.redact(value)[0]
-    if isinstance(value, list):
-        return [redact_record(item) for item in value]
-    if isinstance(value, dict):
-        return {key: redact_record(item) for key, item in value.items()}
-    return value
+    return pii.redact_value(value)[0]
 
 
 def find_and_treat_pii(messages: list[dict], action: str) -> tuple[list[dict], Counter]:
@@ -298,6 +292,7 @@ def clean_sources(raw_dir: Path, params: CleanParams) -> tuple[dict[str, list], 
                     control_rows += 1
                 messages = [{"role": m["role"], "content": normalize(m["content"])} for m in messages]
                 messages, found = find_and_treat_pii(messages, params.pii_action)
+                found.update(raw.get("pii", {}))   # what ingest already redacted (ingest.keep_pii_in_raw: false)
                 if found:
                     pii_rows += 1
                     pii_found.update(found)

@@ -2,8 +2,9 @@
 
     python -m stages.compliance
 
-Reads what params.yaml declares (compliance.*: the intended use, the license policy, and the base model's and
-every data source's origin, license, creators, personal data and intended-use notes), the data ingest
+Reads what params.yaml declares (compliance.*: the intended use, the license policy, the licenses a reviewer
+declared with their properties (reviewed_licenses), and the base model's and every data source's origin,
+license, creators, personal data and intended-use notes), the data ingest
 materialized (data/raw/provenance.json) and the base model's record (models/base/provenance.json). It
 concludes the fine-tuned model's license obligations from its inputs (ftpipe/licenses.py) and fails, naming
 every source, its license and the rule, when the intended use or the policy forbids the result. For the
@@ -26,7 +27,7 @@ import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import run_stage
 from ftpipe.io import CONTENT_FILE, atomic_dir, read_json, write_json
 from ftpipe.licenses import (LicenseDeclaration, LicenseError, LicensePolicy, conclude_licenses, enforce_license_gate,
-                             resolve_license_id)
+                             resolve_license_id, reviewed_license_properties)
 from ftpipe.params import ComplianceParams, Params, flatten, load_params
 from ftpipe.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR, metrics_file
 from ftpipe.provenance import stage_record
@@ -34,6 +35,8 @@ from ftpipe.tracking import stage_run
 
 CONCLUSION_FILE = "conclusion.json"
 GATE_FILE = "gate.json"
+COMMERCIAL_USE_SUMMARY = {"allowed": "commercial use allowed", "not allowed": "NOT for commercial use",
+                          "unknown": "commercial use NOT established: a license is unknown"}
 
 
 def check_embedded_base(params: ComplianceParams, base_record: dict[str, Any]) -> None:
@@ -59,12 +62,14 @@ def conclude(params: ComplianceParams, raw_record: dict[str, Any], base_record: 
     policy = LicensePolicy(params.intended_use, params.allowed_licenses, params.denied_licenses,
                            params.unknown_blocks)
     conclusion = conclude_licenses(LicenseDeclaration(params.base_model.id, params.base_model.license),
-                                   [LicenseDeclaration(s.name, s.license) for s in params.sources], policy)
+                                   [LicenseDeclaration(s.name, s.license) for s in params.sources], policy,
+                                   reviewed_license_properties(params.reviewed_licenses))
     ingested = {source["name"]: source for source in raw_record["sources"]}
     return {
         "conclusion": conclusion,
         "declarations": {"base_model": dataclasses.asdict(params.base_model),
-                         "sources": [dataclasses.asdict(source) for source in params.sources]},
+                         "sources": [dataclasses.asdict(source) for source in params.sources],
+                         "reviewed_licenses": [dataclasses.asdict(entry) for entry in params.reviewed_licenses]},
         "inputs": {"base_model": {"digest": base_record["digest"], "source": base_record.get("source", {})},
                    "sources": {name: {"sha256": ingested[name]["sha256"], "rows": ingested[name]["rows"]}
                                for name in (s.name for s in params.sources) if name in ingested}},
@@ -81,8 +86,10 @@ def gate_record(result: dict[str, Any]) -> dict[str, Any]:
 
 def summary_metrics(conclusion: dict[str, Any]) -> dict[str, Any]:
     return {"passed": conclusion["verdict"] == "pass", "commercial_use_allowed": conclusion["commercial_use_allowed"],
+            "commercial_use": conclusion["commercial_use"],
             "concluded_license": conclusion["concluded_license"], "violations": len(conclusion["violations"]),
             "unknown_licenses": len(conclusion["unknown_licenses"]),
+            "reviewed_licenses": len(conclusion["reviewed_licenses"]),
             "non_commercial_sources": len(conclusion["non_commercial_sources"]),
             "share_alike_sources": len(conclusion["share_alike"])}
 
@@ -111,7 +118,7 @@ def main() -> None:
         write_json(metrics_file("compliance"), metrics)
         tracker.log_metrics(metrics)
     print(f"compliance: {conclusion['concluded_license']} for intended use {params.compliance.intended_use!r}: "
-          f"pass ({'commercial use allowed' if conclusion['commercial_use_allowed'] else 'NOT for commercial use'}"
+          f"pass ({COMMERCIAL_USE_SUMMARY[conclusion['commercial_use']]}"
           f"{', ' + str(len(conclusion['unknown_licenses'])) + ' unknown license(s) flagged' if conclusion['unknown_licenses'] else ''})"
           f" -> {Path(COMPLIANCE_DIR)}/")
 

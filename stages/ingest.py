@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe import pii
 from ftpipe.errors import PipelineError, run_stage
 from ftpipe.io import HASH_CHUNK, atomic_dir, file_hashes, sha256_file, tree_digest, write_json, write_jsonl
 from ftpipe.params import Params, SourceParams, flatten, load_params
@@ -299,8 +300,26 @@ def _dunder_all(tree: ast.Module) -> set[str] | None:
     return None
 
 
-def ingest_source(source: SourceParams, out_dir: Path) -> dict:
-    """Write one source's rows to `out_dir/<name>.jsonl`; return its provenance entry."""
+def redact_rows(rows: Iterator[dict], found: Counter) -> Iterator[dict]:
+    """Rows with the PII in their record (or unreadable text) replaced by placeholders, and a "pii" count by kind
+    on each row that had some, so that clean still counts it (and rejects it with clean.pii_action: reject).
+    `found` adds up the kinds, and "rows" the rows."""
+    for row in rows:
+        counts: Counter = Counter()
+        for field in ("record", "text"):
+            if field in row:
+                row[field], kinds = pii.redact_value(row[field])
+                counts.update(kinds)
+        if counts:
+            row["pii"] = dict(sorted(counts.items()))
+            found.update(counts)
+            found["rows"] += 1
+        yield row
+
+
+def ingest_source(source: SourceParams, out_dir: Path, keep_pii: bool) -> dict:
+    """Write one source's rows to `out_dir/<name>.jsonl` (PII replaced by placeholders unless `keep_pii`);
+    return its provenance entry."""
     repaired: Counter | None = None
     if source.type == "file":
         path = Path(source.path)
@@ -321,10 +340,15 @@ def ingest_source(source: SourceParams, out_dir: Path) -> dict:
                   "method": "ast-parsed public module-level functions and classes with docstrings"}
     if source.max_rows is not None:   # the first max_rows rows (row numbers may skip blank lines)
         rows = itertools.islice(rows, source.max_rows)
+    redacted: Counter = Counter()
+    if not keep_pii:
+        rows = redact_rows(rows, redacted)
     out_file = out_dir / f"{source.name}.jsonl"
     count = write_jsonl(out_file, rows)
     entry = {"name": source.name, "origin": origin, "retrieved_at": utc_now(),
-             "rows": count, "file": out_file.name, "sha256": sha256_file(out_file)}
+             "rows": count, "file": out_file.name, "sha256": sha256_file(out_file),
+             "pii_in_raw": "kept verbatim" if keep_pii else "replaced by placeholders",
+             "pii_redacted": {"rows": redacted.pop("rows", 0), "found": dict(sorted(redacted.items()))}}
     if repaired is not None:
         entry["repaired"] = {"invalid_utf8": repaired["invalid_utf8"]}
     return entry
@@ -354,11 +378,12 @@ def main() -> None:
     stage_params = tracked_params(params)
     with stage_run("ingest", stage_params) as tracker:
         with atomic_dir(RAW_DIR) as out_dir:
-            sources = [ingest_source(source, out_dir) for source in params.ingest.sources]
+            sources = [ingest_source(source, out_dir, params.ingest.keep_pii_in_raw) for source in params.ingest.sources]
             empty = check_empty_sources(sources, params.ingest.empty_source)
             write_json(out_dir / PROVENANCE_FILE, stage_record("ingest", stage_params, mlflow=tracker.reference(),
                                                                sources=sources))
         metrics = {"rows_total": sum(s["rows"] for s in sources), "empty_sources": len(empty),
+                   "pii_rows_redacted": sum(s["pii_redacted"]["rows"] for s in sources),
                    **{f"rows.{s['name']}": s["rows"] for s in sources}}
         write_json(metrics_file("ingest"), metrics)
         tracker.log_metrics(metrics)

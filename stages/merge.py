@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, tree_digest, write_json
+from ftpipe.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, write_content_record, write_json
 from ftpipe.modeling import (cuda_available, inference_dtype, load_model, load_tokenizer, mean_loss,
                              resolve_compute_dtype, torch_dtype)
 from ftpipe.params import MergeParams, Params, QuantizationParams, flatten, load_params
@@ -90,10 +90,10 @@ def main() -> None:
         with atomic_dir(MERGED_DIR) as out_dir:
             merge_adapter(BASE_DIR, ADAPTER_DIR, params.base.dtype, out_dir)
             metrics = check_parity(params.merge, params.train.quantization, BASE_DIR, ADAPTER_DIR, out_dir, rows)
-            hashes = file_hashes(out_dir)
+            content = write_content_record(out_dir)   # what quantize depends on
             write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "merge", stage_params, mlflow=tracker.reference(), metrics=metrics, files_sha256=hashes,
-                digest=tree_digest(hashes),
+                "merge", stage_params, mlflow=tracker.reference(), metrics=metrics,
+                files_sha256=content["files_sha256"], digest=content["digest"],
                 merged_into={"base_digest": read_json(BASE_DIR / CONTENT_FILE)["digest"],
                              "dtype": params.base.dtype, "merge_compute_dtype": "float32"},
                 adapter_sha256=file_hashes(ADAPTER_DIR)))

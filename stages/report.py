@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ def collect_report(mlflow: dict[str, Any]) -> dict[str, Any]:
     base_record = read_json(BASE_DIR / PROVENANCE_FILE)
     git = git_state()
     base_id = compliance["declarations"]["base_model"]["id"]
+    sources = data_sources(compliance["declarations"]["sources"])
     return {
         "report_version": REPORT_VERSION,
         "created_at": utc_now(),
@@ -71,7 +73,8 @@ def collect_report(mlflow: dict[str, Any]) -> dict[str, Any]:
         "compliance": compliance["conclusion"],
         "base_model": {**compliance["declarations"]["base_model"], "observed": base_record.get("source", {}),
                        **{key: base_record.get(key) for key in ("digest", "architecture", "parameters", "dtype")}},
-        "data_sources": data_sources(compliance["declarations"]["sources"]),
+        "data_sources": sources,
+        "declaration_mismatches": declaration_mismatches(sources),
         "splits": read_json(CLEAN_DIR / "summary.json")["kept"],
         "stages": stages_from_lock(),
         "training": training_section(),
@@ -111,6 +114,26 @@ def data_sources(declarations: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "rejected_by_reason": rejected, "repaired": clean.get("repaired", {}),
                         "formats": clean.get("formats", {}), "pii": clean.get("pii", {})})
     return sources
+
+
+def declaration_mismatches(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where a declaration and what the pipeline found disagree: a source declared personal_data: false in which
+    PII was found (by ingest, which redacts the raw copy, or by clean). A reviewer must see it: the declaration
+    (and its legal basis) is what the sign-off rests on."""
+    mismatches = []
+    for source in sources:
+        pii_found = (source.get("pii") or {}).get("found") or {}
+        if pii_found and not source["personal_data"]:
+            kinds = ", ".join(f"{kind} ({count})" for kind, count in sorted(pii_found.items()))
+            rows = source["pii"].get("rows", 0)
+            mismatches.append({
+                "source": source["name"], "field": "personal_data", "declared": False, "found": pii_found,
+                "rows": rows, "action": source["pii"].get("action"),
+                "message": f"data source {source['name']!r} is declared personal_data: false, but "
+                           f"{rows} row{'' if rows == 1 else 's'} held personal data ({kinds}; "
+                           f"{source['pii'].get('action')}ed by clean). Correct the declaration "
+                           f"(personal_data: true and its legal basis) or the data."})
+    return mismatches
 
 
 def stages_from_lock() -> list[dict[str, Any]]:
@@ -228,8 +251,11 @@ def main() -> None:
         with atomic_dir(RELEASE_DIR) as out_dir:
             write_json(out_dir / PROVENANCE_FILE, stage_record("report", stage_params, mlflow=tracker.reference()))
             manifest = write_release(report, out_dir)
+        for mismatch in report["declaration_mismatches"]:
+            print(f"warning: {mismatch['message']}", file=sys.stderr)
         metrics = {"artifacts": len(report["artifacts"]), "files": len(manifest),
                    "data_sources": len(report["data_sources"]),
+                   "declaration_mismatches": len(report["declaration_mismatches"]),
                    "commercial_use_allowed": report["compliance"]["commercial_use_allowed"],
                    "concluded_license": report["compliance"]["concluded_license"]}
         write_json(metrics_file("report"), metrics)

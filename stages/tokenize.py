@@ -26,7 +26,8 @@ from typing import Any, Iterator, Sequence
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_jsonl, sha256_text, write_json
+from ftpipe.io import (atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_json, read_jsonl, sha256_text,
+                       write_json)
 from ftpipe.modeling import IGNORE_INDEX, chunks, load_tokenizer, render_chats
 from ftpipe.params import Params, TokenizeParams, flatten, load_params
 from ftpipe.paths import (BASE_DIR, CLEAN_DIR, PLOTS_DIR, PROVENANCE_FILE, SPLITS, TOKENIZED_DIR,
@@ -224,6 +225,23 @@ def padding_stats(tokens: int, examples: int, packed: int, max_seq_length: int) 
             "packed_rows": packed}
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")   # config.json names
+
+
+def check_context_length(base_dir: Path, max_seq_length: int) -> int | None:
+    """The base model's context length from its config.json (None if it states none); an error naming both
+    numbers if tokenize.max_seq_length exceeds it: positions beyond it were never trained, and some
+    models fail outright on them."""
+    config = read_json(Path(base_dir) / "config.json")
+    config = config.get("text_config", config)   # multimodal configs nest the language model's
+    context = next((config[key] for key in CONTEXT_KEYS if isinstance(config.get(key), int)), None)
+    if context is not None and max_seq_length > context:
+        raise PipelineError(f"params.yaml tokenize.max_seq_length is {max_seq_length}, but the base model's context "
+                            f"length is {context} ({Path(base_dir) / 'config.json'}). Set tokenize.max_seq_length to "
+                            f"at most {context}.")
+    return context
+
+
 def tokenize_splits(clean_dir: Path, tokenizer, params: TokenizeParams,
                     out_dir: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Write <split>.parquet for every split into `out_dir`; return (stats, tokens per example per split)."""
@@ -326,6 +344,7 @@ def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
     max_seq_length = params.tokenize.max_seq_length
+    check_context_length(BASE_DIR, max_seq_length)
     with stage_run("tokenize", stage_params) as tracker:
         tokenizer = load_tokenizer(BASE_DIR)
         with atomic_dir(TOKENIZED_DIR) as out_dir:

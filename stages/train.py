@@ -94,6 +94,27 @@ def prune_checkpoint_runs(root: Path, current: Path, kept: int) -> list[str]:
     return removed
 
 
+ALL_LINEAR = "all-linear"   # PEFT's own name for every linear layer but the output head
+
+
+def lora_targets(model, target_modules: list[str]) -> list[str] | str:
+    """What PEFT is given: train.lora.target_modules, checked against the model's linear layers (a name PEFT
+    would not find is an error listing the model's real names: Phi-3 fuses qkv_proj, Llama has q_proj), or
+    PEFT's "all-linear"."""
+    import torch
+
+    if target_modules == [ALL_LINEAR]:
+        return ALL_LINEAR
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name]
+    missing = [target for target in target_modules
+               if not any(name == target or name.endswith("." + target) for name in names)]
+    if missing:
+        real = sorted({name.rsplit(".", 1)[-1] for name in names} - {"lm_head"})
+        raise PipelineError(f"params.yaml train.lora.target_modules: {missing} not found in the base model. Its "
+                            f"linear layers are: {', '.join(real)}. Name some of these, or [{ALL_LINEAR}].")
+    return target_modules
+
+
 def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_seq_length: int,
                          compute_dtype: str):
     """The 4-bit base with fresh LoRA adapters, ready to train."""
@@ -111,7 +132,7 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
             quantization_config=bnb_config(params.quantization, compute_dtype))
         return FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-            target_modules=lora.target_modules, random_state=params.seed,
+            target_modules=lora_targets(model, lora.target_modules), random_state=params.seed,
             use_gradient_checkpointing="unsloth" if params.gradient_checkpointing else False)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -119,12 +140,13 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
     model = AutoModelForCausalLM.from_pretrained(
         str(base_dir), quantization_config=bnb_config(params.quantization, compute_dtype),
         device_map="cpu", dtype=torch_dtype(compute_dtype))
+    targets = lora_targets(model, lora.target_modules)
     if params.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def training_arguments(params: TrainParams, backend: str, compute_dtype: str, output_dir: Path):

@@ -21,7 +21,7 @@ import yaml
 
 from ftpipe.audit import main
 from ftpipe.errors import PipelineError, run_stage
-from ftpipe.reproduce import compare_metrics, external_dep_changes
+from ftpipe.reproduce import compare_machines, compare_metrics, expectation, external_dep_changes, verdict
 from tests.release_fixtures import write_dir_listing
 
 STAGES = ["base", "ingest", "compliance", "train"]
@@ -88,6 +88,7 @@ def recorded(tmp_path_factory) -> dict:
         {"name": "python_stdlib_docs", "rows": 3, "sha256": SOURCE_SHA}]}))
     (root / "data/raw/python_stdlib_docs.jsonl").write_text('{"row": 1}\n{"row": 2}\n{"row": 3}\n')
     (root / "curve.csv").write_text("step,loss\n1,2.5\n")
+    shutil.copy2(Path(__file__).parents[1] / "params.yaml", root / "params.yaml")   # reproduce's tolerances
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(GIT + ["add", "-A"], cwd=root, check=True)
     subprocess.run(GIT + ["commit", "-qm", "recorded"], cwd=root, check=True)
@@ -162,7 +163,8 @@ def test_provenance_of_a_stage_run_is_its_pipeline_run_as_json(audited, capsys):
     assert report["stages"][1]["produced_by"] == audited["first_children"]["ingest"]
     assert report["stages"][3]["metrics"] == {"train_loss": 1.5}
     assert report["license_conclusion"] == {"verdict": "pass", "concluded_license": "Apache-2.0 AND PSF-2.0",
-                                            "commercial_use_allowed": True, "intended_use": "commercial"}
+                                            "commercial_use_allowed": True, "intended_use": "commercial",
+                                            "commercial_use": "allowed"}
     assert report["data_sources"][0]["license"] == "PSF-2.0"
     assert report["base_model"]["license"] == "Apache-2.0"
 
@@ -236,10 +238,13 @@ def test_reproduce_restores_commit_params_and_data_then_reports_a_difference(rec
     captured = capsys.readouterr()
     assert "uncommitted changes" in captured.err and "results may differ" in captured.err
     assert "train.train_loss" in captured.out and "NO" in captured.out and "1 differ" in captured.out
+    assert "verdict: different (same machine, but different" in captured.out
     report = json.loads((tmp_path / "work/report.json").read_text())
     assert not report["agree"] and [row["metric"] for row in report["metrics"] if not row["ok"]] == ["train.train_loss"]
+    assert report["verdict"] == "different" and report["machine"]["same"] is True
+    assert report["machine"]["recorded"]["cpu"] and report["tolerance"] == {"relative": 0.01, "absolute": 0.005}
     new = client.get_run(report["reproduced_run_id"])
-    assert new.data.tags["ftpipe.reproduces"] == recorded["first"] and new.data.tags["ftpipe.reproduced"] == "differs"
+    assert new.data.tags["ftpipe.reproduces"] == recorded["first"] and new.data.tags["ftpipe.reproduced"] == "different"
     assert not (tmp_path / "work/worktree").exists()
     assert "work/worktree" not in subprocess.run(["git", "worktree", "list"], capture_output=True, text=True).stdout
 
@@ -249,15 +254,47 @@ def test_compare_metrics_tolerance_measurements_and_missing():
                 "quantize.f16.validation_loss": 2.0}
     reproduced = {"train.loss": 1.0 + 1e-9, "evaluate.rougeL": 0.5, "train.train_seconds": 99.0, "merge.gap": math.nan,
                   "train.new_metric": 3.0}
-    rows = {row["metric"]: row for row in compare_metrics(recorded, reproduced, tolerance=0.0)}
+    exact = {"relative": 0.0, "absolute": 0.0}
+    rows = {row["metric"]: row for row in compare_metrics(recorded, reproduced, exact)}
     assert "train.train_seconds" not in rows                     # a measurement, never compared
     assert rows["evaluate.rougeL"]["ok"] and rows["merge.gap"]["ok"]
     assert not rows["train.loss"]["ok"] and rows["train.loss"]["difference"] == pytest.approx(1e-9)
     assert not rows["quantize.f16.validation_loss"]["ok"]
     assert rows["quantize.f16.validation_loss"]["note"] == "missing from the reproduction"
     assert rows["train.new_metric"]["ok"] and rows["train.new_metric"]["note"] == "only in the reproduction"
-    loose = {row["metric"]: row for row in compare_metrics(recorded, reproduced, tolerance=1e-6)}
+    assert not rows["train.loss"]["identical"] and rows["evaluate.rougeL"]["identical"]
+    assert verdict(list(rows.values())) == "different"
+    loose = {row["metric"]: row for row in compare_metrics(recorded, reproduced, {"relative": 0.0, "absolute": 1e-6})}
     assert loose["train.loss"]["ok"]
+
+
+def test_a_relative_tolerance_scales_with_the_metric_and_the_verdict_names_the_level():
+    """The measured AMD-vs-Intel difference of the default run (loss 2.6347 vs 2.6269) is within the default
+    1% + 0.005; a 1% difference on a value of 0.001 (a merge gap) is within the absolute part only."""
+    from ftpipe.params import load_params
+    from tests.conftest import REPO
+
+    defaults = load_params(REPO / "params.yaml").reproduce
+    tolerance = {"relative": defaults.relative_tolerance, "absolute": defaults.absolute_tolerance}
+    rows = compare_metrics({"train.final_loss": 2.6347, "evaluate.tuned.rougeL": 0.238, "merge.gap": 0.001},
+                           {"train.final_loss": 2.6269, "evaluate.tuned.rougeL": 0.237, "merge.gap": 0.004}, tolerance)
+    assert all(row["ok"] and not row["identical"] for row in rows) and verdict(rows) == "within tolerance"
+    assert verdict(compare_metrics({"a": 1.0}, {"a": 1.0}, tolerance)) == "bit-identical"
+    assert verdict(compare_metrics({"a": 2.6347}, {"a": 2.7}, tolerance)) == "different"   # 2.5%: beyond
+
+
+def test_machines_are_compared_on_what_both_records_know():
+    amd = {"cpu": "AMD EPYC 9B14", "cpu_flags": "avx2 avx512_bf16 avx512f", "gpu": None, "torch": "2.13.0"}
+    intel = {"cpu": "Intel(R) Xeon(R) Platinum 8581C", "cpu_flags": "amx_bf16 amx_tile avx2 avx512_bf16 avx512f",
+             "gpu": None, "torch": "2.13.0"}
+    same = compare_machines(amd, dict(amd))
+    assert same["same"] and same["differences"] == [] and expectation(same, "bit-identical").startswith("same machine")
+    other = compare_machines(amd, intel)
+    assert not other["same"] and [d["what"] for d in other["differences"]] == ["cpu", "cpu_flags"]
+    assert expectation(other, "within tolerance") == "another machine (cpu, cpu_flags differ): within tolerance"
+    older = compare_machines({**amd, "cpu_flags": None}, amd)   # recorded before cpu flags were
+    assert older["same"] and older["unknown"] == ["cpu_flags"]
+    assert "something else changed" in expectation(same, "within tolerance")
 
 
 def test_external_dependency_changes_ignore_what_stages_produce():

@@ -168,3 +168,72 @@ def test_repo_params_pass_the_gate(in_tmp_project):
     conclusion = compliance.conclude(params.compliance, raw, BASE_RECORD)["conclusion"]
     assert conclusion["verdict"] == "pass" and conclusion["commercial_use_allowed"] is True
     assert conclusion["concluded_license"] == "Apache-2.0 AND PSF-2.0"
+
+
+# --- a license a reviewer declared in params.yaml ----------------------------------------------------------
+
+ACME = {"id": "LicenseRef-Acme-Data-1.0", "name": "Acme Data License 1.0", "url": "https://acme.example/license",
+        "commercial_use": True, "copyleft": "none", "no_derivatives": False, "attribution": "credit Acme Corp.",
+        "notes": "", "reviewed_by": "J. Doe, legal, 2026-11-30"}
+
+
+def test_a_reviewed_license_ref_passes_a_blocking_commercial_gate_and_is_recorded(in_tmp_project, capsys):
+    write_project({"docs": "PSF-2.0", "acme_docs": "LicenseRef-Acme-Data-1.0"}, intended_use="commercial",
+                  unknown_blocks=True, reviewed_licenses=[ACME])
+    result = run_gate()
+    conclusion = result["conclusion"]
+    assert conclusion["verdict"] == "pass" and conclusion["violations"] == [] and conclusion["unknown_licenses"] == []
+    assert (conclusion["commercial_use"], conclusion["commercial_use_allowed"]) == ("allowed", True)
+    assert conclusion["concluded_license"] == "Apache-2.0 AND LicenseRef-Acme-Data-1.0 AND PSF-2.0"
+    assert conclusion["reviewed_licenses"] == [{
+        "id": "LicenseRef-Acme-Data-1.0", "name": "Acme Data License 1.0", "url": "https://acme.example/license",
+        "properties": {"commercial_use": True, "copyleft": "none", "no_derivatives": False,
+                       "attribution": "credit Acme Corp.", "notes": ""},
+        "reviewed_by": "J. Doe, legal, 2026-11-30", "used_by": ["acme_docs"]}]
+    assert ("data source 'acme_docs': LicenseRef-Acme-Data-1.0 was reviewed by J. Doe, legal, 2026-11-30; its "
+            "properties come from params.yaml compliance.reviewed_licenses") in conclusion["notes"]
+    assert {"source": "acme_docs", "license": "LicenseRef-Acme-Data-1.0", "notice": "credit Acme Corp."} \
+        in conclusion["attribution"]
+    assert result["declarations"]["reviewed_licenses"] == [ACME]   # what was declared, used or not
+    metrics = read_json(Path("metrics/compliance.json"))
+    assert (metrics["commercial_use"], metrics["commercial_use_allowed"], metrics["reviewed_licenses"]) == (
+        "allowed", True, 1)
+    provenance = read_json(Path("data/compliance/provenance.json"))
+    assert provenance["params"]["compliance.reviewed_licenses.0.reviewed_by"] == "J. Doe, legal, 2026-11-30"
+    assert "pass (commercial use allowed)" in capsys.readouterr().out
+
+
+def test_without_the_review_the_same_project_fails_and_points_to_reviewed_licenses(in_tmp_project):
+    write_project({"docs": "PSF-2.0", "acme_docs": "LicenseRef-Acme-Data-1.0"}, unknown_blocks=True)
+    with pytest.raises(LicenseGateError) as error:
+        compliance.main()
+    assert "data source 'acme_docs': LicenseRef-Acme-Data-1.0 [unknown-license]" in str(error.value)
+    assert "fix: have a reviewer read its text and declare it under compliance.reviewed_licenses" in str(error.value)
+    assert not Path("data/compliance").exists()
+
+
+def test_a_reviewed_id_the_table_knows_fails_the_stage_naming_the_key(in_tmp_project):
+    write_project({"docs": "MIT"}, reviewed_licenses=[dict(ACME, id="MIT")])
+    with pytest.raises(PipelineError) as error:
+        compliance.main()
+    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/license_table.py already "
+                                "has a row for MIT, and that row applies; remove this entry (or, if the row is wrong, "
+                                "correct it there)")
+    assert not Path("data/compliance").exists()
+
+
+def test_an_unknown_license_only_flagged_leaves_commercial_use_unknown(in_tmp_project, capsys):
+    conclusion = run_gate_with({"scraped": "LicenseRef-House"}, intended_use="commercial", unknown_blocks=False)
+    assert conclusion["verdict"] == "pass" and conclusion["commercial_use"] == "unknown"
+    assert read_json(Path("metrics/compliance.json"))["commercial_use"] == "unknown"
+    assert "pass (commercial use NOT established: a license is unknown, 1 unknown license(s) flagged)" \
+        in capsys.readouterr().out
+
+
+def test_dvc_yaml_lists_every_reviewed_license_key_the_stage_reads(in_tmp_project):
+    """tests/test_dvc_yaml.py checks the repo's params.yaml, whose list is empty; here with one entry."""
+    write_project({"acme_docs": "LicenseRef-Acme-Data-1.0"}, reviewed_licenses=[ACME])
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["compliance"]["params"]
+    read = compliance.tracked_params(load_params(Path("params.yaml")))
+    assert "compliance.reviewed_licenses.0.id" in read
+    assert [key for key in read if not any(key == parent or key.startswith(parent + ".") for parent in listed)] == []

@@ -37,8 +37,8 @@ def run_pipeline(tmp_path: Path, source_path: Path, params: CleanParams = PARAMS
     out.mkdir()
     anchor = tmp_path / "anchor.jsonl"
     anchor.write_text("".join(json.dumps(r) + "\n" for r in ANCHOR), encoding="utf-8")
-    entries = [ingest_source(SourceParams(name="hostile", type="file", path=str(source_path)), out),
-               ingest_source(SourceParams(name="anchor", type="file", path=str(anchor)), out)]
+    entries = [ingest_source(SourceParams(name="hostile", type="file", path=str(source_path)), out, keep_pii=False),
+               ingest_source(SourceParams(name="anchor", type="file", path=str(anchor)), out, keep_pii=False)]
     (out / "provenance.json").write_text(json.dumps({"stage": "ingest", "sources": entries}), encoding="utf-8")
     splits, rejected, summary = clean_sources(out, params)
     kept = {row["source_row"]: row for rows in splits.values() for row in rows if row["source"] == "hostile"}

@@ -7,7 +7,8 @@ import pytest
 
 from ftpipe.errors import PipelineError
 from ftpipe.licenses import EXPECTED_FORM, LicenseDeclaration, LicenseError, LicenseGateError, LicensePolicy, \
-    conclude_licenses, enforce_license_gate, resolve_license_id
+    ReviewedLicenseProperties, conclude_licenses, enforce_license_gate, resolve_license_id, reviewed_license_properties
+from ftpipe.params import ReviewedLicense
 
 BASE = LicenseDeclaration("HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0")
 APACHE_NOTICE = ("keep the copyright, patent and attribution notices and the license text; pass on the source's "
@@ -16,8 +17,10 @@ CC_BY_NC_NOTICE = ("credit the creator, keep the copyright notice, link CC BY-NC
                    "changed (section 3(a))")
 NC_FIX = ("set intended_use to 'research' or 'internal' if the model will not be used commercially, or remove the "
           "data source")
-UNKNOWN_FIX = ("declare a license that ftpipe/license_table.py knows (or add a row for it there), remove the data "
-               "source, or set unknown_blocks to false to only flag it")
+UNKNOWN_FIX = ("have a reviewer read its text and declare it under compliance.reviewed_licenses in params.yaml (an "
+               "id, LicenseRef-<name> if SPDX does not list it, also declared as the input's license; its properties, "
+               "URL and reviewer), declare a license that ftpipe/license_table.py knows (or add a row for it there), "
+               "remove the data source, or set unknown_blocks to false to only flag it")
 HOW_TO_FIX = ("To fix: change intended_use, remove the source (or choose another base model), or change the license "
               "policy (allowed_licenses, denied_licenses, unknown_blocks).")
 
@@ -31,8 +34,10 @@ OPEN_COMMERCIAL = policy("commercial", allowed=[], denied=[], unknown_blocks=Tru
 OPEN_RESEARCH = policy("research", allowed=[], denied=[], unknown_blocks=True)
 
 
-def conclude(sources: dict[str, str | None], license_policy: LicensePolicy, base: LicenseDeclaration = BASE) -> dict:
-    return conclude_licenses(base, [LicenseDeclaration(name, lic) for name, lic in sources.items()], license_policy)
+def conclude(sources: dict[str, str | None], license_policy: LicensePolicy, base: LicenseDeclaration = BASE,
+             reviewed: tuple[ReviewedLicenseProperties, ...] = ()) -> dict:
+    return conclude_licenses(base, [LicenseDeclaration(name, lic) for name, lic in sources.items()], license_policy,
+                             reviewed)
 
 
 def by_rule(conclusion: dict) -> list[tuple[str, str, str]]:
@@ -64,6 +69,7 @@ def test_non_commercial_source_passes_research_and_the_conclusion_says_non_comme
         "policy": {"intended_use": "research", "allowed_licenses": [], "denied_licenses": [], "unknown_blocks": True},
         "verdict": "pass",
         "concluded_license": "Apache-2.0 AND CC-BY-NC-4.0",
+        "commercial_use": "not allowed",
         "commercial_use_allowed": False,
         "inputs": [
             {"role": "base model", "name": BASE.name, "declared": "Apache-2.0", "chosen": "Apache-2.0"},
@@ -74,6 +80,7 @@ def test_non_commercial_source_passes_research_and_the_conclusion_says_non_comme
             {"source": "tickets", "license": "CC-BY-NC-4.0", "notice": CC_BY_NC_NOTICE}],
         "non_commercial_sources": [{"source": "tickets", "license": "CC-BY-NC-4.0"}],
         "unknown_licenses": [],
+        "reviewed_licenses": [],
         "notes": [],
         "violations": [],
     }
@@ -155,6 +162,7 @@ def test_unknown_license_passes_with_a_flag_when_the_policy_does_not_block(decla
     assert conclusion["verdict"] == "pass"
     assert conclusion["unknown_licenses"] == [{"source": "scraped", "license": declared, "reason": reason}]
     assert conclusion["commercial_use_allowed"] is False   # never guessed
+    assert conclusion["commercial_use"] == "unknown"       # nor denied: nothing known forbids it
     assert conclusion["concluded_license"] == f"Apache-2.0 AND {in_expression}"
     assert conclusion["notes"] == [f"data source 'scraped': {declared} is unknown ({reason}): its obligations were "
                                    "not checked and commercial use cannot be confirmed"]
@@ -308,3 +316,162 @@ def test_non_commercial_no_derivatives_reports_both_rules_for_commercial_use():
     with pytest.raises(LicenseGateError) as raised:
         enforce_license_gate(conclusion)
     assert str(raised.value).splitlines()[0] == "license gate failed for intended_use 'commercial': 2 violations"
+
+
+# --- licenses a reviewer declared (params.yaml compliance.reviewed_licenses) ----------------------------
+
+ACME_URL = "https://acme.example/data-license-1.0"
+REVIEWER = "J. Doe, legal, 2026-11-30"
+
+
+def reviewed_entry(license_id: str = "LicenseRef-Acme-Data-1.0", **fields) -> ReviewedLicense:
+    """A compliance.reviewed_licenses entry as ftpipe.params builds it: commercial, share-alike, with credit."""
+    return ReviewedLicense(**{"id": license_id, "name": "Acme Data License 1.0", "url": ACME_URL,
+                              "commercial_use": True, "copyleft": "share-alike", "no_derivatives": False,
+                              "attribution": "credit Acme Corp. and link the license",
+                              "notes": "the data's provenance file must ship with the model",
+                              "reviewed_by": REVIEWER, **fields})
+
+
+def acme(**fields) -> tuple[ReviewedLicenseProperties, ...]:
+    return reviewed_license_properties([reviewed_entry(**fields)])
+
+
+def test_reviewed_license_rows_are_built_from_params_entries():
+    (row,) = acme()
+    assert row == ReviewedLicenseProperties(
+        license_id="LicenseRef-Acme-Data-1.0", commercial_use=True, copyleft="share-alike", no_derivatives=False,
+        attribution="credit Acme Corp. and link the license",
+        notes="the data's provenance file must ship with the model",
+        name="Acme Data License 1.0", url=ACME_URL, reviewed_by=REVIEWER)
+    assert row.share_alike
+    assert reviewed_license_properties([]) == ()
+
+
+def test_without_a_review_the_same_license_ref_is_unknown_and_blocks():
+    conclusion = conclude({"acme_docs": "LicenseRef-Acme-Data-1.0"}, OPEN_COMMERCIAL)
+    assert by_rule(conclusion) == [("acme_docs", "LicenseRef-Acme-Data-1.0", "unknown-license")]
+    assert conclusion["violations"][0]["fix"].startswith("have a reviewer read its text and declare it under "
+                                                         "compliance.reviewed_licenses in params.yaml")
+
+
+def test_a_reviewed_license_ref_is_judged_by_its_declared_properties_and_recorded_with_its_reviewer():
+    conclusion = conclude({"acme_docs": "licenseref-acme-data-1.0", "mixed": "LicenseRef-Acme-Data-1.0 AND MIT"},
+                          OPEN_COMMERCIAL, reviewed=acme())
+    enforce_license_gate(conclusion)   # passes: the reviewed license is known, and allows commercial use
+    assert conclusion["verdict"] == "pass" and conclusion["violations"] == []
+    assert (conclusion["commercial_use"], conclusion["commercial_use_allowed"]) == ("allowed", True)
+    assert conclusion["unknown_licenses"] == []
+    # resolved case-insensitively, written as the reviewer declared it
+    assert conclusion["concluded_license"] == "Apache-2.0 AND LicenseRef-Acme-Data-1.0 AND MIT"
+    assert conclusion["inputs"][1]["chosen"] == "LicenseRef-Acme-Data-1.0"
+    assert conclusion["share_alike"] == [
+        {"source": "acme_docs", "license": "LicenseRef-Acme-Data-1.0", "copyleft": "share-alike"},
+        {"source": "mixed", "license": "LicenseRef-Acme-Data-1.0", "copyleft": "share-alike"}]
+    assert {"source": "acme_docs", "license": "LicenseRef-Acme-Data-1.0",
+            "notice": "credit Acme Corp. and link the license"} in conclusion["attribution"]
+    assert conclusion["reviewed_licenses"] == [{
+        "id": "LicenseRef-Acme-Data-1.0", "name": "Acme Data License 1.0", "url": ACME_URL,
+        "properties": {"commercial_use": True, "copyleft": "share-alike", "no_derivatives": False,
+                       "attribution": "credit Acme Corp. and link the license",
+                       "notes": "the data's provenance file must ship with the model"},
+        "reviewed_by": REVIEWER, "used_by": ["acme_docs", "mixed"]}]
+    reviewed_note = ("LicenseRef-Acme-Data-1.0 was reviewed by J. Doe, legal, 2026-11-30; its properties come from "
+                     "params.yaml compliance.reviewed_licenses")
+    assert conclusion["notes"] == [
+        f"data source 'acme_docs': {reviewed_note}",
+        "data source 'acme_docs': LicenseRef-Acme-Data-1.0: the data's provenance file must ship with the model",
+        f"data source 'mixed': {reviewed_note}",
+        "data source 'mixed': LicenseRef-Acme-Data-1.0: the data's provenance file must ship with the model"]
+    assert json.loads(json.dumps(conclusion)) == conclusion
+
+
+def test_a_reviewed_license_is_recorded_only_where_it_is_used():
+    conclusion = conclude({"docs": "MIT", "choice": "LicenseRef-Acme-Data-1.0 OR CC0-1.0"}, OPEN_COMMERCIAL,
+                          reviewed=acme())
+    assert conclusion["inputs"][2]["chosen"] == "CC0-1.0"   # no share-alike beats share-alike
+    assert conclusion["reviewed_licenses"] == [] and conclusion["commercial_use"] == "allowed"
+
+
+def test_a_reviewed_non_commercial_license_fails_commercial_use_like_a_table_row():
+    reviewed = acme(commercial_use=False, copyleft="none")
+    conclusion = conclude({"acme_docs": "LicenseRef-Acme-Data-1.0"}, OPEN_COMMERCIAL, reviewed=reviewed)
+    assert by_rule(conclusion) == [("acme_docs", "LicenseRef-Acme-Data-1.0", "non-commercial")]
+    research = conclude({"acme_docs": "LicenseRef-Acme-Data-1.0"}, OPEN_RESEARCH, reviewed=reviewed)
+    assert (research["verdict"], research["commercial_use"], research["commercial_use_allowed"]) == (
+        "pass", "not allowed", False)
+    assert research["non_commercial_sources"] == [{"source": "acme_docs", "license": "LicenseRef-Acme-Data-1.0"}]
+
+
+def test_a_reviewed_no_derivatives_license_always_fails():
+    conclusion = conclude({"acme_docs": "LicenseRef-Acme-Data-1.0"}, OPEN_RESEARCH, reviewed=acme(no_derivatives=True))
+    assert by_rule(conclusion) == [("acme_docs", "LicenseRef-Acme-Data-1.0", "no-derivatives")]
+
+
+def test_a_reviewed_spdx_id_without_a_table_row_gets_its_properties():
+    reviewed = acme(license_id="EPL-2.0", name="Eclipse Public License 2.0", copyleft="weak-copyleft")
+    assert resolve_license_id("epl-2.0", reviewed) == "EPL-2.0"
+    conclusion = conclude({"code": "epl-2.0"}, OPEN_COMMERCIAL, reviewed=reviewed)
+    assert conclusion["verdict"] == "pass" and conclusion["commercial_use"] == "allowed"
+    assert conclusion["share_alike"] == [{"source": "code", "license": "EPL-2.0", "copyleft": "weak-copyleft"}]
+    assert [entry["id"] for entry in conclusion["reviewed_licenses"]] == ["EPL-2.0"]
+
+
+def test_reviewed_ids_resolve_only_when_given():
+    assert resolve_license_id("LICENSEREF-ACME-DATA-1.0", acme()) == "LicenseRef-Acme-Data-1.0"
+    assert resolve_license_id("LicenseRef-Acme-Data-1.0") is None
+    assert resolve_license_id("other", acme()) is None
+
+
+@pytest.mark.parametrize("license_id, problem", [
+    ("MIT", "ftpipe/license_table.py already has a row for MIT, and that row applies; remove this entry (or, if the "
+            "row is wrong, correct it there)"),
+    ("odbl", "ftpipe/license_table.py already has a row for ODbL-1.0"),          # a Hugging Face id of a row
+    ("LicenseRef-gemma", "ftpipe/license_table.py already has a row for LicenseRef-Gemma"),
+    ("LicenseRef-Unknown", "LicenseRef-Unknown is reserved (it stands for ids that are not SPDX)"),
+    ("Acme-Data", "not an SPDX license id; for a license SPDX does not list, write LicenseRef-<name>"),
+    ("epl-2.0", "write the SPDX id in SPDX's case: 'EPL-2.0'"),
+])
+def test_a_reviewed_id_the_table_knows_or_that_is_not_spdx_is_an_error_naming_the_key(license_id, problem):
+    with pytest.raises(LicenseError) as raised:
+        acme(license_id=license_id)
+    assert str(raised.value).startswith(f"params.yaml compliance.reviewed_licenses: id {license_id!r}: {problem}")
+    with pytest.raises(LicenseError, match="already has a row|reserved|not an SPDX|SPDX's case"):
+        conclude({"docs": "MIT"}, OPEN_RESEARCH, reviewed=(ReviewedLicenseProperties(
+            license_id, True, "none", False, None, "", "a name", ACME_URL, REVIEWER),))   # checked here too
+
+
+def test_every_bad_reviewed_id_is_reported_at_once():
+    with pytest.raises(LicenseError) as raised:
+        reviewed_license_properties([reviewed_entry("MIT"), reviewed_entry("LicenseRef-A"),
+                                     reviewed_entry("LicenseRef-a")])
+    assert str(raised.value).splitlines() == [
+        "params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/license_table.py already has a row for MIT, and "
+        "that row applies; remove this entry (or, if the row is wrong, correct it there)",
+        "params.yaml compliance.reviewed_licenses: id 'LicenseRef-a': declared more than once; keep one entry"]
+
+
+# --- commercial use: allowed, not allowed, unknown -------------------------------------------------------
+
+LENIENT_COMMERCIAL = policy("commercial", allowed=[], denied=[], unknown_blocks=False)
+
+
+@pytest.mark.parametrize("sources, expected", [
+    ({"docs": "MIT"}, "allowed"),
+    ({"docs": "MIT", "scraped": "other"}, "unknown"),                 # nothing forbids it, nothing establishes it
+    ({"notes": "CC-BY-NC-4.0", "scraped": "other"}, "not allowed"),  # a known license forbids it
+])
+def test_commercial_use_is_unknown_only_when_no_known_license_forbids_it(sources, expected):
+    conclusion = conclude(sources, policy("research", allowed=[], denied=[], unknown_blocks=False))
+    assert conclusion["verdict"] == "pass"
+    assert conclusion["commercial_use"] == expected
+    assert conclusion["commercial_use_allowed"] is (expected == "allowed")
+
+
+def test_an_unknown_license_that_passes_a_commercial_gate_leaves_commercial_use_unknown():
+    conclusion = conclude({"scraped": "LicenseRef-House"}, LENIENT_COMMERCIAL)
+    assert (conclusion["verdict"], conclusion["commercial_use"]) == ("pass", "unknown")
+    assert conclusion["commercial_use_allowed"] is False and conclusion["violations"] == []
+    reviewed = reviewed_license_properties([reviewed_entry("LicenseRef-House", name="House License")])
+    reviewed_conclusion = conclude({"scraped": "LicenseRef-House"}, LENIENT_COMMERCIAL, reviewed=reviewed)
+    assert reviewed_conclusion["commercial_use"] == "allowed" and reviewed_conclusion["unknown_licenses"] == []

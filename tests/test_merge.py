@@ -76,16 +76,16 @@ def test_merged_model_loads_and_matches_the_adapter(parity, tiny_base, tiny_merg
 
 def test_gaps_over_their_tolerances_name_each_gap_and_its_key(parity, tiny_base, tiny_trained, tiny_merged,
                                                               validation_rows):
-    params = MergeParams(max_loss_gap_vs_adapter=-1.0, max_loss_gap_vs_trained=-1.0)   # no gap can meet these
+    params = MergeParams(max_loss_gap_vs_adapter=0.0, max_loss_gap_vs_trained=0.0)   # only a gap of exactly 0 meets these
     with pytest.raises(PipelineError) as error:
         check_parity(params, TRAIN.quantization, tiny_base, tiny_trained["adapter"], tiny_merged, validation_rows)
     lines = str(error.value).splitlines()
     losses = {name: f"{loss:.4f}" for name, loss in parity["validation_loss"].items()}
     assert lines[1] == (f"  gap_vs_adapter: {losses['merged']} (merged) vs {losses['adapter_16bit']} (adapter_16bit): "
-                        f"gap {parity['gap_vs_adapter']:.4f} > merge.max_loss_gap_vs_adapter = -1.0")
+                        f"gap {parity['gap_vs_adapter']:.4f} > merge.max_loss_gap_vs_adapter = 0.0")
     assert lines[2] == (f"  gap_vs_trained: {losses['merged']} (merged) vs {losses['adapter_as_trained']} "
                         f"(adapter_as_trained): gap {parity['gap_vs_trained']:.4f} "
-                        "> merge.max_loss_gap_vs_trained = -1.0")
+                        "> merge.max_loss_gap_vs_trained = 0.0")
     assert "The merged model was not published" in str(error.value)
 
 
@@ -108,12 +108,12 @@ def test_stage_publishes_nothing_on_failure_and_everything_on_success(in_tmp_pro
     from stages.merge import main
 
     write_project(in_tmp_project, tiny_base, tiny_trained["adapter"], tiny_data[1],
-                  {"max_loss_gap_vs_adapter": -1.0, "max_loss_gap_vs_trained": 0.05})
+                  {"max_loss_gap_vs_adapter": 0.0, "max_loss_gap_vs_trained": 0.05})
     previous = in_tmp_project / "models" / "merged"
     previous.mkdir()
     (previous / "model.safetensors").write_text("an earlier merge")
 
-    with pytest.raises(PipelineError, match=r"gap_vs_adapter: .*> merge\.max_loss_gap_vs_adapter = -1\.0") as error:
+    with pytest.raises(PipelineError, match=r"gap_vs_adapter: .*> merge\.max_loss_gap_vs_adapter = 0\.0") as error:
         main()
     assert "gap_vs_trained: " not in str(error.value)   # within its tolerance: not reported
     assert [path.name for path in previous.iterdir()] == ["model.safetensors"]   # the earlier output is kept
@@ -126,8 +126,10 @@ def test_stage_publishes_nothing_on_failure_and_everything_on_success(in_tmp_pro
     (in_tmp_project / "params.yaml").write_text(yaml.safe_dump(params))
     main()
     provenance = read_json(previous / "provenance.json")
-    published = file_hashes(previous, exclude=("provenance.json",))
+    published = file_hashes(previous, exclude=("provenance.json", "content.json"))
     assert provenance["files_sha256"] == published and provenance["digest"] == tree_digest(published)
+    # content.json: what quantize depends on (the same hashes, without the run's time stamps)
+    assert read_json(previous / "content.json") == {"files_sha256": published, "digest": tree_digest(published)}
     assert provenance["merged_into"]["base_digest"] == read_json(tiny_base / "provenance.json")["digest"]
     assert provenance["adapter_sha256"] == file_hashes(tiny_trained["adapter"])
     metrics = read_json(in_tmp_project / "metrics" / "merge.json")

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from ftpipe.errors import PipelineError
+from ftpipe.licenses import LicenseDeclaration, LicensePolicy, conclude_licenses, reviewed_license_properties
 from ftpipe.model_card import CARD_FILE, model_card
+from ftpipe.params import ReviewedLicense
 
 EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
 HOSTILE_NAME = "evil | name\n---\nlicense: mit\n# Heading"
@@ -203,7 +205,16 @@ def test_unknown_artifact_name_lists_the_valid_ones(report):
         model_card(report, "gguf-q4_k_m")
 
 
+UNKNOWN_COMMERCIAL_TEXT = (
+    "**Commercial use: not established.** No input's license forbids it, but these licenses are unknown to ftpipe, "
+    "so their terms were not checked: lab_notes (LicenseRef-Lab). The license gate passed only because "
+    "`compliance.unknown_blocks` is false: it flags an unknown license instead of failing on it. To establish it, a "
+    "reviewer reads each license's text and declares it under `compliance.reviewed_licenses` in params.yaml (its "
+    "properties, URL and reviewer), and the pipeline is run again.")
+
+
 def test_unknown_licenses_are_flagged(report):
+    """An older report (no commercial_use key): an unknown license and nothing non-commercial reads as unknown."""
     report["compliance"].update(
         unknown_licenses=[{"source": "lab_notes", "license": "LicenseRef-Lab", "reason": "not in the license table"}],
         non_commercial_sources=[], concluded_license="Apache-2.0 AND LicenseRef-Lab")
@@ -213,5 +224,63 @@ def test_unknown_licenses_are_flagged(report):
     unknown = license_text.split("### Unknown licenses")[1].split("###")[0]
     assert "**Warning:** lab_notes: LicenseRef-Lab (not in the license table)" in unknown
     assert "its obligations were NOT checked" in unknown
-    assert "LicenseRef-Lab: unknown, so commercial use cannot be confirmed" in license_text
+    assert "declare it under `compliance.reviewed_licenses`" in unknown
+    assert UNKNOWN_COMMERCIAL_TEXT in license_text
     assert meta["license"] == "other" and meta["license_name"] == "apache-2.0-and-licenseref-lab"
+
+
+def conclusion_for(report: dict, declared: str, intended_use: str = "commercial", unknown_blocks: bool = False,
+                   reviewed: list[ReviewedLicense] | None = None) -> dict:
+    """The report with its compliance block concluded by ftpipe.licenses: the base model's Apache-2.0 and one
+    source (the report's first) under `declared`."""
+    report = copy.deepcopy(report)
+    source = report["data_sources"][0]
+    source.update(license=declared, license_url="https://acme.example/data-license-1.0")
+    report["data_sources"] = [source]
+    report["compliance"] = conclude_licenses(
+        LicenseDeclaration(report["base_model"]["id"], "Apache-2.0"), [LicenseDeclaration(source["name"], declared)],
+        LicensePolicy(intended_use, [], [], unknown_blocks), reviewed_license_properties(reviewed or []))
+    return report
+
+
+def test_an_unknown_license_that_passed_a_commercial_gate_is_not_established_not_allowed(report):
+    unknown = conclusion_for(report, "LicenseRef-Lab")
+    assert (unknown["compliance"]["verdict"], unknown["compliance"]["commercial_use"]) == ("pass", "unknown")
+    meta, body = split_card(model_card(unknown, "merged"))
+    license_text = section(body, "License")
+    assert UNKNOWN_COMMERCIAL_TEXT.replace("lab_notes", "python_stdlib_docs") in license_text
+    assert ("License gate verdict: pass, with 1 unknown license flagged, not checked (`compliance.unknown_blocks` is "
+            "false).") in license_text
+    assert "Commercial use: allowed" not in body and "Commercial use: not allowed" not in body
+    assert "commercial-use-unknown" in meta["tags"] and "non-commercial" not in meta["tags"]
+
+
+def test_a_non_commercial_license_beside_an_unknown_one_is_still_not_allowed(report):
+    mixed = conclusion_for(report, "CC-BY-NC-4.0 AND LicenseRef-Lab", intended_use="research")
+    meta, body = split_card(model_card(mixed, "merged"))
+    assert ("**Commercial use: not allowed**, because of: python_stdlib_docs (CC-BY-NC-4.0, non-commercial); "
+            "python_stdlib_docs (LicenseRef-Lab: unknown, so commercial use cannot be confirmed).") in body
+    assert "non-commercial" in meta["tags"] and "not established" not in body
+
+
+def test_a_reviewed_license_card_allows_commercial_use_and_names_the_reviewer_and_url(report):
+    acme = ReviewedLicense(id="LicenseRef-Acme-Data-1.0", name="Acme Data License 1.0",
+                           url="https://acme.example/data-license-1.0", commercial_use=True, copyleft="none",
+                           no_derivatives=False, attribution="credit Acme Corp.", notes="",
+                           reviewed_by="J. Doe, legal, 2026-11-30")
+    reviewed = conclusion_for(report, "LicenseRef-Acme-Data-1.0", unknown_blocks=True, reviewed=[acme])
+    assert reviewed["compliance"]["verdict"] == "pass"
+    meta, body = split_card(model_card(reviewed, "merged"))
+    license_text = section(body, "License")
+    assert ("**Commercial use: allowed** (every input's license allows it; LicenseRef-Acme-Data-1.0: as declared by "
+            "a reviewer, see [Reviewed licenses](#reviewed-licenses)).") in license_text
+    listed = license_text.split("### Reviewed licenses")[1].split("###")[0]
+    assert ("- LicenseRef-Acme-Data-1.0 (Acme Data License 1.0, https://acme.example/data-license-1.0), used by "
+            "python_stdlib_docs: reviewed by J. Doe, legal, 2026-11-30; commercial use allowed, copyleft none, "
+            "derivatives allowed. Its properties are the reviewer's, declared in params.yaml "
+            "`compliance.reviewed_licenses`, not ftpipe's license table") in listed
+    assert "- python_stdlib_docs (LicenseRef-Acme-Data-1.0): credit Acme Corp." in license_text   # its attribution
+    assert "not allowed" not in body and "not established" not in body and "### Unknown licenses" not in body
+    assert "License gate verdict: pass." in license_text
+    assert meta["license"] == "other" and meta["license_name"] == "apache-2.0-and-licenseref-acme-data-1.0"
+    assert "non-commercial" not in meta["tags"] and "commercial-use-unknown" not in meta["tags"]

@@ -254,12 +254,13 @@ def test_flatten_with_prefix_and_several_sources():
     ingest = IngestParams(sources=[
         SourceParams(name="a", type="file", path="data/sources/a.jsonl", max_rows=5),
         SourceParams(name="b", type="python_stdlib_docstrings"),
-    ], empty_source="warn")
+    ], empty_source="warn", keep_pii_in_raw=False)
     assert flatten(ingest, "ingest") == {
         "ingest.sources.0.name": "a", "ingest.sources.0.type": "file",
         "ingest.sources.0.path": "data/sources/a.jsonl", "ingest.sources.0.max_rows": 5,
         "ingest.sources.1.name": "b", "ingest.sources.1.type": "python_stdlib_docstrings",
         "ingest.sources.1.path": None, "ingest.sources.1.max_rows": None, "ingest.empty_source": "warn",
+        "ingest.keep_pii_in_raw": False,
     }
 
 
@@ -307,3 +308,112 @@ def test_intended_use_must_be_a_known_one(tmp_path):
     path = edited_data(tmp_path, lambda data: data["compliance"].update(intended_use="personal"))
     message = load_error(path)
     assert "'compliance.intended_use' is 'personal'" in message and "'research'" in message
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("evaluate", "max_examples", 0, "evaluate: max_examples: must be positive or null"),
+    ("evaluate", "batch_size", 0, "evaluate: batch_size and max_new_tokens must be positive"),
+    ("evaluate", "num_samples", -1, "evaluate: num_samples: must be 0 or more"),
+    ("merge", "max_loss_gap_vs_adapter", -0.1, "merge: max_loss_gap_vs_adapter and max_loss_gap_vs_trained must be 0"),
+    ("train", "checkpoint_runs_kept", -1, "train: checkpoint_runs_kept: must be 0 or more"),
+])
+def test_evaluate_merge_and_train_values_are_checked(tmp_path, section, key, value, expected):
+    path = edited_data(tmp_path, lambda data: data[section].update({key: value}))
+    assert expected in load_error(path)
+
+
+def test_the_parameters_section_that_errors_point_to_exists():
+    """Missing-key errors say "see README.md, 'Parameters'": that section must be there."""
+    assert "\n## Parameters\n" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+# --- compliance.reviewed_licenses ------------------------------------------------------------------------
+
+REVIEWED = {"id": "LicenseRef-Acme-Data-1.0", "name": "Acme Data License 1.0",
+            "url": "https://acme.example/data-license-1.0", "commercial_use": True, "copyleft": "share-alike",
+            "no_derivatives": False, "attribution": "credit Acme Corp.", "notes": "",
+            "reviewed_by": "J. Doe, legal, 2026-11-30"}
+REVIEWED_KEY = "compliance.reviewed_licenses[0: Acme Data License 1.0]"   # how errors name the entry
+
+
+def with_reviewed(*entries: dict) -> Callable[[dict], None]:
+    def change(data):
+        data["compliance"]["reviewed_licenses"] = [dict(entry) for entry in entries]
+    return change
+
+
+def test_repo_params_review_no_license_by_default():
+    assert load_params(REPO_PARAMS).compliance.reviewed_licenses == []
+    assert "reviewed_licenses: []" in REPO_PARAMS.read_text(encoding="utf-8")
+
+
+def test_a_reviewed_license_loads_typed_and_flattens_for_dvc(tmp_path):
+    compliance = load_params(edited_data(tmp_path, with_reviewed(REVIEWED))).compliance
+    (entry,) = compliance.reviewed_licenses
+    assert type(entry).__name__ == "ReviewedLicense"
+    assert (entry.id, entry.commercial_use, entry.copyleft, entry.attribution, entry.reviewed_by) == (
+        "LicenseRef-Acme-Data-1.0", True, "share-alike", "credit Acme Corp.", "J. Doe, legal, 2026-11-30")
+    flat = flatten(compliance, "compliance")
+    assert flat["compliance.reviewed_licenses.0.reviewed_by"] == "J. Doe, legal, 2026-11-30"
+    assert flat["compliance.reviewed_licenses.0.attribution"] == "credit Acme Corp."
+    null_attribution = load_params(edited_data(tmp_path, with_reviewed(dict(REVIEWED, attribution=None))))
+    assert null_attribution.compliance.reviewed_licenses[0].attribution is None
+
+
+def test_reviewed_copyleft_values_are_those_of_the_license_table():
+    import typing
+
+    from ftpipe.license_table import Copyleft
+    from ftpipe.params import ReviewedLicense
+    assert typing.get_args(typing.get_type_hints(ReviewedLicense)["copyleft"]) == typing.get_args(Copyleft)
+
+
+def test_a_reviewed_license_without_reviewed_by_names_the_key(tmp_path):
+    entry = {key: value for key, value in REVIEWED.items() if key != "reviewed_by"}
+    message = load_error(edited_data(tmp_path, with_reviewed(entry)))
+    assert f"missing key '{REVIEWED_KEY}.reviewed_by'" in message
+
+
+def test_a_reviewed_license_with_an_empty_reviewer_names_the_key(tmp_path):
+    message = load_error(edited_data(tmp_path, with_reviewed(dict(REVIEWED, reviewed_by="  "))))
+    assert f"{REVIEWED_KEY}: reviewed license 'LicenseRef-Acme-Data-1.0': reviewed_by: must not be empty" in message
+    assert "'J. Doe, legal, 2026-11-30'" in message   # the expected form
+
+
+def test_a_reviewed_license_with_a_bad_copyleft_value_lists_the_valid_ones(tmp_path):
+    message = load_error(edited_data(tmp_path, with_reviewed(dict(REVIEWED, copyleft="viral"))))
+    assert (f"'{REVIEWED_KEY}.copyleft' is 'viral'; valid values: 'none', 'pass-through-terms', 'weak-copyleft', "
+            "'share-alike', 'copyleft', 'network-copyleft'.") in message
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("commercial_use", "yes", "'compliance.reviewed_licenses[0: Acme Data License 1.0].commercial_use' must be of "
+                              "type bool, got 'yes'"),
+    ("url", "", "reviewed license 'LicenseRef-Acme-Data-1.0': url: must not be empty"),
+    ("attribution", "", "reviewed license 'LicenseRef-Acme-Data-1.0': attribution: say what a distributor must do"),
+    ("id", "Acme License", "reviewed license 'Acme License': id: write LicenseRef-<name>"),
+    ("id", "LicenseRef-", "reviewed license 'LicenseRef-': id: write LicenseRef-<name>"),
+    ("id", "licenseref-acme", "reviewed license 'licenseref-acme': id: write the prefix as SPDX does: "
+                              "'LicenseRef-acme'"),
+])
+def test_other_bad_reviewed_license_values_name_the_key(tmp_path, key, value, expected):
+    assert expected in load_error(edited_data(tmp_path, with_reviewed(dict(REVIEWED, **{key: value}))))
+
+
+def test_reviewed_license_ids_must_be_unique(tmp_path):
+    other = dict(REVIEWED, id="LicenseRef-ACME-data-1.0", name="the same, in other case")
+    message = load_error(edited_data(tmp_path, with_reviewed(REVIEWED, other)))
+    assert ("compliance: reviewed_licenses: ids must be unique (case-insensitively), got "
+            "['LicenseRef-ACME-data-1.0', 'LicenseRef-Acme-Data-1.0'] more than once") in message
+
+
+def test_a_reviewed_id_the_license_table_knows_is_an_error_naming_the_key(tmp_path):
+    """params.py imports no license code (every stage imports it, and dvc.yaml lists each stage's imports), so the
+    table is consulted where the entries become license rows: ftpipe.licenses, run by the compliance stage."""
+    from ftpipe.licenses import LicenseError, reviewed_license_properties
+    compliance = load_params(edited_data(tmp_path, with_reviewed(dict(REVIEWED, id="CC-BY-4.0")))).compliance
+    with pytest.raises(LicenseError) as error:
+        reviewed_license_properties(compliance.reviewed_licenses)
+    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'CC-BY-4.0': ftpipe/license_table.py "
+                                "already has a row for CC-BY-4.0, and that row applies; remove this entry (or, if the "
+                                "row is wrong, correct it there)")

@@ -114,3 +114,38 @@ def test_a_failure_keeps_the_previous_release(released):
         report.main()
     assert (RELEASE / "report.json").read_bytes() == before
     assert not list(Path("models").glob(".release.tmp-*"))
+
+
+def test_pii_found_in_a_source_declared_without_personal_data_is_reported(in_tmp_project, capsys):
+    """The declaration is what a reviewer signs off on: the report names where the data contradicts it."""
+    build_finished_project()
+    summary = read_json(Path("data/clean/summary.json"))
+    undeclared = next(name for name in SOURCES if name != "forum_answers")   # declared personal_data: false
+    summary["sources"][undeclared]["pii"] = {"action": "redact", "rows": 2, "found": {"email": 3}}
+    Path("data/clean/summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    report.main()
+    released = read_json(RELEASE / "report.json")
+    assert released["declaration_mismatches"] == [{
+        "source": undeclared, "field": "personal_data", "declared": False, "found": {"email": 3}, "rows": 2,
+        "action": "redact", "message": f"data source {undeclared!r} is declared personal_data: false, but 2 rows held "
+                                       f"personal data (email (3); redacted by clean). Correct the declaration "
+                                       f"(personal_data: true and its legal basis) or the data."}]
+    assert f"warning: data source {undeclared!r} is declared personal_data: false" in capsys.readouterr().err
+    assert read_json(Path("metrics/report.json"))["declaration_mismatches"] == 1
+
+
+def test_a_release_whose_declarations_hold_has_no_mismatch(released):
+    assert released["declaration_mismatches"] == []   # forum_answers has PII and declares it
+
+
+def test_a_declaration_mismatch_is_shown_as_a_warning_in_both_documents(in_tmp_project):
+    build_finished_project()
+    summary = read_json(Path("data/clean/summary.json"))
+    undeclared = next(name for name in SOURCES if name != "forum_answers")
+    summary["sources"][undeclared]["pii"] = {"action": "reject", "rows": 1, "found": {"phone": 1}}
+    Path("data/clean/summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    report.main()
+    markdown, page = (RELEASE / "report.md").read_text(), (RELEASE / "report.html").read_text()
+    assert (f"Declaration mismatch: data source '{undeclared}' is declared personal_data: false, but 1 row held "
+            f"personal data (phone (1); rejected by clean)") in markdown
+    assert f"Declaration mismatch: data source &#x27;{undeclared}&#x27; is declared personal_data: false" in page

@@ -295,3 +295,51 @@ def test_chromium_renders_every_section_and_the_charts(report, tmp_path):
     width, height, shades = png_facts(screenshot)
     assert (width, height) == (1280, 2000)
     assert shades > 50, f"{screenshot}: only {shades} distinct byte values: a blank page?"
+
+
+# --- commercial use not established, and licenses a reviewer declared ------------------------------------------
+
+def test_an_unknown_license_only_flagged_reads_not_established_with_the_fix(report):
+    small = minimal(report)   # an older report: commercial_use_allowed false, no commercial_use key
+    for compliance in (small["compliance"], dict(small["compliance"], commercial_use="unknown")):
+        small["compliance"] = compliance
+        markdown, page = render_markdown(small), Page(render_html(small))
+        summary = markdown.split("\n## Summary\n", 1)[1].split("\n## ", 1)[0]
+        assert ("- **Commercial use:** **⚠ not established** — no input's license forbids it, but these licenses "
+                "are unknown to ftpipe: python_stdlib_docs (LicenseRef-House); the license gate only flagged them "
+                "because compliance.unknown_blocks is false. To establish it, read each license's text and declare it "
+                "under `compliance.reviewed_licenses` in params.yaml") in summary
+        assert "not allowed" not in summary and "✓ PASS" in summary
+        for text in (page.sections[0][2], page.sections[1][2]):
+            assert "⚠ not established" in text and "declare it under compliance.reviewed_licenses" in text
+        assert "declare it under `compliance.reviewed_licenses` in params.yaml (its properties, URL and reviewer)" \
+            in md_subsection(markdown, "Unknown licenses")
+
+
+def test_a_reviewed_license_is_listed_with_its_reviewer_and_a_link_to_its_text(report):
+    small = minimal(report)
+    small["compliance"].update(unknown_licenses=[], commercial_use="allowed", commercial_use_allowed=True,
+                               reviewed_licenses=[{
+                                   "id": "LicenseRef-House", "name": "House License",
+                                   "url": "https://house.example/license",
+                                   "properties": {"commercial_use": True, "copyleft": "none", "no_derivatives": False,
+                                                  "attribution": None, "notes": ""},
+                                   "reviewed_by": f"J. Doe {HOSTILE}, 2026-11-30", "used_by": ["python_stdlib_docs"]}])
+    markdown, page_html = render_markdown(small), render_html(small)
+    page = Page(page_html)
+    assert ("- **Commercial use:** **✓ allowed** — LicenseRef-House as declared by a reviewer: see Reviewed "
+            "licenses") in markdown
+    reviewed = md_subsection(markdown, "Reviewed licenses")
+    assert md_tables(reviewed) == [[
+        ["License", "Name", "Text", "Reviewed by", "Used by", "Properties"], ["---"] * 6,
+        ["`LicenseRef-House`", "House License", "[https://house.example/license](https://house.example/license)",
+         "J. Doe \\<script\\>alert(1)\\</script\\>, 2026-11-30", "python_stdlib_docs",
+         "commercial_use: yes, copyleft: none, no_derivatives: no, attribution: —, notes:"]]]
+    assert ("a", "href", "https://house.example/license") in page.refs
+    assert "<script>" not in page_html and f"J. Doe {HOSTILE}, 2026-11-30" in page.text   # text, not markup
+    assert "Reviewed licenses" in page.sections[1][2]
+
+
+def test_a_report_without_reviewed_licenses_says_none(report):
+    reviewed = md_subsection(render_markdown(report), "Reviewed licenses")
+    assert reviewed.strip() == "none: the properties of every known license come from ftpipe/license_table.py"

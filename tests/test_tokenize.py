@@ -340,3 +340,12 @@ def test_stage_writes_splits_stats_metrics_plots_and_provenance(in_tmp_project, 
     expected = (f"train padding at max_seq_length 96: {stats['train']['padding_share_unpacked']:.1%} one example "
                 f"per row, {stats['train']['padding_share_packed']:.1%} packed into 4 rows (written packed)")
     assert expected in printed
+
+
+def test_max_seq_length_beyond_the_models_context_is_an_error(tiny_model_dir):
+    from stages.tokenize import check_context_length
+
+    assert check_context_length(tiny_model_dir, 512) == 512   # the tiny Llama's max_position_embeddings
+    with pytest.raises(PipelineError, match=r"tokenize.max_seq_length is 1024, but the base model's context length "
+                                            r"is 512 \(.*config.json\)\. Set tokenize.max_seq_length to at most 512"):
+        check_context_length(tiny_model_dir, 1024)

@@ -58,6 +58,13 @@ def test_a_stage_run_records_params_metrics_artifacts_inputs_and_environment(sto
     assert "label" not in run.data.metrics
     assert "git.commit" in run.data.tags and run.data.tags["env.python"] == sys.version.split()[0]
     assert run.data.tags["env.torch"] and run.data.tags["env.mlflow"]
+    # the instruction sets that choose the matrix kernels (bf16 results differ between CPU types)
+    from ftpipe.provenance import NUMERIC_CPU_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    assert run.data.tags["env.cpu_flags"] == " ".join(flags) and set(flags) <= set(NUMERIC_CPU_FLAGS)
+    cpuinfo = open("/proc/cpuinfo").read()
+    assert ("avx2" in flags) == (" avx2" in cpuinfo) and ("amx_bf16" in flags) == (" amx_bf16" in cpuinfo)
     artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert {"data", "adapter", "environment"} <= artifacts
     freeze = store.download_artifacts(run.info.run_id, "environment/pip-freeze.txt", str(tmp_path / "dl"))

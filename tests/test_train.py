@@ -408,3 +408,23 @@ def test_training_on_packed_rows_end_to_end(packed_trained):
                and TOKENS_KEY not in keys for keys in seen["forward_kwargs"])
     tensors = adapter_tensors(packed_trained["adapter"])
     assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)
+
+
+def test_an_unknown_lora_target_is_named_with_the_models_real_layers(tmp_path, tiny_base, tiny_data):
+    """Phi-3 fuses qkv_proj; Llama has q_proj, k_proj, v_proj: a wrong name must say which names exist."""
+    params = dataclasses.replace(TRAIN, lora=dataclasses.replace(TRAIN.lora, target_modules=["q_proj", "qkv_proj"]))
+    with pytest.raises(PipelineError) as raised:
+        train_tiny(params, tiny_base, tiny_data[1], tmp_path / "checkpoints", tmp_path / "adapter")
+    message = str(raised.value)
+    assert "train.lora.target_modules: ['qkv_proj'] not found in the base model" in message
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in message and "lm_head" not in message
+
+
+def test_all_linear_targets_every_linear_layer_but_the_head(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from stages.train import lora_targets
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    assert lora_targets(model, ["all-linear"]) == "all-linear"
+    assert lora_targets(model, ["q_proj", "self_attn.v_proj"]) == ["q_proj", "self_attn.v_proj"]
