@@ -21,7 +21,7 @@ can be downloaded on the GPU machine; speed and memory are those of the real mod
 
 For every run: tokens/s (positions computed, padding included), useful (non-padding) tokens/s,
 peak GPU memory (torch.cuda.max_memory_allocated from the first training step on, the 4-bit
-weights included) and MFU = 4 * N * tokens/s / the GPU's dense bf16 peak (ftpipe.gpu). The first
+weights included) and MFU = 4 * N * tokens/s / the GPU's dense bf16 peak (ftpipe.model.gpu). The first
 --warmup steps are left out of the rates.
 
     # here (CPU): the carried folders (see bench/gpu_train_smoke.py for .gpu-site/.gpu-payload)
@@ -99,8 +99,8 @@ def build_data(model_dir: Path, seq_len: int, rows: int, folder: Path) -> dict:
     """fixed/ (random rows of exactly seq_len), variable-packed/ and variable-unpacked/ (the default data)."""
     import random
 
-    from ftpipe.modeling import load_tokenizer
-    from ftpipe.params import TokenizeParams
+    from ftpipe.model.modeling import load_tokenizer
+    from ftpipe.core.params import TokenizeParams
     from stages.tokenize import tokenize_splits, write_rows
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -158,7 +158,7 @@ class StepClock:
 
     def summary(self, warmup: int, parameters: int) -> dict:
         """The same rates as the stage reports (stages.train.throughput), over the steps after warm-up."""
-        from ftpipe.gpu import bf16_peak_flops, mfu
+        from ftpipe.model.gpu import bf16_peak_flops, mfu
         from stages.train import throughput
 
         timed = self.steps[warmup:]
@@ -182,7 +182,7 @@ def train_params(args, steps: int):
     """The params.yaml train section with the benchmark's settings (the same for every method)."""
     import dataclasses
 
-    from ftpipe.params import load_params
+    from ftpipe.core.params import load_params
 
     train = load_params(REPO / "params.yaml").train
     lora = dataclasses.replace(train.lora, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, bias="none",
@@ -247,8 +247,8 @@ def with_real_tokens(layout):
 
 
 def run_unsloth_loop(args, data: dict) -> dict:
-    from ftpipe.gpu import base_parameter_count
-    from ftpipe.modeling import pad_batch, padding_free_batch
+    from ftpipe.model.gpu import base_parameter_count
+    from ftpipe.model.modeling import pad_batch, padding_free_batch
     from stages.train import load_trainable_model
 
     model = load_trainable_model("unsloth", train_params(args, args.steps), Path(args.model_dir), args.seq_len,
@@ -264,8 +264,8 @@ def run_trl(args, data: dict, packing_default: bool) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ftpipe.gpu import base_parameter_count
-    from ftpipe.modeling import load_tokenizer
+    from ftpipe.model.gpu import base_parameter_count
+    from ftpipe.model.modeling import load_tokenizer
     from stages.train import load_trainable_model
 
     model = load_trainable_model("unsloth", train_params(args, args.steps), Path(args.model_dir), args.seq_len,
@@ -319,8 +319,8 @@ def run_hf(args, data: dict, minimal: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftpipe.gpu import base_parameter_count
-    from ftpipe.modeling import pad_batch, pad_packed_batch
+    from ftpipe.model.gpu import base_parameter_count
+    from ftpipe.model.modeling import pad_batch, pad_packed_batch
 
     if minimal:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map={"": 0},
@@ -472,7 +472,7 @@ def run_max_length(args) -> dict:
 def worker(args) -> None:
     if not args.worker.startswith("hf_peft_bnb"):
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
-    from ftpipe.tokenized import load_tokenized
+    from ftpipe.data.tokenized import load_tokenized
 
     work = Path(args.work)
     data = {name: load_tokenized("train", work / "data" / name)
@@ -553,7 +553,7 @@ def main() -> None:
 
     import torch
 
-    from ftpipe.provenance import environment
+    from ftpipe.core.provenance import environment
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)

@@ -44,7 +44,7 @@ def build_random_base() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftpipe.io import write_content_record, write_json
+    from ftpipe.core.io import write_content_record, write_json
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(SKELETON), dtype=torch.bfloat16)
@@ -113,7 +113,7 @@ def main() -> None:
     runs.append(stage("train", args.out / "train-resumed.log"))
     metrics = json.loads(Path("metrics/train.json").read_text()) if Path("metrics/train.json").exists() else None
     curve = Path("metrics/plots/train_loss.csv").read_text().splitlines() if metrics else []
-    from ftpipe.provenance import environment
+    from ftpipe.core.provenance import environment
 
     system = system_metrics_of_pending_records(args.out)
 

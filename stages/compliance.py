@@ -6,7 +6,7 @@ Reads what params.yaml declares (compliance.*: the intended use, the license pol
 declared with their properties (reviewed_licenses), and the base model's and every data source's origin,
 license, creators, personal data and intended-use notes), the data ingest
 materialized (data/raw/provenance.json) and the base model's record (models/base/provenance.json). It
-concludes the fine-tuned model's license obligations from its inputs (ftpipe/licenses.py) and fails, naming
+concludes the fine-tuned model's license obligations from its inputs (ftpipe/compliance/licenses.py) and fails, naming
 every source, its license and the rule, when the intended use or the policy forbids the result. For the
 embedded default base model it also checks the declared license against the package's own metadata.
 
@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import run_stage
-from ftpipe.io import CONTENT_FILE, atomic_dir, read_json, write_json
-from ftpipe.licenses import (LicenseDeclaration, LicenseError, LicensePolicy, conclude_licenses, enforce_license_gate,
+from ftpipe.core.errors import run_stage
+from ftpipe.core.io import CONTENT_FILE, atomic_dir, read_json, write_json
+from ftpipe.compliance.licenses import (LicenseDeclaration, LicenseError, LicensePolicy, conclude_licenses, enforce_license_gate,
                              resolve_license_id, reviewed_license_properties)
-from ftpipe.params import ComplianceParams, Params, flatten, load_params
-from ftpipe.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR, metrics_file
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.params import ComplianceParams, Params, flatten, load_params
+from ftpipe.core.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR, metrics_file
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 CONCLUSION_FILE = "conclusion.json"
 GATE_FILE = "gate.json"

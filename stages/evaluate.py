@@ -13,13 +13,13 @@ import re
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from ftpipe.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
-from ftpipe.params import EvaluateParams, Params, flatten, load_params
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from ftpipe.model.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
+from ftpipe.core.params import EvaluateParams, Params, flatten, load_params
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, PROVENANCE_FILE, metrics_file
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -86,7 +86,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    from ftpipe.tokenized import load_tokenized
+    from ftpipe.data.tokenized import load_tokenized
 
     examples, tokenized = read_jsonl(CLEAN_DIR / "test.jsonl"), load_tokenized("test")
     with stage_run("evaluate", stage_params) as tracker:

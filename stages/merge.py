@@ -15,14 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, write_content_record, write_json
-from ftpipe.modeling import (cuda_available, inference_dtype, load_model, load_tokenizer, mean_loss,
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, write_content_record, write_json
+from ftpipe.model.modeling import (cuda_available, inference_dtype, load_model, load_tokenizer, mean_loss,
                              resolve_compute_dtype, torch_dtype)
-from ftpipe.params import MergeParams, Params, QuantizationParams, flatten, load_params
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.params import MergeParams, Params, QuantizationParams, flatten, load_params
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 LOSS_BATCH = 16
 
@@ -83,7 +83,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    from ftpipe.tokenized import load_tokenized
+    from ftpipe.data.tokenized import load_tokenized
 
     rows = load_tokenized("validation")
     with stage_run("merge", stage_params) as tracker:

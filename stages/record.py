@@ -1,6 +1,6 @@
 """Stage `record` (always last, always run): closes this `dvc repro`'s MLflow pipeline run.
 
-The stages that executed each opened a child run under the pipeline run (ftpipe/tracking.py). This
+The stages that executed each opened a child run under the pipeline run (ftpipe/tracking/runs.py). This
 stage, which DVC runs last and on every invocation (`always_changed`), adds what only exists once
 they are done: each executed stage's `dvc.lock` entry (input and output hashes); a child run for
 every stage DVC skipped, pointing at the run that produced its current outputs (found by their
@@ -24,11 +24,11 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import run_stage
-from ftpipe.io import read_json, write_json
-from ftpipe.params import Params, flatten, load_params
-from ftpipe.paths import PARAMS_FILE, PROVENANCE_FILE, STAGE_OUTPUTS, metrics_file
-from ftpipe.tracking import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
+from ftpipe.core.errors import run_stage
+from ftpipe.core.io import read_json, write_json
+from ftpipe.core.params import Params, flatten, load_params
+from ftpipe.core.paths import PARAMS_FILE, PROVENANCE_FILE, STAGE_OUTPUTS, metrics_file
+from ftpipe.tracking.runs import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
                              log_batch, metric_points, pipeline_run_id, short_param, store_failure)
 
 DVC_YAML, DVC_LOCK = Path("dvc.yaml"), Path("dvc.lock")

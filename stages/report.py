@@ -14,7 +14,7 @@ artifact (adapter, merged model, each GGUF) with its SHA-256. Then it writes mod
                                           card README.md with the concluded license: a folder to publish
     MANIFEST.sha256                       every file above and every artifact, `sha256sum -c` format
 
-`python -m ftpipe.verify` checks the release against the disk, dvc.lock and the stages' own records.
+`python -m ftpipe.release.verify` checks the release against the disk, dvc.lock and the stages' own records.
 """
 from __future__ import annotations
 
@@ -27,25 +27,25 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, atomic_write_text, read_json, sha256_file, write_json
-from ftpipe.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
-from ftpipe.model_card import CARD_FILE, model_card
-from ftpipe.params import Params, load_params
-from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CLEAN_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE,
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, atomic_write_text, read_json, sha256_file, write_json
+from ftpipe.tracking.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
+from ftpipe.release.model_card import CARD_FILE, model_card
+from ftpipe.core.params import Params, load_params
+from ftpipe.core.paths import (ADAPTER_DIR, BASE_DIR, CLEAN_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE,
                           PROVENANCE_FILE, RAW_DIR, RELEASE_DIR, STAGE_OUTPUTS, metrics_file)
-from ftpipe.provenance import git_state, stage_record, utc_now
-from ftpipe.provenance_chain import lock_hashes
-from ftpipe.report_render import render_html, render_markdown
-from ftpipe.sbom import SBOM_FILE, build_sbom, validate_sbom
-from ftpipe.tracking import stage_run
+from ftpipe.core.provenance import git_state, stage_record, utc_now
+from ftpipe.audit.provenance_chain import lock_hashes
+from ftpipe.release.report_render import render_html, render_markdown
+from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
+from ftpipe.tracking.runs import stage_run
 
 REPORT_VERSION = 1
 DVC_LOCK = Path("dvc.lock")
 MANIFEST_FILE = "MANIFEST.sha256"
 REPORT_FILES = {"report_json": "report.json", "report_markdown": "report.md", "report_html": "report.html"}
-VERIFY_COMMAND = "python -m ftpipe.verify"
-UI_COMMAND = ".venv/bin/python -m ftpipe.mlflow_ui"
+VERIFY_COMMAND = "python -m ftpipe.release.verify"
+UI_COMMAND = ".venv/bin/python -m ftpipe.tracking.mlflow_ui"
 # PEFT writes a placeholder card ("License: [More Information Needed]") into the adapter folder; the
 # release folder carries ours instead.
 NOT_RELEASED = {ADAPTER_DIR / CARD_FILE}

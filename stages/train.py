@@ -22,20 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-import ftpipe.modeling as modeling_module
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import (CONTENT_FILE, atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text,
+import ftpipe.model.modeling as modeling_module
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import (CONTENT_FILE, atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text,
                        tree_digest, write_content_record, write_json)
-from ftpipe.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, pad_packed_batch, padding_free_batch,
+from ftpipe.model.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, pad_packed_batch, padding_free_batch,
                              require_model_dir, resolve_compute_dtype, torch_dtype)
-from ftpipe.params import Params, TrainParams, flatten, load_params
-from ftpipe.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PROVENANCE_FILE, TOKENIZED_DIR,
+from ftpipe.core.params import Params, TrainParams, flatten, load_params
+from ftpipe.core.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PROVENANCE_FILE, TOKENIZED_DIR,
                           metrics_file)
-from ftpipe.provenance import package_version, stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.provenance import package_version, stage_record
+from ftpipe.tracking.runs import stage_run
 
 # tokens: positions the model computed, padding included; useful_tokens: the real (non-padding) ones.
-# mfu: model FLOPs utilization on a GPU with a known peak (ftpipe.gpu), else empty.
+# mfu: model FLOPs utilization on a GPU with a known peak (ftpipe.model.gpu), else empty.
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "useful_tokens", "loss_tokens", "seconds",
                  "tokens_per_s", "useful_tokens_per_s", "peak_memory_gib", "mfu")
 TOKENS_KEY = "real_tokens"   # the collator's count of a batch's non-padding tokens; the model never sees it
@@ -208,7 +208,7 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
     import torch
     from transformers import Trainer
 
-    from ftpipe.gpu import bf16_peak_flops, mfu
+    from ftpipe.model.gpu import bf16_peak_flops, mfu
 
     peak_flops = bf16_peak_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
@@ -316,7 +316,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
                   mlflow_run_id: str | None = None) -> dict:
     """Train LoRA adapters on the 4-bit base; save them into `out_dir`; return metrics and curve (and, under
     "start", which run started the checkpoints this run resumed)."""
-    from ftpipe.tokenized import load_tokenized
+    from ftpipe.data.tokenized import load_tokenized
 
     backend = resolve_backend(params.backend)
     compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend == "unsloth")
@@ -347,7 +347,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     set_seed(params.seed)
     model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
     collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
-    from ftpipe.gpu import base_parameter_count
+    from ftpipe.model.gpu import base_parameter_count
 
     base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, checkpoint_dir),

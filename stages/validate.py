@@ -6,7 +6,7 @@ Reads data/clean/{train,validation,test}.jsonl, measures each example once (role
 and prompt lengths, ...) into one pandas row, and runs the suite `clean_examples` over all
 rows: required fields present, only validate.allowed_roles, the assistant speaks last,
 lengths within the clean.* limits, ids unique across splits, enough rows in each split, no
-personal data or secrets in any turn (ftpipe.pii.VALIDATION_PATTERNS), answers that do not
+personal data or secrets in any turn (ftpipe.data.pii.VALIDATION_PATTERNS), answers that do not
 echo the prompt, enough distinct answers. Reads data/clean/summary.json into one row per
 source, plus one for all sources, and runs the suite `clean_rejections` over them: clean
 rejected at most validate.max_rejection_rate of the rows. Publishes
@@ -32,13 +32,13 @@ from urllib.request import url2pathname
 import ftpipe  # noqa: F401,I001 - offline, telemetry-free environment before any third-party import
 import pandas as pd
 
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
-from ftpipe.params import CleanParams, Params, ValidateParams, flatten, load_params
-from ftpipe.paths import CLEAN_DIR, PROVENANCE_FILE, SPLITS, VALIDATION_DIR, metrics_file
-from ftpipe.pii import VALIDATION_PATTERNS
-from ftpipe.provenance import stage_record
-from ftpipe.tracking import stage_run
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
+from ftpipe.core.params import CleanParams, Params, ValidateParams, flatten, load_params
+from ftpipe.core.paths import CLEAN_DIR, PROVENANCE_FILE, SPLITS, VALIDATION_DIR, metrics_file
+from ftpipe.data.pii import VALIDATION_PATTERNS
+from ftpipe.core.provenance import stage_record
+from ftpipe.tracking.runs import stage_run
 
 SUITE_NAME = "clean_examples"              # the examples of the three splits
 REJECTIONS_SUITE_NAME = "clean_rejections"   # clean's summary.json: what it rejected, per source
@@ -52,12 +52,12 @@ COLUMNS = ["id", "split", "line", "source", "roles", "last_role", "content", "an
            "prompt_chars", "answer_chars_min", "answer_chars_max"]
 # Columns GX reports for each failing row: the id, plus where the row is when the id itself is missing.
 INDEX_COLUMNS = ["id", "split", "line"]
-# ftpipe.pii's kinds whose pattern is a shape only: a digit run laid out like a phone or card number,
+# ftpipe.data.pii's kinds whose pattern is a shape only: a digit run laid out like a phone or card number,
 # without clean's digit-count and Luhn checks, so it may hit an ID or a version string. They must hold
 # for validate.pii_shape_mostly of the rows; every other kind for every row.
 SHAPE_ONLY_PII_KINDS = ("phone", "payment_card")
 # The rejections table: one row per source, plus this one for all of them. It cannot clash with a
-# source: source names are letters, digits, '_' and '-' only (ftpipe.params.SourceParams).
+# source: source names are letters, digits, '_' and '-' only (ftpipe.core.params.SourceParams).
 ALL_SOURCES = "all sources"
 REJECTION_COLUMNS = ["source", "rows_in", "rejected", "rejection_rate"]
 # How GX reports failing rows. An example is named by id (and split and line), never by its text: the
@@ -175,12 +175,12 @@ def example_expectations(gx, params: ValidateParams, clean: CleanParams) -> list
             suite.append(E.ExpectColumnValuesToNotMatchRegex(
                 column="content", regex=pattern, mostly=params.pii_shape_mostly,
                 description=f"at least validate.pii_shape_mostly = {params.pii_shape_mostly} of the examples have "
-                            f"nothing {name}-shaped in any turn (ftpipe.pii pattern '{kind}': shape only, no "
+                            f"nothing {name}-shaped in any turn (ftpipe.data.pii pattern '{kind}': shape only, no "
                             "digit-count or Luhn check); clean.pii_action redacts or rejects real ones"))
         else:
             suite.append(E.ExpectColumnValuesToNotMatchRegex(
                 column="content", regex=pattern,
-                description=f"no {name} in any turn of any example (ftpipe.pii pattern '{kind}'); "
+                description=f"no {name} in any turn of any example (ftpipe.data.pii pattern '{kind}'); "
                             "clean.pii_action redacts or rejects such rows"))
     for split in SPLITS:   # one table-level count per split, on the rows of that split only
         minimum = getattr(params, f"min_{split}_rows")

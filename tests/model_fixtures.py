@@ -12,9 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ftpipe.io import write_json
-from ftpipe.params import BaseParams, LoraParams, QuantizationParams, TokenizeParams, TrainParams, flatten
-from ftpipe.paths import PROVENANCE_FILE
+from ftpipe.core.io import write_json
+from ftpipe.core.params import BaseParams, LoraParams, QuantizationParams, TokenizeParams, TrainParams, flatten
+from ftpipe.core.paths import PROVENANCE_FILE
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_DTYPE = "bfloat16"
@@ -68,7 +68,7 @@ def write_clean(folder: Path, splits: dict[str, list[dict]]) -> Path:
 
 def build_base(model_dir: Path, out_dir: Path) -> Path:
     """models/base/ as the base stage publishes it: the model folder plus provenance.json."""
-    from ftpipe.provenance import stage_record
+    from ftpipe.core.provenance import stage_record
     from stages.base import materialize_base
 
     params = BaseParams(model=str(model_dir), dtype=BASE_DTYPE)
@@ -80,7 +80,7 @@ def build_base(model_dir: Path, out_dir: Path) -> Path:
 
 def build_tokenized(base_dir: Path, root: Path, params: TokenizeParams = TOKENIZE) -> tuple[Path, Path]:
     """Clean splits of synthetic rows and their tokenized form: (clean_dir, tokenized_dir)."""
-    from ftpipe.modeling import load_tokenizer
+    from ftpipe.model.modeling import load_tokenizer
     from stages.tokenize import tokenize_splits
 
     clean_dir = write_clean(root / "clean", clean_splits())

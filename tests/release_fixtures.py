@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ftpipe.io import file_hashes, sha256_file, write_json
+from ftpipe.core.io import file_hashes, sha256_file, write_json
 from stages import compliance
 from tests.conftest import REPO, source_declaration
 

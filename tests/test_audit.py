@@ -1,6 +1,6 @@
 """ftpipe.audit: provenance of a run or a file from the MLflow record, and reproducing a run.
 
-The unit tests build a small store the way the pipeline does (ftpipe.tracking.stage_run for each
+The unit tests build a small store the way the pipeline does (ftpipe.tracking.runs.stage_run for each
 executed stage, stages.record.close_pipeline_run to close each invocation): a first invocation runs
 base, ingest and train; a second changes the learning rate, so only train runs and the others are
 skipped. The last test reproduces a real (tiny) `dvc repro` run end to end.
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.audit import main
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.reproduce import compare_machines, compare_metrics, expectation, external_dep_changes, verdict
+from ftpipe.audit.cli import main
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.audit.reproduce import compare_machines, compare_metrics, expectation, external_dep_changes, verdict
 from tests.release_fixtures import write_dir_listing
 
 STAGES = ["base", "ingest", "compliance", "train"]
@@ -38,7 +38,7 @@ def lock_entry(deps: dict[str, str], outs: dict[str, str]) -> dict:
 def invocation(patch, root: Path, key: str, run: list[str], lock: dict, learning_rate: float, adapter: bytes,
                loss: float | None = None) -> dict:
     """One `dvc repro`: the stages in `run` execute (logging as the real ones do), record closes it."""
-    from ftpipe.tracking import stage_run
+    from ftpipe.tracking.runs import stage_run
     from stages.record import close_pipeline_run
 
     patch.setenv("FTPIPE_INVOCATION", key)
@@ -230,7 +230,7 @@ def test_reproduce_restores_commit_params_and_data_then_reports_a_difference(rec
                    loss=2.25)
         log.write_text("faked\n")
         return 0
-    monkeypatch.setattr("ftpipe.reproduce.run_dvc_repro", fake_dvc_repro)
+    monkeypatch.setattr("ftpipe.audit.reproduce.run_dvc_repro", fake_dvc_repro)
 
     with pytest.raises(SystemExit) as exit_info:
         main(["reproduce", recorded["first"], "--workdir", str(tmp_path / "work")])
@@ -271,7 +271,7 @@ def test_compare_metrics_tolerance_measurements_and_missing():
 def test_a_relative_tolerance_scales_with_the_metric_and_the_verdict_names_the_level():
     """The measured AMD-vs-Intel difference of the default run (loss 2.6347 vs 2.6269) is within the default
     1% + 0.005; a 1% difference on a value of 0.001 (a merge gap) is within the absolute part only."""
-    from ftpipe.params import load_params
+    from ftpipe.core.params import load_params
     from tests.conftest import REPO
 
     defaults = load_params(REPO / "params.yaml").reproduce

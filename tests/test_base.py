@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import tree_digest
-from ftpipe.params import EMBEDDED_BASE_MODEL, BaseParams, load_params
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import tree_digest
+from ftpipe.core.params import EMBEDDED_BASE_MODEL, BaseParams, load_params
 from stages.base import EMBEDDED_GGUF, EMBEDDED_PACKAGE, embedded_gguf, materialize_base, restore_byte_level_bpe
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"

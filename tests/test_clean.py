@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_json, read_jsonl
-from ftpipe.params import CleanParams
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_json, read_jsonl
+from ftpipe.core.params import CleanParams
 from stages import clean
 from stages.clean import (
     RECORD_FORMATS, RecordRejected, UnknownFormat, assign_split, clean_sources, content_id, normalize,
@@ -499,7 +499,7 @@ def test_no_evaluation_example_is_a_near_duplicate_of_a_training_example(tmp_pat
     the thresholds of any training row (checked by brute force, not with the MinHash index)."""
     import random
 
-    from ftpipe.near_dup import shingles
+    from ftpipe.data.near_dup import shingles
 
     rng = random.Random(7)
     words = [f"w{i}" for i in range(60)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_json, write_json
-from ftpipe.licenses import LicenseGateError
-from ftpipe.params import load_params
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_json, write_json
+from ftpipe.compliance.licenses import LicenseGateError
+from ftpipe.core.params import load_params
 from stages import compliance
 from tests.conftest import REPO, source_declaration
 
@@ -216,7 +216,7 @@ def test_a_reviewed_id_the_table_knows_fails_the_stage_naming_the_key(in_tmp_pro
     write_project({"docs": "MIT"}, reviewed_licenses=[dict(ACME, id="MIT")])
     with pytest.raises(PipelineError) as error:
         compliance.main()
-    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/license_table.py already "
+    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/compliance/license_table.py already "
                                 "has a row for MIT, and that row applies; remove this entry (or, if the row is wrong, "
                                 "correct it there)")
     assert not Path("data/compliance").exists()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe import paths
-from ftpipe.params import load_params
+from ftpipe.core import paths
+from ftpipe.core.params import load_params
 from tests.conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -27,7 +27,7 @@ def repo_imports(module_file: Path, seen: set[Path] | None = None) -> set[Path]:
     seen = set() if seen is None else seen
     for node in ast.walk(ast.parse(module_file.read_text())):
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 # `from ftpipe import pii` imports the module ftpipe/pii.py; `from ftpipe.io import x`, ftpipe/io.py
+                 # `from ftpipe.data import pii` imports ftpipe/data/pii.py; `from ftpipe.core.io import x`, ftpipe/core/io.py
                  else [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
                  if isinstance(node, ast.ImportFrom) and node.module else [])
         for name in names:
@@ -35,8 +35,8 @@ def repo_imports(module_file: Path, seen: set[Path] | None = None) -> set[Path]:
                 continue
             parts = name.split(".")
             candidates = [REPO.joinpath(*parts).with_suffix(".py"), REPO.joinpath(*parts, "__init__.py")]
-            if len(parts) > 1:
-                candidates.append(REPO / parts[0] / "__init__.py")
+            # importing ftpipe.core.io runs ftpipe/__init__.py and ftpipe/core/__init__.py first
+            candidates += [REPO.joinpath(*parts[:depth], "__init__.py") for depth in range(1, len(parts))]
             for path in candidates:
                 if path.exists() and path not in seen and path.stat().st_size:
                     seen.add(path)
@@ -52,7 +52,7 @@ def params_subtree(dotted: str):
 
 
 def test_every_stage_has_its_module_and_the_dag_is_complete():
-    assert list(DVC) == [*OUTPUT_DIRS, "record"]   # ftpipe.paths.STAGE_OUTPUTS is in dvc.yaml's order
+    assert list(DVC) == [*OUTPUT_DIRS, "record"]   # ftpipe.core.paths.STAGE_OUTPUTS is in dvc.yaml's order
     for name, stage in DVC.items():
         assert stage["cmd"] == f"python -m stages.{name}"
         assert (REPO / "stages" / f"{name}.py").exists()
@@ -211,4 +211,4 @@ def test_dvc_status_after_editing_code_reports_exactly_the_stages_that_import_it
     for name in ("train", "evaluate", "merge", "quantize"):
         assert "stages/tokenize.py" not in reported[name]
     # a module no stage imports reruns nothing
-    assert not any("ftpipe/verify.py" in deps for deps in reported.values())
+    assert not any("ftpipe/release/verify.py" in deps for deps in reported.values())

@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_jsonl
-from ftpipe.params import EvaluateParams
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_jsonl
+from ftpipe.core.params import EvaluateParams
 from stages.evaluate import evaluate_models, rouge_l, select_examples
-from ftpipe.tokenized import load_tokenized
+from ftpipe.data.tokenized import load_tokenized
 
 PARAMS = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2)
 

@@ -1,7 +1,7 @@
-"""ftpipe.gpu: the bf16 peak table, MFU, and the base parameter count from a config alone."""
+"""ftpipe.model.gpu: the bf16 peak table, MFU, and the base parameter count from a config alone."""
 import pytest
 
-from ftpipe.gpu import base_parameter_count, bf16_peak_flops, mfu
+from ftpipe.model.gpu import base_parameter_count, bf16_peak_flops, mfu
 from stages.train import throughput
 
 

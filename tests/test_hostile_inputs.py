@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_jsonl
-from ftpipe.params import CleanParams, SourceParams
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_jsonl
+from ftpipe.core.params import CleanParams, SourceParams
 from stages.clean import clean_sources
 from stages.ingest import MAX_NESTING, MAX_RECORD_BYTES, ingest_source
 

@@ -1,4 +1,4 @@
-"""ftpipe.io: atomic outputs (all or nothing, ordinary permissions), JSON helpers, content hashes."""
+"""ftpipe.core.io: atomic outputs (all or nothing, ordinary permissions), JSON helpers, content hashes."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import (
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import (
     atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_json, read_jsonl, sha256_file, sha256_text, tree_digest,
     write_json, write_jsonl,
 )
@@ -54,7 +54,7 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_run(tmp_path):
     import sys
 
     final = tmp_path / "adapter"
-    script = ("import os, signal, sys; from pathlib import Path; from ftpipe.io import atomic_dir\n"
+    script = ("import os, signal, sys; from pathlib import Path; from ftpipe.core.io import atomic_dir\n"
               "with atomic_dir(Path(sys.argv[1])) as work:\n"
               "    (work / 'half.bin').write_bytes(b'x' * 10)\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -165,7 +165,7 @@ def test_atomic_write_bytes_writes_exact_bytes_and_cleans_up_on_failure(tmp_path
 
     def no_room(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("ftpipe.io.os.replace", no_room)   # fails after the temp file was written
+    monkeypatch.setattr("ftpipe.core.io.os.replace", no_room)   # fails after the temp file was written
     with pytest.raises(OSError, match="No space"):
         atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"\x89PNG\r\n\x00old"

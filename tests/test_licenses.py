@@ -1,14 +1,14 @@
-"""ftpipe.licenses: the concluded license of a fine-tuned model, and the license gate. Pure and fast."""
+"""ftpipe.compliance.licenses: the concluded license of a fine-tuned model, and the license gate. Pure and fast."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.licenses import EXPECTED_FORM, LicenseDeclaration, LicenseError, LicenseGateError, LicensePolicy, \
+from ftpipe.core.errors import PipelineError
+from ftpipe.compliance.licenses import EXPECTED_FORM, LicenseDeclaration, LicenseError, LicenseGateError, LicensePolicy, \
     ReviewedLicenseProperties, conclude_licenses, enforce_license_gate, resolve_license_id, reviewed_license_properties
-from ftpipe.params import ReviewedLicense
+from ftpipe.core.params import ReviewedLicense
 
 BASE = LicenseDeclaration("HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0")
 APACHE_NOTICE = ("keep the copyright, patent and attribution notices and the license text; pass on the source's "
@@ -19,7 +19,7 @@ NC_FIX = ("set intended_use to 'research' or 'internal' if the model will not be
           "data source")
 UNKNOWN_FIX = ("have a reviewer read its text and declare it under compliance.reviewed_licenses in params.yaml (an "
                "id, LicenseRef-<name> if SPDX does not list it, also declared as the input's license; its properties, "
-               "URL and reviewer), declare a license that ftpipe/license_table.py knows (or add a row for it there), "
+               "URL and reviewer), declare a license that ftpipe/compliance/license_table.py knows (or add a row for it there), "
                "remove the data source, or set unknown_blocks to false to only flag it")
 HOW_TO_FIX = ("To fix: change intended_use, remove the source (or choose another base model), or change the license "
               "policy (allowed_licenses, denied_licenses, unknown_blocks).")
@@ -140,10 +140,10 @@ UNKNOWNS = [  # declared, as messages name it, in the concluded expression, reas
     ("other", "other", "LicenseRef-Unknown",
      "on Hugging Face 'other' means the license is described in the card's text"),
     ("LicenseRef-Foo", "LicenseRef-Foo", "LicenseRef-Foo",
-     "'LicenseRef-Foo' is not an SPDX id, a LicenseRef- id of ftpipe/license_table.py or a known Hugging Face id"),
+     "'LicenseRef-Foo' is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging Face id"),
     ("xyzzy-licence", "xyzzy-licence", "LicenseRef-Unknown",
-     "'xyzzy-licence' is not an SPDX id, a LicenseRef- id of ftpipe/license_table.py or a known Hugging Face id"),
-    ("EPL-2.0", "EPL-2.0", "EPL-2.0", "EPL-2.0 has no properties row in ftpipe/license_table.py"),
+     "'xyzzy-licence' is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging Face id"),
+    ("EPL-2.0", "EPL-2.0", "EPL-2.0", "EPL-2.0 has no properties row in ftpipe/compliance/license_table.py"),
 ]
 
 
@@ -325,7 +325,7 @@ REVIEWER = "J. Doe, legal, 2026-11-30"
 
 
 def reviewed_entry(license_id: str = "LicenseRef-Acme-Data-1.0", **fields) -> ReviewedLicense:
-    """A compliance.reviewed_licenses entry as ftpipe.params builds it: commercial, share-alike, with credit."""
+    """A compliance.reviewed_licenses entry as ftpipe.core.params builds it: commercial, share-alike, with credit."""
     return ReviewedLicense(**{"id": license_id, "name": "Acme Data License 1.0", "url": ACME_URL,
                               "commercial_use": True, "copyleft": "share-alike", "no_derivatives": False,
                               "attribution": "credit Acme Corp. and link the license",
@@ -424,10 +424,10 @@ def test_reviewed_ids_resolve_only_when_given():
 
 
 @pytest.mark.parametrize("license_id, problem", [
-    ("MIT", "ftpipe/license_table.py already has a row for MIT, and that row applies; remove this entry (or, if the "
+    ("MIT", "ftpipe/compliance/license_table.py already has a row for MIT, and that row applies; remove this entry (or, if the "
             "row is wrong, correct it there)"),
-    ("odbl", "ftpipe/license_table.py already has a row for ODbL-1.0"),          # a Hugging Face id of a row
-    ("LicenseRef-gemma", "ftpipe/license_table.py already has a row for LicenseRef-Gemma"),
+    ("odbl", "ftpipe/compliance/license_table.py already has a row for ODbL-1.0"),          # a Hugging Face id of a row
+    ("LicenseRef-gemma", "ftpipe/compliance/license_table.py already has a row for LicenseRef-Gemma"),
     ("LicenseRef-Unknown", "LicenseRef-Unknown is reserved (it stands for ids that are not SPDX)"),
     ("Acme-Data", "not an SPDX license id; for a license SPDX does not list, write LicenseRef-<name>"),
     ("epl-2.0", "write the SPDX id in SPDX's case: 'EPL-2.0'"),
@@ -446,7 +446,7 @@ def test_every_bad_reviewed_id_is_reported_at_once():
         reviewed_license_properties([reviewed_entry("MIT"), reviewed_entry("LicenseRef-A"),
                                      reviewed_entry("LicenseRef-a")])
     assert str(raised.value).splitlines() == [
-        "params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/license_table.py already has a row for MIT, and "
+        "params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/compliance/license_table.py already has a row for MIT, and "
         "that row applies; remove this entry (or, if the row is wrong, correct it there)",
         "params.yaml compliance.reviewed_licenses: id 'LicenseRef-a': declared more than once; keep one entry"]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import file_hashes, read_json, tree_digest
-from ftpipe.modeling import load_model, load_tokenizer, mean_loss
-from ftpipe.params import MergeParams
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import file_hashes, read_json, tree_digest
+from ftpipe.model.modeling import load_model, load_tokenizer, mean_loss
+from ftpipe.core.params import MergeParams
 from stages.merge import check_parity
-from ftpipe.tokenized import load_tokenized
+from ftpipe.data.tokenized import load_tokenized
 
 from tests.model_fixtures import TARGET_MODULES, TRAIN
 

@@ -1,4 +1,4 @@
-"""The MLflow UI, started with the documented `python -m ftpipe.mlflow_ui`, shows the pipeline's runs,
+"""The MLflow UI, started with the documented `python -m ftpipe.tracking.mlflow_ui`, shows the pipeline's runs,
 their params and their metric charts in a real browser: headless Chromium (Debian's `chromium`; `make test`
 installs it), loopback only.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.mlflow_ui import experiment_id, experiment_page, running_ui
+from ftpipe.tracking.mlflow_ui import experiment_id, experiment_page, running_ui
 from tests.chromium import require_chromium
 
 WINDOW = (1600, 1000)

@@ -1,4 +1,4 @@
-"""ftpipe.model_card: each released artifact's README.md states the concluded license, not a fixed one. Pure, fast."""
+"""ftpipe.release.model_card: each released artifact's README.md states the concluded license, not a fixed one. Pure, fast."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.licenses import LicenseDeclaration, LicensePolicy, conclude_licenses, reviewed_license_properties
-from ftpipe.model_card import CARD_FILE, model_card
-from ftpipe.params import ReviewedLicense
+from ftpipe.core.errors import PipelineError
+from ftpipe.compliance.licenses import LicenseDeclaration, LicensePolicy, conclude_licenses, reviewed_license_properties
+from ftpipe.release.model_card import CARD_FILE, model_card
+from ftpipe.core.params import ReviewedLicense
 
 EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
 HOSTILE_NAME = "evil | name\n---\nlicense: mit\n# Heading"
@@ -168,7 +168,7 @@ def test_provenance_names_run_environment_and_report(report):
     assert "torch 2.13.0+cpu" in provenance and "bitsandbytes 0.50.2" in provenance and "CPU" in provenance
     assert "report.html" in provenance and "sbom.cdx.json" in provenance
     files = section(split_card(model_card(report, "merged"))[1], "Files")
-    assert "sha256sum -c" in files and "python -m ftpipe.verify" in files
+    assert "sha256sum -c" in files and "python -m ftpipe.release.verify" in files
 
 
 def test_card_without_mlflow_says_not_logged(report):
@@ -231,7 +231,7 @@ def test_unknown_licenses_are_flagged(report):
 
 def conclusion_for(report: dict, declared: str, intended_use: str = "commercial", unknown_blocks: bool = False,
                    reviewed: list[ReviewedLicense] | None = None) -> dict:
-    """The report with its compliance block concluded by ftpipe.licenses: the base model's Apache-2.0 and one
+    """The report with its compliance block concluded by ftpipe.compliance.licenses: the base model's Apache-2.0 and one
     source (the report's first) under `declared`."""
     report = copy.deepcopy(report)
     source = report["data_sources"][0]

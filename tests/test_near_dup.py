@@ -3,7 +3,7 @@ import random
 
 import numpy as np
 
-from ftpipe.near_dup import NearDuplicateIndex, deduplicate, find_contaminated, normalize, shingles
+from ftpipe.data.near_dup import NearDuplicateIndex, deduplicate, find_contaminated, normalize, shingles
 
 
 def _text(rng: random.Random, n: int = 40) -> str:

@@ -1,4 +1,4 @@
-"""ftpipe.params: params.yaml -> typed params; every mistake is an error naming the key and the fix."""
+"""ftpipe.core.params: params.yaml -> typed params; every mistake is an error naming the key and the fix."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ from typing import Callable
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.params import (
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.params import (
     CleanParams, IngestParams, Params, ParamsError, QuantizeParams, SourceParams, TrainParams, flatten, load_params,
 )
 
@@ -363,8 +363,8 @@ def test_a_reviewed_license_loads_typed_and_flattens_for_dvc(tmp_path):
 def test_reviewed_copyleft_values_are_those_of_the_license_table():
     import typing
 
-    from ftpipe.license_table import Copyleft
-    from ftpipe.params import ReviewedLicense
+    from ftpipe.compliance.license_table import Copyleft
+    from ftpipe.core.params import ReviewedLicense
     assert typing.get_args(typing.get_type_hints(ReviewedLicense)["copyleft"]) == typing.get_args(Copyleft)
 
 
@@ -409,11 +409,11 @@ def test_reviewed_license_ids_must_be_unique(tmp_path):
 
 def test_a_reviewed_id_the_license_table_knows_is_an_error_naming_the_key(tmp_path):
     """params.py imports no license code (every stage imports it, and dvc.yaml lists each stage's imports), so the
-    table is consulted where the entries become license rows: ftpipe.licenses, run by the compliance stage."""
-    from ftpipe.licenses import LicenseError, reviewed_license_properties
+    table is consulted where the entries become license rows: ftpipe.compliance.licenses, run by the compliance stage."""
+    from ftpipe.compliance.licenses import LicenseError, reviewed_license_properties
     compliance = load_params(edited_data(tmp_path, with_reviewed(dict(REVIEWED, id="CC-BY-4.0")))).compliance
     with pytest.raises(LicenseError) as error:
         reviewed_license_properties(compliance.reviewed_licenses)
-    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'CC-BY-4.0': ftpipe/license_table.py "
+    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'CC-BY-4.0': ftpipe/compliance/license_table.py "
                                 "already has a row for CC-BY-4.0, and that row applies; remove this entry (or, if the "
                                 "row is wrong, correct it there)")

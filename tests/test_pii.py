@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from ftpipe.pii import PII_KINDS, PLACEHOLDERS, VALIDATION_PATTERNS, find_pii, redact
+from ftpipe.data.pii import PII_KINDS, PLACEHOLDERS, VALIDATION_PATTERNS, find_pii, redact
 
 # Test fixtures only: documented example values (AWS docs key, RFC 5737/3849 addresses,
 # card-network test numbers), none of them live credentials.

@@ -122,9 +122,9 @@ def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
 
 
 def test_verify_passes_on_the_real_release_against_dvc_lock_and_its_cache(project, first_repro):
-    output = run([sys.executable, "-m", "ftpipe.verify"], project)
+    output = run([sys.executable, "-m", "ftpipe.release.verify"], project)
     assert "all checks passed" in output
-    result = json.loads(run([sys.executable, "-m", "ftpipe.verify", "--json"], project, stdout_only=True))
+    result = json.loads(run([sys.executable, "-m", "ftpipe.release.verify", "--json"], project, stdout_only=True))
     assert result["checked"]["dvc.lock"] >= 14 and not result["notes"]   # adapter, merged and gguf folders
 
 
@@ -151,7 +151,7 @@ def test_changed_learning_rate_reruns_train_and_after_only(project, first_repro)
 def test_a_params_typo_fails_before_any_output_is_touched(project, first_repro):
     """DVC deletes a stage's outputs before running it: a misspelt key must stop `dvc repro` at the params
     check, with the did-you-mean message, the trained adapter still in place; fixing it reruns nothing."""
-    from ftpipe.io import file_hashes
+    from ftpipe.core.io import file_hashes
 
     run(["dvc", "repro"], project)   # up to date, whatever ran before
     adapter, train_metrics = file_hashes(project / "models/adapter"), (project / "metrics/train.json").read_text()
@@ -251,7 +251,7 @@ def test_a_params_change_names_the_run_and_links_the_skipped_stages(project, fir
         client, parents = pipeline_runs(project)
     index = next(i for i, parent in enumerate(parents) if parent.info.run_name == named)
     changed, before = parents[index], parents[index - 1]
-    assert set(changed.data.tags["stages.executed"].split(",")) == AFTER_TRAIN
+    assert set(changed.data.tags["stages.executed"].split(",")) == AFTER_TRAIN | {CHECK}
     for stage in set(STAGES) - AFTER_TRAIN - {CHECK}:
         producer = changed.stages[stage].data.tags["ftpipe.produced_by"]
         assert producer == (before.stages[stage].data.tags.get("ftpipe.produced_by") or before.stages[stage].info.run_id)
@@ -319,7 +319,7 @@ def test_changing_only_a_declared_license_reruns_only_compliance_and_report(proj
     assert stages_run(output) == {CHECK, "compliance", "report", RECORD}
     card = (project / "models/release/merged/README.md").read_text()
     assert "Apache-2.0 AND MIT" in card   # MIT chosen: as permissive as PSF-2.0, first by name
-    assert "all checks passed" in run([sys.executable, "-m", "ftpipe.verify"], project)
+    assert "all checks passed" in run([sys.executable, "-m", "ftpipe.release.verify"], project)
 
 
 def test_a_non_commercial_source_stops_commercial_use_and_research_use_says_so(project, first_repro):
@@ -327,7 +327,7 @@ def test_a_non_commercial_source_stops_commercial_use_and_research_use_says_so(p
     output = repro_failing(project)
     assert "data source 'python_stdlib_docs': CC-BY-NC-4.0 [non-commercial] forbids commercial use" in output
     assert stages_run(output) == {CHECK, "compliance"} and not (project / "data/compliance").exists()
-    stale = subprocess.run([sys.executable, "-m", "ftpipe.verify"], cwd=project, capture_output=True, text=True)
+    stale = subprocess.run([sys.executable, "-m", "ftpipe.release.verify"], cwd=project, capture_output=True, text=True)
     assert stale.returncode == 1 and "the release is stale" in stale.stdout   # the old release must not ship
 
     edit_params(project, **{"compliance.intended_use": "research"})

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import atomic_dir
-from ftpipe.params import QuantizeParams
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import atomic_dir
+from ftpipe.core.params import QuantizeParams
 from stages.quantize import quantize_and_check, tokenizer_mismatches
-from ftpipe.tokenized import load_tokenized
+from ftpipe.data.tokenized import load_tokenized
 
 PARAMS = QuantizeParams(types=["f16", "q8_0"], max_loss_gap={"f16": 0.01, "q8_0": 0.05})   # as in params.yaml
 WEIGHT_TYPES = {"f16": "F16", "q8_0": "Q8_0"}
@@ -39,7 +39,7 @@ def test_each_type_is_written_with_its_size_and_hash(quantized):
 
 
 def test_each_gguf_loads_back_with_the_merged_models_loss_and_tokenizer(quantized, tiny_merged, validation_rows):
-    from ftpipe.modeling import load_model, load_tokenizer, mean_loss
+    from ftpipe.model.modeling import load_model, load_tokenizer, mean_loss
 
     _, metrics = quantized
     merged = metrics["merged_validation_loss"]

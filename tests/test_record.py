@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from ftpipe.io import write_json
-from ftpipe.paths import PROVENANCE_FILE, RAW_DIR
+from ftpipe.core.io import write_json
+from ftpipe.core.paths import PROVENANCE_FILE, RAW_DIR
 
 
 def test_a_skipped_stage_is_linked_to_its_maker_even_after_a_failed_invocation(in_tmp_project, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from ftpipe.tracking import stage_run, tracking_uri
+    from ftpipe.tracking.runs import stage_run, tracking_uri
     from stages.record import close_pipeline_run
 
     # Invocation 1: ingest succeeds, then compliance fails: the record stage never runs, ingest's run is

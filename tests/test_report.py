@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_json, sha256_file
-from ftpipe.sbom import validate_sbom
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_json, sha256_file
+from ftpipe.release.sbom import validate_sbom
 from stages import report
 from tests.release_fixtures import GGUF_TYPES, SOURCES, build_finished_project
 

@@ -1,4 +1,4 @@
-"""ftpipe.report_render: the compliance report as Markdown and as one offline HTML page a reviewer signs.
+"""ftpipe.release.report_render: the compliance report as Markdown and as one offline HTML page a reviewer signs.
 
 The example report (tests/data/report_example.json) renders with every section in order and every hash;
 hostile declared text stays text; the page fetches nothing; a minimal report (one source, no GGUF, no MLflow,
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.report_render import render_html, render_markdown
+from ftpipe.release.report_render import render_html, render_markdown
 from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
 
 EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
@@ -146,7 +146,7 @@ def test_markdown_shows_every_hash_and_the_verdict(report):
     assert len(expected) > 20   # the example has many: the test is not vacuous
     assert sorted(digest for digest in expected if digest not in markdown) == []
     assert "✓ PASS" in markdown and f"`{report['compliance']['concluded_license']}`" in markdown
-    assert "sha256sum -c models/release/MANIFEST.sha256" in markdown and "python -m ftpipe.verify" in markdown
+    assert "sha256sum -c models/release/MANIFEST.sha256" in markdown and "python -m ftpipe.release.verify" in markdown
     assert "Reviewer sign-off" in markdown and "- Signature: ____" in markdown
 
 
@@ -342,4 +342,4 @@ def test_a_reviewed_license_is_listed_with_its_reviewer_and_a_link_to_its_text(r
 
 def test_a_report_without_reviewed_licenses_says_none(report):
     reviewed = md_subsection(render_markdown(report), "Reviewed licenses")
-    assert reviewed.strip() == "none: the properties of every known license come from ftpipe/license_table.py"
+    assert reviewed.strip() == "none: the properties of every known license come from ftpipe/compliance/license_table.py"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.sbom import SBOM_FILE, build_sbom, validate_sbom
+from ftpipe.core.errors import PipelineError
+from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
 
 REPORT = json.loads((Path(__file__).parent / "data" / "report_example.json").read_text(encoding="utf-8"))
 
@@ -86,7 +86,7 @@ def test_a_broken_bom_fails_naming_the_path(report, breakage, path, complaint):
     with pytest.raises(PipelineError) as caught:
         validate_sbom(sbom)
     message = str(caught.value)
-    assert "CycloneDX 1.6" in message and "ftpipe/sbom.py" in message
+    assert "CycloneDX 1.6" in message and "ftpipe/release/sbom.py" in message
     assert re.search(path, message) and re.search(complaint, message), message
 
 

@@ -1,4 +1,4 @@
-"""ftpipe.system_metrics: CPU and memory from /proc, GPUs from nvidia-smi (a fake one here, printing
+"""ftpipe.tracking.system_metrics: CPU and memory from /proc, GPUs from nvidia-smi (a fake one here, printing
 what an H100 prints), sampled on a thread into MLflow-named `system/...` metrics."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 import time
 from pathlib import Path
 
-from ftpipe.system_metrics import SystemMetricsSampler, cpu_memory_metrics, parse_nvidia_smi, read_cpu_times
+from ftpipe.tracking.system_metrics import SystemMetricsSampler, cpu_memory_metrics, parse_nvidia_smi, read_cpu_times
 
 # `nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total,power.draw,power.limit,
 #  temperature.gpu --format=csv,noheader,nounits` on two GPUs, the second one without power readings

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_json, sha256_text
-from ftpipe.modeling import IGNORE_INDEX, render_chat
-from ftpipe.params import TokenizeParams
-from ftpipe.paths import SPLITS
-from ftpipe.tokenized import load_tokenized
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_json, sha256_text
+from ftpipe.model.modeling import IGNORE_INDEX, render_chat
+from ftpipe.core.params import TokenizeParams
+from ftpipe.core.paths import SPLITS
+from ftpipe.data.tokenized import load_tokenized
 from stages.tokenize import (TOKENIZER_FILES, length_histogram, pack_examples, tokenize_batch,
                              tokenize_example, tokenize_splits)
 

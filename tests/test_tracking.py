@@ -1,4 +1,4 @@
-"""ftpipe.tracking and the record stage: each executed stage is a child run (params, metrics,
+"""ftpipe.tracking.runs and the record stage: each executed stage is a child run (params, metrics,
 artifacts, dataset inputs, git commit, environment pins) of its invocation's pipeline run; the
 record stage closes the pipeline run, records skipped stages with the run that produced their
 outputs, and names the run after what changed. Without MLflow a stage goes on and keeps its record."""
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ftpipe.tracking import INVOCATION, KIND, PARENT, STAGE, invocation_key, short_param, stage_run
+from ftpipe.tracking.runs import INVOCATION, KIND, PARENT, STAGE, invocation_key, short_param, stage_run
 from stages.record import close_pipeline_run, describe_changes, flat_params, outs_digest
 
 
@@ -59,7 +59,7 @@ def test_a_stage_run_records_params_metrics_artifacts_inputs_and_environment(sto
     assert "git.commit" in run.data.tags and run.data.tags["env.python"] == sys.version.split()[0]
     assert run.data.tags["env.torch"] and run.data.tags["env.mlflow"]
     # the instruction sets that choose the matrix kernels (bf16 results differ between CPU types)
-    from ftpipe.provenance import NUMERIC_CPU_FLAGS, cpu_flags
+    from ftpipe.core.provenance import NUMERIC_CPU_FLAGS, cpu_flags
 
     flags = cpu_flags()
     assert run.data.tags["env.cpu_flags"] == " ".join(flags) and set(flags) <= set(NUMERIC_CPU_FLAGS)
@@ -70,7 +70,7 @@ def test_a_stage_run_records_params_metrics_artifacts_inputs_and_environment(sto
     freeze = store.download_artifacts(run.info.run_id, "environment/pip-freeze.txt", str(tmp_path / "dl"))
     assert any(line.startswith("torch==") for line in open(freeze))
     (dataset_input,) = run.inputs.dataset_inputs
-    from ftpipe.io import sha256_file
+    from ftpipe.core.io import sha256_file
 
     assert dataset_input.dataset.name == "clean/train" and dataset_input.dataset.digest == sha256_file(data)[:32]
     tags = {tag.key: tag.value for tag in dataset_input.tags}
@@ -93,7 +93,7 @@ def test_runs_left_running_by_a_killed_invocation_are_ended_by_the_next(store, m
     host sees that their process is gone and ends them as KILLED, saying by whom; a live one is kept."""
     import socket
 
-    from ftpipe.tracking import StageTracker
+    from ftpipe.tracking.runs import StageTracker
 
     dead = f"{socket.gethostname()}:{2**22 + 7}:1"   # above the default pid_max: no such process
     monkeypatch.setenv("FTPIPE_INVOCATION", dead)
@@ -196,7 +196,7 @@ def test_invocation_key_is_the_dvc_ancestor(monkeypatch):
     monkeypatch.delenv("FTPIPE_INVOCATION", raising=False)
     assert invocation_key().split(":")[1] == str(os.getpid())   # no dvc above pytest: this process alone
     # A stage is a grandchild of `dvc repro` (dvc -> sh -> python): here a shell whose argv[0] is "dvc".
-    script = "from ftpipe.tracking import invocation_key; print(invocation_key())"
+    script = "from ftpipe.tracking.runs import invocation_key; print(invocation_key())"
     done = subprocess.run(["dvc", "-c", f"echo $$; {sys.executable} -c '{script}'"], executable="/bin/bash",
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     dvc_pid, key = done.stdout.split()
@@ -220,7 +220,7 @@ def test_without_mlflow_the_stage_goes_on_and_keeps_its_record(in_tmp_project, m
 
 def test_the_gpu_is_described_at_the_end_when_torch_was_loaded_during_the_stage(store, monkeypatch):
     """Stages import torch lazily, after their run started: the CUDA and GPU pins are added at the end."""
-    import ftpipe.tracking as tracking
+    import ftpipe.tracking.runs as tracking
 
     monkeypatch.setenv("FTPIPE_INVOCATION", "host:8:8")
     cpu_only = tracking.environment()

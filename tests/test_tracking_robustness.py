@@ -1,5 +1,5 @@
 """MLflow tracking when the store is unavailable, fails part way or is shared: the stage goes on, keeps
-what it could not log in mlflow-pending/, and ftpipe.pending replays it later, completely and once;
+what it could not log in mlflow-pending/, and ftpipe.tracking.pending replays it later, completely and once;
 two pipelines writing to one store at once lose nothing."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.pending import UPLOADED_FROM, upload_pending
-from ftpipe.tracking import INVOCATION, KIND, PARENT, PENDING_DIR, STAGE, stage_run
+from ftpipe.tracking.pending import UPLOADED_FROM, upload_pending
+from ftpipe.tracking.runs import INVOCATION, KIND, PARENT, PENDING_DIR, STAGE, stage_run
 
 REPO = Path(__file__).resolve().parents[1]
 UNAVAILABLE = "sqlite:////proc/ftpipe-no-such-dir/mlflow.db"   # /proc refuses new folders, even to root
@@ -209,7 +209,7 @@ WORKER = textwrap.dedent("""
 
     import ftpipe
     import mlflow  # noqa: F401 - imported before the barrier, so that both really log at once
-    from ftpipe.tracking import invocation_key, stage_run
+    from ftpipe.tracking.runs import invocation_key, stage_run
     from stages.record import close_pipeline_run
 
     stages, steps, barrier = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.io import read_json
-from ftpipe.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
-from ftpipe.tokenized import load_tokenized
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import read_json
+from ftpipe.model.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
+from ftpipe.data.tokenized import load_tokenized
 from stages.tokenize import packed_rows
 from stages.train import CURVE_COLUMNS, TOKENS_KEY, TokenCountingCollator, curve_csv, fingerprint, resolve_backend
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.errors import PipelineError
-from ftpipe.params import CleanParams, ValidateParams
-from ftpipe.pii import VALIDATION_PATTERNS
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.params import CleanParams, ValidateParams
+from ftpipe.data.pii import VALIDATION_PATTERNS
 from stages.validate import ALL_SOURCES, REJECTIONS_SUITE_NAME, SUITE_NAME, measure, validate_clean
 from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
 
@@ -84,7 +84,7 @@ def report_entries(failed_dir: Path) -> list[dict]:
 
 # Text that is not personal data although it has digits, dots, '@' or key-like words: redaction
 # placeholders, a version, a date, a hex literal, a slice, user@host without a domain, and a card-like
-# number whose separators differ (ftpipe.pii's card pattern needs one separator throughout: a backref).
+# number whose separators differ (ftpipe.data.pii's card pattern needs one separator throughout: a backref).
 NOT_PII = ("Write to [EMAIL] or call [PHONE]; key [API_KEY], card [PAYMENT_CARD], host [IP_ADDRESS]. "
            "Python 3.11.7 from 2026-11-23, mask 0x7fffffff, x[::2], ssh user@host, ref 4111 1111-1111 1111.")
 # A 16-digit number of card shape that fails Luhn: the shape-only payment_card pattern matches it
@@ -187,7 +187,7 @@ def test_good_data_passes_every_expectation(passed):
 def test_good_data_tolerates_shape_only_pii_and_echoes_below_their_share(passed):
     entries = json.loads((passed[0] / "results.json").read_text())["expectations"]
     by_kind = {kind: entry for entry in entries for kind in VALIDATION_PATTERNS
-               if f"ftpipe.pii pattern '{kind}'" in entry["description"]}
+               if f"ftpipe.data.pii pattern '{kind}'" in entry["description"]}
     assert {kind: entry["unexpected_count"] for kind, entry in by_kind.items()} == {
         kind: (1 if kind == "payment_card" else 0) for kind in VALIDATION_PATTERNS}   # card-shaped, 1 of 13
     assert by_kind["payment_card"]["kwargs"]["mostly"] == 0.9 and "mostly" not in by_kind["email"]["kwargs"]
@@ -246,7 +246,7 @@ def test_bad_data_keeps_the_report_outside_the_published_folder(failed):
 def test_pii_fails_naming_each_kind_and_row(pii):
     message, _, _ = pii
     assert f"{len(VALIDATION_PATTERNS)} of {N_EXPECTATIONS} data expectations failed" in message
-    lines = {re.search(r"ftpipe\.pii pattern '(\w+)'", line).group(1): line for line in failure_lines(message)}
+    lines = {re.search(r"ftpipe\.data\.pii pattern '(\w+)'", line).group(1): line for line in failure_lines(message)}
     assert lines.keys() == VALIDATION_PATTERNS.keys()
     assert lines["email"].endswith("2 of 22 example(s) failed: pii-email, pii-email-accented")
     assert lines["ip_address"].endswith("1 of 22 example(s) failed: pii-ip")
@@ -261,11 +261,11 @@ def test_pii_fails_naming_each_kind_and_row(pii):
 
 
 def test_pii_checks_find_what_python_re_finds(pii):
-    """GX's pandas backend must apply ftpipe.pii's Python `re` patterns (lookbehinds, a backref, an
+    """GX's pandas backend must apply ftpipe.data.pii's Python `re` patterns (lookbehinds, a backref, an
     inline (?i:...) flag) as `re.search` does: the same rows fail, no more, no fewer."""
     _, failed_dir, contents = pii
     for entry in report_entries(failed_dir):
-        kind = re.search(r"ftpipe\.pii pattern '(\w+)'", entry["description"] or "")
+        kind = re.search(r"ftpipe\.data\.pii pattern '(\w+)'", entry["description"] or "")
         if kind:
             expected = [row_id for row_id, text in contents.items()
                         if re.search(VALIDATION_PATTERNS[kind.group(1)], text)]
@@ -370,7 +370,7 @@ def test_data_docs_render_in_a_browser_with_suites_descriptions_and_status(rejec
     checks = [row for row in passing.rows if "text-success" in row["icons"] or "text-danger" in row["icons"]]
     assert len(checks) == N_EXAMPLE_EXPECTATIONS and not [row for row in checks if "text-danger" in row["icons"]]
     for description in ("every role is one of validate.allowed_roles: system, user, assistant",
-                        "no email in any turn of any example (ftpipe.pii pattern 'email')",
+                        "no email in any turn of any example (ftpipe.data.pii pattern 'email')",
                         "distinct answers / examples is at least validate.min_unique_answer_share = 0.9"):
         assert description in passing.text
 

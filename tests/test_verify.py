@@ -1,4 +1,4 @@
-"""python -m ftpipe.verify: a release that is what the pipeline produced passes; a changed artifact, card or
+"""python -m ftpipe.release.verify: a release that is what the pipeline produced passes; a changed artifact, card or
 report is caught, even when the records next to it were changed to match."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe import verify
-from ftpipe.errors import PipelineError
-from ftpipe.io import sha256_file
+from ftpipe.release import verify
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import sha256_file
 from stages import report
 from tests.release_fixtures import build_finished_project
 

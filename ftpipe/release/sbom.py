@@ -31,8 +31,8 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from jsonschema.exceptions import best_match
 
-from ftpipe.errors import PipelineError
-from ftpipe.licenses import commercial_use_of
+from ftpipe.core.errors import PipelineError
+from ftpipe.compliance.licenses import commercial_use_of
 
 SBOM_FILE = "sbom.cdx.json"
 SPEC_VERSION = "1.6"
@@ -78,7 +78,7 @@ def validate_sbom(sbom: dict[str, Any]) -> None:
         shown = "\n".join(f"  {problem}" for problem in problems[:SHOWN_ERRORS])
         more = f"\n  ... and {len(problems) - SHOWN_ERRORS} more" if len(problems) > SHOWN_ERRORS else ""
         raise PipelineError(f"the SBOM is not valid CycloneDX {SPEC_VERSION} ({len(problems)} problem(s)); "
-                            f"fix ftpipe/sbom.py (build_sbom):\n{shown}{more}")
+                            f"fix ftpipe/release/sbom.py (build_sbom):\n{shown}{more}")
 
 
 # --- components --------------------------------------------------------------------------------------------------

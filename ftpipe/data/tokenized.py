@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftpipe.errors import PipelineError
-from ftpipe.paths import TOKENIZED_DIR
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.paths import TOKENIZED_DIR
 
 
 def load_tokenized(split: str, folder: Path = TOKENIZED_DIR) -> list[dict]:

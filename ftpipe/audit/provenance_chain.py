@@ -1,5 +1,5 @@
 """The provenance chain of a pipeline run, read from the project's MLflow store (`python -m ftpipe.audit
-provenance`; not to be confused with ftpipe.provenance, which writes provenance.json next to outputs).
+provenance`; not to be confused with ftpipe.core.provenance, which writes provenance.json next to outputs).
 
 The store: read-only access to the runs the pipeline logged (the pipeline run of a run id, its stage
 runs, their artifacts, the run that produced a skipped stage's outputs).
@@ -29,11 +29,11 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError
-from ftpipe.io import HASH_CHUNK, sha256_file
-from ftpipe.licenses import commercial_use_of
-from ftpipe.paths import PROVENANCE_FILE
-from ftpipe.tracking import INVOCATION, KIND, PARENT, RUN_NAME, STAGE, experiment_name, is_measurement, tracking_uri
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import HASH_CHUNK, sha256_file
+from ftpipe.compliance.licenses import commercial_use_of
+from ftpipe.core.paths import PROVENANCE_FILE
+from ftpipe.tracking.runs import INVOCATION, KIND, PARENT, RUN_NAME, STAGE, experiment_name, is_measurement, tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # one bar per artifact read is noise here
 CODE_SUFFIX = ".py"   # a dependency that is code: listed by name per stage, with its md5 once, under Code
@@ -63,7 +63,7 @@ def get_run(client, run_id: str):
         return client.get_run(run_id)
     except MlflowException as err:
         raise PipelineError(f"run {run_id}: not found in the MLflow store {tracking_uri()}. Copy the id from "
-                            "`python -m ftpipe.mlflow_ui` or set MLFLOW_TRACKING_URI to the store it was logged "
+                            "`python -m ftpipe.tracking.mlflow_ui` or set MLFLOW_TRACKING_URI to the store it was logged "
                             "to.") from err
 
 

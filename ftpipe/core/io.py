@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ftpipe.errors import PipelineError
+from ftpipe.core.errors import PipelineError
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads keep memory flat on multi-GB weight files
 # In a model folder (base, adapter): the SHA-256 of every file but the run's own records. Later stages

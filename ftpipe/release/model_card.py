@@ -7,7 +7,7 @@ compliance report's dict (tests/data/report_example.json shows its shape):
 
 Why our own card: peer tools write `license: apache-2.0` (or a placeholder) whatever the model was trained
 on, but a fine-tuned model carries the obligations of its base model and of every data source. This card
-states the license the gate concluded (ftpipe.licenses), whether commercial use is allowed, not allowed or not
+states the license the gate concluded (ftpipe.compliance.licenses), whether commercial use is allowed, not allowed or not
 established (a license unknown to ftpipe) and why, the licenses a reviewer declared, and the duties that travel
 with the model; then the data, the scores, the files and how to check them. Declared
 names, creators and notes are untrusted text: the front matter is yaml.safe_dump's and Markdown text is
@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.license_table import HF_LICENSE_IDS
-from ftpipe.licenses import commercial_use_of
+from ftpipe.core.errors import PipelineError
+from ftpipe.compliance.license_table import HF_LICENSE_IDS
+from ftpipe.compliance.licenses import commercial_use_of
 
 CARD_FILE = "README.md"
 
@@ -168,7 +168,7 @@ def _license(report: dict[str, Any]) -> list[str]:
     flagged = (f", with {unknown_count} unknown license{'s' if unknown_count != 1 else ''} flagged, not checked "
                f"(`compliance.unknown_blocks` is false)" if unknown_count and not policy["unknown_blocks"] else "")
     use = policy["intended_use"]
-    base_prefix = f"base model {base['id']!r}:"   # how ftpipe.licenses prefixes a note about the base model
+    base_prefix = f"base model {base['id']!r}:"   # how ftpipe.compliance.licenses prefixes a note about the base model
     base_terms = [f"{_inline(base['id'])}: {_inline(base['license'])} ({_inline(base.get('license_url'))})"]
     base_terms += [_inline(note) for note in compliance["notes"] if note.startswith(base_prefix)]
     lines = ["## License", "", f"Concluded license: **{_inline(compliance['concluded_license'])}** (the model is "
@@ -279,7 +279,7 @@ def _evaluation(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
 def _files(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
     # The release folder holds each file under its own name (stages/report.py links them in flat).
     names = [(PurePosixPath(file["path"]).name, file) for file in artifact["files"]]
-    verify = (report.get("release") or {}).get("verify_command") or "python -m ftpipe.verify"
+    verify = (report.get("release") or {}).get("verify_command") or "python -m ftpipe.release.verify"
     return (["## Files", ""] + _table(["File", "Size", "SHA-256"], [[name, _size(file["bytes"]), file["sha256"]]
                                                                     for name, file in names])
             + ["", "Check them in this folder:", "", "```sh", "sha256sum -c <<'EOF'"]

@@ -1,6 +1,6 @@
 """What ftpipe knows about licenses: their properties, and how Hugging Face ids map to SPDX.
 
-Data only; ftpipe.licenses applies it. A license not in LICENSE_PROPERTIES is "unknown" to the
+Data only; ftpipe.compliance.licenses applies it. A license not in LICENSE_PROPERTIES is "unknown" to the
 license gate, even when it is a valid SPDX id: obligations are never guessed. To support one, add
 a row here after reading its text.
 

@@ -25,7 +25,7 @@ charts); the two backends only choose markup, so the Markdown and the HTML canno
 Why so careful with text: names, notes and URLs are declared by users. Every string is escaped for its
 target (a source named "<script>" shows as text); links are made only from http(s) URLs; Markdown table
 cells keep their row (| and newlines are escaped). The HTML page loads nothing: inline CSS and SVG charts
-(ftpipe/report_charts.py), no scripts, and a Content-Security-Policy that forbids fetching anything. It
+(ftpipe/release/report_charts.py), no scripts, and a Content-Security-Policy that forbids fetching anything. It
 renders the same offline for every reviewer, and prints (@media print) with the sign-off block on paper.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ from collections import namedtuple
 from dataclasses import make_dataclass
 from typing import Any, Callable, Sequence, Union
 
-from ftpipe.licenses import commercial_use_of
-from ftpipe.report_charts import STYLE, comparison_chart, gguf_gap_chart, rows_chart
+from ftpipe.compliance.licenses import commercial_use_of
+from ftpipe.release.report_charts import STYLE, comparison_chart, gguf_gap_chart, rows_chart
 
 
 # --- the document model: inline values and blocks --------------------------------------------------------
@@ -212,14 +212,14 @@ def license_section(report: dict) -> list:
     reviewed = compliance.get("reviewed_licenses") or []
     blocks += [Heading("Reviewed licenses")]
     if reviewed:
-        blocks += [Para(("Licenses ftpipe/license_table.py has no row for, whose properties a reviewer declared in "
+        blocks += [Para(("Licenses ftpipe/compliance/license_table.py has no row for, whose properties a reviewer declared in "
                          "params.yaml ", Code("compliance.reviewed_licenses"), "; the gate used them as rows of the "
                          "table.")),
                    Table(("License", "Name", "Text", "Reviewed by", "Used by", "Properties"),
                          [(Code(entry["id"]), entry["name"], Link(entry["url"], entry["url"]), entry["reviewed_by"],
                            value(entry["used_by"]), value(entry["properties"])) for entry in reviewed])]
     else:
-        blocks.append(Para("none: the properties of every known license come from ftpipe/license_table.py"))
+        blocks.append(Para("none: the properties of every known license come from ftpipe/compliance/license_table.py"))
     notes = compliance["notes"]
     return blocks + [Heading("Notes"), Items(list(notes)) if notes else Para("none")]
 
@@ -568,5 +568,5 @@ def render_html(report: dict) -> str:
             f'<header><p class="kicker">Compliance report</p><h1>{esc(report["title"])}</h1>'
             f"<p>Created {esc(report['created_at'])} · {h(verdict(report['compliance']))}</p></header>\n"
             f'<nav aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>\n<main>\n{body}\n</main>\n'
-            f"<footer>Rendered by ftpipe.report_render from {esc(report['release']['report_json'])}, the authoritative "
+            f"<footer>Rendered by ftpipe.release.report_render from {esc(report['release']['report_json'])}, the authoritative "
             f"record; check it with {esc(report['release']['verify_command'])}.</footer>\n</body>\n</html>\n")

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftpipe.io import atomic_write_text, file_hashes, sha256_file, tree_digest
-from ftpipe.provenance import environment, git_state, pip_freeze, utc_now
-from ftpipe.system_metrics import SystemMetricsSampler
+from ftpipe.core.io import atomic_write_text, file_hashes, sha256_file, tree_digest
+from ftpipe.core.provenance import environment, git_state, pip_freeze, utc_now
+from ftpipe.tracking.system_metrics import SystemMetricsSampler
 
 PENDING_DIR = Path("mlflow-pending")
 DEFAULT_EXPERIMENT = "ftpipe"
@@ -430,7 +430,7 @@ def stage_run(stage: str, params: dict[str, Any], system_metrics_interval_s: flo
               ) -> Iterator[StageTracker]:
     """One MLflow run for one executed stage, closed FAILED (with its pipeline run) if the stage raises.
     With `system_metrics_interval_s`, CPU, memory and GPU use are sampled at that interval
-    (ftpipe/system_metrics.py)."""
+    (ftpipe/tracking/system_metrics.py)."""
     tracker = StageTracker(stage, params, system_metrics_interval_s)
     tracker.start()
     try:

@@ -1,7 +1,7 @@
 """Upload what stages could not log to MLflow: the `mlflow-pending/*.json` files that
-ftpipe.tracking.StageTracker writes when the store is unavailable or fails part way.
+ftpipe.tracking.runs.StageTracker writes when the store is unavailable or fails part way.
 
-    python -m ftpipe.pending [FOLDER]      # the same as `python -m ftpipe.audit upload-pending`
+    python -m ftpipe.tracking.pending [FOLDER]      # the same as `python -m ftpipe.audit upload-pending`
 
 A file goes into the run it names when the store has that run (the store failed part way). If not
 (the store was unavailable from the start, or this is another store), a new run is created under
@@ -29,13 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftpipe import tracking
-from ftpipe.io import atomic_write_text
+from ftpipe.tracking import runs
+from ftpipe.core.io import atomic_write_text
 
 UPLOADED_FROM = "ftpipe.uploaded_from_pending"
 
 
-def upload_pending(pending_dir: Path = tracking.PENDING_DIR) -> list[dict[str, Any]]:
+def upload_pending(pending_dir: Path = runs.PENDING_DIR) -> list[dict[str, Any]]:
     """Replay every pending file of `pending_dir` into the store; one summary per file (its `error`
     is None when the file was uploaded and deleted). Raises only if the store cannot be reached."""
     pending_dir = Path(pending_dir)
@@ -45,7 +45,7 @@ def upload_pending(pending_dir: Path = tracking.PENDING_DIR) -> list[dict[str, A
         files = sorted(pending_dir.glob("*.json"))
         if not files:
             return []
-        _, client, experiment_id = tracking.connect()
+        _, client, experiment_id = runs.connect()
         return [upload_file(client, experiment_id, path) for path in files]
 
 
@@ -85,14 +85,14 @@ def _target_run(client, experiment_id: str, record: dict, file_name: str) -> tup
     if earlier:
         return earlier[0].info.run_id, False
     started = _millis(record.get("started_at") or record["ended_at"])   # when it ran, not when uploaded
-    tags = {**record["tags"], tracking.PARENT: _parent(client, experiment_id, record), UPLOADED_FROM: file_name}
+    tags = {**record["tags"], runs.PARENT: _parent(client, experiment_id, record), UPLOADED_FROM: file_name}
     return client.create_run(experiment_id, start_time=started, tags=tags).info.run_id, True
 
 
 def _parent(client, experiment_id: str, record: dict) -> str:
     """The invocation's pipeline run: the recorded one if the store has it, else found or created."""
     if not (record.get("parent_id") and _run_exists(client, record["parent_id"])):
-        record["parent_id"] = tracking.pipeline_run_id(client, experiment_id, record["invocation"])
+        record["parent_id"] = runs.pipeline_run_id(client, experiment_id, record["invocation"])
     return record["parent_id"]
 
 
@@ -123,28 +123,28 @@ def _replay(client, experiment_id: str, run_id: str, record: dict, summary: dict
         points: list = []
         count = 0
         for batch_op in ops:
-            fits = not points or len(points) + len(batch_op.get("metrics", {})) <= tracking.METRICS_PER_BATCH
+            fits = not points or len(points) + len(batch_op.get("metrics", {})) <= runs.METRICS_PER_BATCH
             if batch_op["op"] != "metrics" or not fits:
                 break
-            points += tracking.metric_points(batch_op["metrics"], batch_op.get("timestamp") or default_time,
+            points += runs.metric_points(batch_op["metrics"], batch_op.get("timestamp") or default_time,
                                              batch_op["step"])
             count += 1
-        tracking.log_batch(client, run_id, metrics=points)
+        runs.log_batch(client, run_id, metrics=points)
         return count
     if kind == "artifact":
         _replay_artifact(client, run_id, op, summary)
     elif kind == "end":
-        tracking.apply_op(client, run_id, {**op, "end_time": _millis(record["ended_at"])})
+        runs.apply_op(client, run_id, {**op, "end_time": _millis(record["ended_at"])})
     elif kind == "parent_failed":
-        tracking.mark_failed(client, _parent(client, experiment_id, record), record["stage"])
+        runs.mark_failed(client, _parent(client, experiment_id, record), record["stage"])
     else:
-        tracking.apply_op(client, run_id, op)
+        runs.apply_op(client, run_id, op)
     return 1
 
 
 def _replay_artifact(client, run_id: str, op: dict, summary: dict) -> None:
     path = Path(op["path"])
-    now = tracking.content_digest(path) if path.exists() else None   # as the stage computed it
+    now = runs.content_digest(path) if path.exists() else None   # as the stage computed it
     if now != op["sha256"]:
         state = f"now has SHA-256 {now}" if now else "no longer exists"
         client.log_text(run_id, f"{path} was logged by the stage with SHA-256 {op['sha256']} but {state} "
@@ -152,7 +152,7 @@ def _replay_artifact(client, run_id: str, op: dict, summary: dict) -> None:
                         f"pending/changed-{path.name}.txt")
         summary["changed"].append(str(path))
     else:
-        tracking.apply_op(client, run_id, op)
+        runs.apply_op(client, run_id, op)
 
 
 # --- plumbing -------------------------------------------------------------------------------------------
@@ -179,14 +179,14 @@ def _exclusive(folder: Path) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.pending", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", nargs="?", type=Path, default=tracking.PENDING_DIR,
-                        help=f"where the pending files are (default: {tracking.PENDING_DIR})")
+    parser = argparse.ArgumentParser(prog="python -m ftpipe.tracking.pending", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, default=runs.PENDING_DIR,
+                        help=f"where the pending files are (default: {runs.PENDING_DIR})")
     args = parser.parse_args(argv)
     try:
         summaries = upload_pending(args.folder)
     except Exception as err:  # noqa: BLE001 - one line, not a traceback: nothing was uploaded
-        print(f"error: MLflow store {tracking.tracking_uri()} unavailable ({type(err).__name__}: {str(err)[:300]}); "
+        print(f"error: MLflow store {runs.tracking_uri()} unavailable ({type(err).__name__}: {str(err)[:300]}); "
               f"nothing uploaded, {args.folder}/ kept", file=sys.stderr)
         return 1
     if not summaries:

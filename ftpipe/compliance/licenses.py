@@ -4,7 +4,7 @@ Every data source and the base model declare a license as an SPDX expression ("A
 "CC-BY-4.0 OR MIT", "GPL-2.0-or-later WITH Classpath-exception-2.0") or a Hugging Face id ("apache-2.0",
 "llama3"). A missing or unparseable declaration is a LicenseError that names the input and shows the
 expected form. Parsing and id validation are the `license-expression` package's; what a license asks of
-a model trained on it is ours, in ftpipe/license_table.py, or a reviewer's, in params.yaml
+a model trained on it is ours, in ftpipe/compliance/license_table.py, or a reviewer's, in params.yaml
 compliance.reviewed_licenses (a license the table lacks, with its properties, URL and reviewer).
 
     reviewed = reviewed_license_properties(params.compliance.reviewed_licenses)   # checked against the table
@@ -52,8 +52,8 @@ from typing import Any, Literal, Sequence
 from license_expression import ExpressionError, LicenseSymbol, LicenseWithExceptionSymbol, Licensing, \
     get_spdx_licensing
 
-from ftpipe.errors import PipelineError
-from ftpipe.license_table import COPYLEFT_RANK, HF_IDS_NAMING_NO_LICENSE, HF_LICENSE_IDS, LICENSE_PROPERTIES, \
+from ftpipe.core.errors import PipelineError
+from ftpipe.compliance.license_table import COPYLEFT_RANK, HF_IDS_NAMING_NO_LICENSE, HF_LICENSE_IDS, LICENSE_PROPERTIES, \
     LicenseProperties
 
 # Does the intended use count as commercial use? See the module docstring for "internal".
@@ -70,7 +70,7 @@ FIXES = {
     "unknown-license": "have a reviewer read its text and declare it under compliance.reviewed_licenses in "
                        "params.yaml (an id, LicenseRef-<name> if SPDX does not list it, also declared as the "
                        "input's license; its properties, URL and reviewer), declare a license that "
-                       "ftpipe/license_table.py knows (or add a row for it there), {remove}, or set "
+                       "ftpipe/compliance/license_table.py knows (or add a row for it there), {remove}, or set "
                        "unknown_blocks to false to only flag it",
 }
 Role = Literal["base model", "data source"]
@@ -144,7 +144,7 @@ Option = tuple[LicenseTerm, ...]   # licenses that apply together: one choice ou
 
 @dataclass(frozen=True)
 class ReviewedLicenseProperties(LicenseProperties):
-    """A row for a license ftpipe/license_table.py lacks, declared in params.yaml compliance.reviewed_licenses:
+    """A row for a license ftpipe/compliance/license_table.py lacks, declared in params.yaml compliance.reviewed_licenses:
     the gate uses it as a row of the table; the conclusion also names the license, its text and its reviewer."""
     name: str
     url: str
@@ -152,7 +152,7 @@ class ReviewedLicenseProperties(LicenseProperties):
 
 
 def reviewed_license_properties(entries: Sequence[Any]) -> tuple[ReviewedLicenseProperties, ...]:
-    """Rows from params.yaml compliance.reviewed_licenses entries (ftpipe.params.ReviewedLicense); LicenseError,
+    """Rows from params.yaml compliance.reviewed_licenses entries (ftpipe.core.params.ReviewedLicense); LicenseError,
     naming the key and the id, for an id the table already knows or that is neither LicenseRef- nor SPDX."""
     rows = tuple(ReviewedLicenseProperties(
         license_id=entry.id, commercial_use=entry.commercial_use, copyleft=entry.copyleft,
@@ -174,7 +174,7 @@ def _check_reviewed(rows: Sequence[ReviewedLicenseProperties]) -> None:
             errors.append(f"{where}: {UNKNOWN_LICENSE_REF} is reserved (it stands for ids that are not SPDX); "
                           f"name the license: LicenseRef-<name>")
         elif known in LICENSE_PROPERTIES:
-            errors.append(f"{where}: ftpipe/license_table.py already has a row for {known}, and that row applies; "
+            errors.append(f"{where}: ftpipe/compliance/license_table.py already has a row for {known}, and that row applies; "
                           f"remove this entry (or, if the row is wrong, correct it there)")
         elif not license_id.startswith("LicenseRef-") and known is None:
             errors.append(f"{where}: not an SPDX license id; for a license SPDX does not list, write "
@@ -240,11 +240,11 @@ def _term(declared: str, exception: str | None, reviewed: Sequence[LicenseProper
     if properties is not None:
         reason = None
     elif recognized is not None:
-        reason = f"{recognized} has no properties row in ftpipe/license_table.py"
+        reason = f"{recognized} has no properties row in ftpipe/compliance/license_table.py"
     elif declared.lower() in HF_IDS_NAMING_NO_LICENSE:
         reason = HF_IDS_NAMING_NO_LICENSE[declared.lower()]
     else:
-        reason = (f"{declared!r} is not an SPDX id, a LicenseRef- id of ftpipe/license_table.py or a known Hugging "
+        reason = (f"{declared!r} is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging "
                   f"Face id")
     return LicenseTerm(declared, _named_id(declared, reviewed), exception, properties, reason)
 
@@ -324,7 +324,7 @@ def conclude_licenses(base_model: LicenseDeclaration, data_sources: Sequence[Lic
                       policy: LicensePolicy,
                       reviewed_licenses: Sequence[ReviewedLicenseProperties] = ()) -> dict[str, Any]:
     """The fine-tuned model's concluded license, obligations, verdict and violations (a JSON-ready dict), with
-    the `reviewed_licenses` rows (reviewed_license_properties) used as rows of ftpipe/license_table.py.
+    the `reviewed_licenses` rows (reviewed_license_properties) used as rows of ftpipe/compliance/license_table.py.
     Raises LicenseError, listing every input at fault, if a declaration is missing or unparseable."""
     _check_reviewed(reviewed_licenses)
     inputs = [("base model", base_model)] + [("data source", source) for source in data_sources]

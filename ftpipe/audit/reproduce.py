@@ -3,14 +3,14 @@
 reproduce checks out the run's commit in a fresh git worktree, writes the run's own params.yaml there,
 copies the user data that git does not hold (data/sources, models/source), runs `dvc repro --force`
 into the same MLflow store (the new pipeline run is tagged `ftpipe.reproduces`) and compares every
-result metric, timings and memory excluded (ftpipe.tracking.is_measurement), and the machines the two runs
+result metric, timings and memory excluded (ftpipe.tracking.runs.is_measurement), and the machines the two runs
 ran on (CPU model and the instruction sets that choose matrix kernels, GPU, numeric packages). The verdict
 is one of: bit-identical (every metric equal), within tolerance (|difference| <= absolute + relative x
 |recorded|, the params.yaml `reproduce.*` values unless --rtol/--atol say otherwise) or different. What
 to expect: on the same machine the CPU path is bit-identical; across machines (AMD EPYC vs Intel Xeon with
 AMX) bf16 kernels differ and results agree within the tolerance. Its report (report.json), the dvc log
 (repro.log) and, with --keep, the worktree stay in the work folder; the verdict is also tagged on the
-reproducing run. The runs themselves are read through ftpipe.provenance_chain's store helpers.
+reproducing run. The runs themselves are read through ftpipe.audit.provenance_chain's store helpers.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError
-from ftpipe.io import write_json
-from ftpipe.paths import LOCAL_MODELS_DIR, SOURCES_DIR
-from ftpipe.provenance_chain import get_run, open_store, pipeline_run_of, read_artifact, stage_runs
-from ftpipe.tracking import KIND, is_measurement, project_root, tracking_uri
+from ftpipe.core.errors import PipelineError
+from ftpipe.core.io import write_json
+from ftpipe.core.paths import LOCAL_MODELS_DIR, SOURCES_DIR
+from ftpipe.audit.provenance_chain import get_run, open_store, pipeline_run_of, read_artifact, stage_runs
+from ftpipe.tracking.runs import KIND, is_measurement, project_root, tracking_uri
 
 USER_DATA_DIRS = (SOURCES_DIR, LOCAL_MODELS_DIR)   # inputs that live outside git: copied into the worktree
 # What decides a run's numbers besides its code, params and data: the env.* tags of its stage runs.

@@ -1,6 +1,6 @@
 """Verify a release: is every artifact, card and report still what the pipeline produced?
 
-    python -m ftpipe.verify [--release models/release] [--json]      # from the project root
+    python -m ftpipe.release.verify [--release models/release] [--json]      # from the project root
 
 Each check compares the files on disk with a record written by a different party, so that changing an
 artifact and the record next to it together is still caught by the next one:
@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.io import read_json, sha256_file
-from ftpipe.paths import ADAPTER_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, RELEASE_DIR, metrics_file
-from ftpipe.provenance_chain import dir_listing, dir_listing_path, md5_file
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.io import read_json, sha256_file
+from ftpipe.core.paths import ADAPTER_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, RELEASE_DIR, metrics_file
+from ftpipe.audit.provenance_chain import dir_listing, dir_listing_path, md5_file
 
 MISMATCH_EXIT = 1
 DVC_CACHE = Path(".dvc/cache")
@@ -166,7 +166,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ftpipe.release.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", type=Path, default=RELEASE_DIR, help=f"the release folder (default {RELEASE_DIR})")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)

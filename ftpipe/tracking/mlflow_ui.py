@@ -1,8 +1,8 @@
 """The MLflow UI over the project's store, on loopback only. From the project root:
 
-    .venv/bin/python -m ftpipe.mlflow_ui            # then open the URL it prints (port 5000)
+    .venv/bin/python -m ftpipe.tracking.mlflow_ui            # then open the URL it prints (port 5000)
 
-`--port N` and `--host H` change where it listens. The store is the pipeline's (ftpipe.tracking):
+`--port N` and `--host H` change where it listens. The store is the pipeline's (ftpipe.tracking.runs):
 $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db, artifacts under <project root>/mlartifacts.
 It is `mlflow server` with one worker, telemetry off and MLflow's background job runner off (the UI needs
 neither; the job runner only serves GenAI evaluation jobs and would be one more process to stop).
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftpipe import OFFLINE_ENV
-from ftpipe.tracking import DEFAULT_EXPERIMENT, project_root, tracking_uri
+from ftpipe.tracking.runs import DEFAULT_EXPERIMENT, project_root, tracking_uri
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5000
 SERVER_ENV = {**OFFLINE_ENV, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
@@ -34,7 +34,7 @@ SERVER_ENV = {**OFFLINE_ENV, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK":
 
 def server_command(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> list[str]:
     """`mlflow server` on the project's store. New experiments and proxied uploads go to <root>/mlartifacts;
-    the pipeline's runs keep the file:// location they recorded (ftpipe.tracking sets the same folder)."""
+    the pipeline's runs keep the file:// location they recorded (ftpipe.tracking.runs sets the same folder)."""
     artifacts = (project_root() / "mlartifacts").as_uri()
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(),
             "--default-artifact-root", artifacts, "--artifacts-destination", artifacts,
@@ -62,7 +62,7 @@ def experiment_page(base_url: str, exp_id: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.mlflow_ui",
+    parser = argparse.ArgumentParser(prog="python -m ftpipe.tracking.mlflow_ui",
                                      description="Serve the MLflow UI over the project's MLflow store.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -86,11 +86,11 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 @contextlib.contextmanager
 def running_ui(log: Path, env: dict[str, str] | None = None, host: str = DEFAULT_HOST, port: int | None = None,
                timeout: float = 60.0) -> Iterator[str]:
-    """Run `python -m ftpipe.mlflow_ui` (with `env` added) in its own process group, output to `log`; yield
+    """Run `python -m ftpipe.tracking.mlflow_ui` (with `env` added) in its own process group, output to `log`; yield
     its base URL once /health and the page answer; on exit stop the whole group (the server and its uvicorn
     child), even when the body raised."""
     port = port or free_port(host)
-    command = [sys.executable, "-m", "ftpipe.mlflow_ui", "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "ftpipe.tracking.mlflow_ui", "--host", host, "--port", str(port)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env={**os.environ, **(env or {})}, start_new_session=True)

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from ftpipe.errors import PipelineError
+from ftpipe.core.errors import PipelineError
 
 IGNORE_INDEX = -100   # label value PyTorch's cross-entropy skips: prompt and padding tokens
 

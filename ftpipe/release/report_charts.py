@@ -1,4 +1,4 @@
-"""How the HTML compliance report (ftpipe/report_render.py) looks: its stylesheet and its inline SVG charts.
+"""How the HTML compliance report (ftpipe/release/report_render.py) looks: its stylesheet and its inline SVG charts.
 
 STYLE is the page's only CSS (inline: the page fetches nothing), for the screen and for print: the reviewer
 signs a printout, so sections, table rows and charts avoid page breaks and links print their address.

@@ -3,14 +3,14 @@
     python -m ftpipe.audit provenance RUN_ID [--json]         # a pipeline run, or one of its stage runs
     python -m ftpipe.audit provenance --file PATH [--json]    # the run that produced this file
     python -m ftpipe.audit reproduce RUN_ID [--workdir DIR] [--rtol X] [--atol X] [--keep]
-    python -m ftpipe.audit upload-pending [FOLDER]            # = python -m ftpipe.pending (mlflow-pending/)
+    python -m ftpipe.audit upload-pending [FOLDER]            # = python -m ftpipe.tracking.pending (mlflow-pending/)
 
 This module is the command line only. `provenance` prints the chain a reviewer needs: the pipeline run
 and its git commit; per stage (in dvc.yaml order) whether it executed or was skipped (and which run
 produced its outputs), its params, its result metrics, its input data sets and its dvc.lock hashes; the
 data sources with their licenses and SHA-256, the base model and the environment (collected and
-formatted by ftpipe.provenance_chain). `reproduce` reruns the run from its commit and params.yaml in a
-fresh git worktree with `dvc repro --force` and compares every result metric (ftpipe.reproduce).
+formatted by ftpipe.audit.provenance_chain). `reproduce` reruns the run from its commit and params.yaml in a
+fresh git worktree with `dvc repro --force` and compares every result metric (ftpipe.audit.reproduce).
 
 Exit codes: 0 fine; 2 a problem the message names and says how to fix; 3 reproduce: metrics differ.
 """
@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.errors import PipelineError, run_stage
-from ftpipe.paths import PARAMS_FILE
-from ftpipe.provenance_chain import (collect_provenance, find_producers, format_matches, format_provenance, open_store,
+from ftpipe.core.errors import PipelineError, run_stage
+from ftpipe.core.paths import PARAMS_FILE
+from ftpipe.audit.provenance_chain import (collect_provenance, find_producers, format_matches, format_provenance, open_store,
                                      pipeline_run_of)
-from ftpipe.reproduce import format_reproduction, reproduce
-from ftpipe.tracking import project_root, tracking_uri
+from ftpipe.audit.reproduce import format_reproduction, reproduce
+from ftpipe.tracking.runs import project_root, tracking_uri
 
 MISMATCH_EXIT = 3
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("--rtol", type=float, help="relative tolerance (default: params.yaml reproduce.relative_tolerance)")
     rep.add_argument("--atol", type=float, help="absolute tolerance (default: params.yaml reproduce.absolute_tolerance)")
     rep.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
-    commands.add_parser("upload-pending", help="log what stages kept in mlflow-pending/ (python -m ftpipe.pending)")
+    commands.add_parser("upload-pending", help="log what stages kept in mlflow-pending/ (python -m ftpipe.tracking.pending)")
     args = parser.parse_args(argv)
     if args.command == "provenance" and (args.run_id is None) == (args.file is None):
         parser.error("provenance takes a RUN_ID or --file PATH (one of them)")
@@ -77,7 +77,7 @@ def provenance_command(args: argparse.Namespace) -> None:
 
 
 def reproduce_command(args: argparse.Namespace) -> None:
-    from ftpipe.params import load_params  # noqa: PLC0415
+    from ftpipe.core.params import load_params  # noqa: PLC0415
 
     defaults = load_params(project_root() / PARAMS_FILE).reproduce
     tolerance = {"relative": defaults.relative_tolerance if args.rtol is None else args.rtol,
@@ -90,8 +90,8 @@ def reproduce_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["upload-pending"]:   # ftpipe.pending's own command line, under the name tracking's warnings give
-        from ftpipe import pending  # noqa: PLC0415
+    if argv[:1] == ["upload-pending"]:   # ftpipe.tracking.pending's own command line, under the name tracking's warnings give
+        from ftpipe.tracking import pending  # noqa: PLC0415
 
         sys.exit(pending.main(argv[1:]))
     args = parse_args(argv)

@@ -1,0 +1,1 @@
+"""Auditing the record: `python -m ftpipe.audit provenance|reproduce|upload-pending`."""

@@ -1,0 +1,1 @@
+"""Data helpers: PII detection and redaction, near-duplicates, reading tokenized splits."""

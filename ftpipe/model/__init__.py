@@ -1,0 +1,1 @@
+"""Model helpers: loading, batches, loss and generation; GPU peak figures."""

@@ -1,0 +1,1 @@
+"""The release: report rendering and charts, model cards, the CycloneDX BOM, `python -m ftpipe.release.verify`."""
