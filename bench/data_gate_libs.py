@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ftpipe.data.near_dup import NearDuplicateIndex, deduplicate  # noqa: E402
-from ftpipe.data.pii import find_pii  # noqa: E402
+from ftpipe.data.near_dup import NearDuplicateIndex, deduplicate
+from ftpipe.data.pii import find_pii
 
 N = 100_000
 SNIPPETS = ["def f(x):\n    return x * 0.5  # see PEP 8", "Python 3.11.7 released 2026-11-23 at 14:05",

@@ -99,8 +99,8 @@ def build_data(model_dir: Path, seq_len: int, rows: int, folder: Path) -> dict:
     """fixed/ (random rows of exactly seq_len), variable-packed/ and variable-unpacked/ (the default data)."""
     import random
 
-    from ftpipe.model.modeling import load_tokenizer
     from ftpipe.core.params import TokenizeParams
+    from ftpipe.model.modeling import load_tokenizer
     from stages.tokenize import tokenize_splits, write_rows
 
     shutil.rmtree(folder, ignore_errors=True)

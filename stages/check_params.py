@@ -20,11 +20,10 @@ import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import atomic_dir, write_json
+from ftpipe.core.io import write_json
 from ftpipe.core.params import Params, ParamsError, flatten, load_params
-from ftpipe.core.paths import CHECKED_PARAMS_DIR, DVC_YAML, PARAMS_FILE, PROVENANCE_FILE, metrics_file
-from ftpipe.core.provenance import stage_record
-from ftpipe.tracking.runs import stage_run
+from ftpipe.core.paths import CHECKED_PARAMS_DIR, DVC_YAML, PARAMS_FILE
+from ftpipe.core.stage import Stage
 
 GATE_FILE = "gate.json"
 
@@ -55,8 +54,8 @@ def check(params_file: Path, dvc_yaml_file: Path) -> Params:
         missing = missing_listed_keys(yaml.safe_load(dvc_yaml_file.read_text(encoding="utf-8")) or {},
                                       yaml.safe_load(params_file.read_text(encoding="utf-8")))
         if missing:
-            raise ParamsError(f"{dvc_yaml_file} lists params keys that {params_file} lacks: {', '.join(missing)}. "
-                              f"Add them to {params_file}, or remove them from the stage's `params:` in {dvc_yaml_file}.")
+            raise ParamsError(f"{dvc_yaml_file} lists params keys that {params_file} lacks: {', '.join(missing)}. Add "
+                              f"them to {params_file}, or remove them from the stage's `params:` in {dvc_yaml_file}.")
     return params
 
 
@@ -71,13 +70,11 @@ def main() -> None:
     except PipelineError as err:
         raise PipelineError(f"{err}\nNo stage ran and no output was touched.") from err
     keys = len(flatten(params))
-    with stage_run("check_params", {}) as tracker:
-        with atomic_dir(CHECKED_PARAMS_DIR) as out_dir:
+    with Stage("check_params", tracked_params) as stage:
+        with stage.output() as out_dir:
             write_json(out_dir / GATE_FILE, {"params_file": str(PARAMS_FILE), "valid": True})
-            write_json(out_dir / PROVENANCE_FILE, stage_record("check_params", {}, mlflow=tracker.reference(),
-                                                               keys_checked=keys))
-        write_json(metrics_file("check_params"), {"valid": True, "keys": keys})
-        tracker.log_metrics({"keys": keys})
+            stage.record["keys_checked"] = keys
+        stage.finish({"valid": True, "keys": keys}, log={"keys": keys})
     print(f"check_params: {PARAMS_FILE} is valid ({keys} keys) -> {CHECKED_PARAMS_DIR}/{GATE_FILE}")
 
 

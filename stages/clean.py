@@ -28,13 +28,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.data import near_dup
-from ftpipe.data import pii
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 from ftpipe.core.params import CleanParams, Params, flatten, load_params
 from ftpipe.core.paths import CLEAN_DIR, PROVENANCE_FILE, RAW_DIR, SPLITS, metrics_file
 from ftpipe.core.provenance import stage_record
+from ftpipe.data import near_dup, pii
 from ftpipe.tracking.runs import stage_run
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -24,10 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.compliance.licenses import (
+    LicenseDeclaration,
+    LicenseError,
+    LicensePolicy,
+    conclude_licenses,
+    enforce_license_gate,
+    resolve_license_id,
+    reviewed_license_properties,
+)
 from ftpipe.core.errors import run_stage
 from ftpipe.core.io import CONTENT_FILE, atomic_dir, read_json, write_json
-from ftpipe.compliance.licenses import (LicenseDeclaration, LicenseError, LicensePolicy, conclude_licenses, enforce_license_gate,
-                             resolve_license_id, reviewed_license_properties)
 from ftpipe.core.params import ComplianceParams, Params, flatten, load_params
 from ftpipe.core.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR, metrics_file
 from ftpipe.core.provenance import stage_record

@@ -15,10 +15,10 @@ from pathlib import Path
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from ftpipe.model.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
 from ftpipe.core.params import EvaluateParams, Params, flatten, load_params
 from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, PROVENANCE_FILE, metrics_file
 from ftpipe.core.provenance import stage_record
+from ftpipe.model.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
 from ftpipe.tracking.runs import stage_run
 
 WORD = re.compile(r"[a-z0-9]+")

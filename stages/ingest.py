@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Iterator
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.data import pii
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import HASH_CHUNK, atomic_dir, file_hashes, sha256_file, tree_digest, write_json, write_jsonl
 from ftpipe.core.params import Params, SourceParams, flatten, load_params
 from ftpipe.core.paths import PROVENANCE_FILE, RAW_DIR, SOURCES_DIR, metrics_file
 from ftpipe.core.provenance import stage_record, utc_now
+from ftpipe.data import pii
 from ftpipe.tracking.runs import stage_run
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",

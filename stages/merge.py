@@ -17,11 +17,18 @@ from pathlib import Path
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, write_content_record, write_json
-from ftpipe.model.modeling import (cuda_available, inference_dtype, load_model, load_tokenizer, mean_loss,
-                             resolve_compute_dtype, torch_dtype)
 from ftpipe.core.params import MergeParams, Params, QuantizationParams, flatten, load_params
 from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
 from ftpipe.core.provenance import stage_record
+from ftpipe.model.modeling import (
+    cuda_available,
+    inference_dtype,
+    load_model,
+    load_tokenizer,
+    mean_loss,
+    resolve_compute_dtype,
+    torch_dtype,
+)
 from ftpipe.tracking.runs import stage_run
 
 LOSS_BATCH = 16

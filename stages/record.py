@@ -26,10 +26,23 @@ import yaml
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import run_stage
 from ftpipe.core.io import read_json, write_json
-from ftpipe.core.params import Params, flatten, load_params
+from ftpipe.core.params import Params, load_params
 from ftpipe.core.paths import PARAMS_FILE, PROVENANCE_FILE, STAGE_OUTPUTS, metrics_file
-from ftpipe.tracking.runs import (INVOCATION, KIND, PARENT, RUN_NAME, STAGE, connect, experiment_name, invocation_key,
-                             log_batch, metric_points, pipeline_run_id, short_param, store_failure)
+from ftpipe.tracking.runs import (
+    INVOCATION,
+    KIND,
+    PARENT,
+    RUN_NAME,
+    STAGE,
+    connect,
+    experiment_name,
+    invocation_key,
+    log_batch,
+    metric_points,
+    pipeline_run_id,
+    short_param,
+    store_failure,
+)
 
 DVC_YAML, DVC_LOCK = Path("dvc.yaml"), Path("dvc.lock")
 OUTS_TAG = "dvc.outs_md5"
@@ -183,7 +196,7 @@ def main() -> None:
     invocation = invocation_key()
     try:
         summary = close_pipeline_run(invocation, stage_names, lock, params_raw, files)
-    except Exception as err:  # noqa: BLE001 - an unavailable store must never fail the pipeline; a bug must show
+    except Exception as err:
         if not store_failure(err):
             raise
         print(f"warning: MLflow unavailable ({type(err).__name__}: {str(err)[:300]}); the pipeline run of "

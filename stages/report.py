@@ -27,17 +27,29 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.audit.provenance_chain import lock_hashes
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import atomic_dir, atomic_write_text, read_json, sha256_file, write_json
-from ftpipe.tracking.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
-from ftpipe.release.model_card import CARD_FILE, model_card
 from ftpipe.core.params import Params, load_params
-from ftpipe.core.paths import (ADAPTER_DIR, BASE_DIR, CLEAN_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE,
-                          PROVENANCE_FILE, RAW_DIR, RELEASE_DIR, STAGE_OUTPUTS, metrics_file)
+from ftpipe.core.paths import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    CLEAN_DIR,
+    COMPLIANCE_DIR,
+    GGUF_DIR,
+    MERGED_DIR,
+    PARAMS_FILE,
+    PROVENANCE_FILE,
+    RAW_DIR,
+    RELEASE_DIR,
+    STAGE_OUTPUTS,
+    metrics_file,
+)
 from ftpipe.core.provenance import git_state, stage_record, utc_now
-from ftpipe.audit.provenance_chain import lock_hashes
+from ftpipe.release.model_card import CARD_FILE, model_card
 from ftpipe.release.report_render import render_html, render_markdown
 from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
+from ftpipe.tracking.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
 from ftpipe.tracking.runs import stage_run
 
 REPORT_VERSION = 1

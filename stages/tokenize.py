@@ -26,13 +26,20 @@ from typing import Any, Iterator, Sequence
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import (atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_json, read_jsonl, sha256_text,
-                       write_json)
-from ftpipe.model.modeling import IGNORE_INDEX, chunks, load_tokenizer, render_chats
+from ftpipe.core.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_hashes,
+    read_json,
+    read_jsonl,
+    sha256_text,
+    write_json,
+)
 from ftpipe.core.params import Params, TokenizeParams, flatten, load_params
-from ftpipe.core.paths import (BASE_DIR, CLEAN_DIR, PLOTS_DIR, PROVENANCE_FILE, SPLITS, TOKENIZED_DIR,
-                          metrics_file)
+from ftpipe.core.paths import BASE_DIR, CLEAN_DIR, PLOTS_DIR, PROVENANCE_FILE, SPLITS, TOKENIZED_DIR, metrics_file
 from ftpipe.core.provenance import stage_record
+from ftpipe.model.modeling import IGNORE_INDEX, chunks, load_tokenizer, render_chats
 from ftpipe.tracking.runs import stage_run
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

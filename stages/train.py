@@ -24,14 +24,40 @@ from typing import Any
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 import ftpipe.model.modeling as modeling_module
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import (CONTENT_FILE, atomic_dir, atomic_write_text, file_hashes, read_json, sha256_file, sha256_text,
-                       tree_digest, write_content_record, write_json)
-from ftpipe.model.modeling import (IGNORE_INDEX, bnb_config, load_tokenizer, pad_batch, pad_packed_batch, padding_free_batch,
-                             require_model_dir, resolve_compute_dtype, torch_dtype)
+from ftpipe.core.io import (
+    CONTENT_FILE,
+    atomic_dir,
+    atomic_write_text,
+    file_hashes,
+    read_json,
+    sha256_file,
+    sha256_text,
+    tree_digest,
+    write_content_record,
+    write_json,
+)
 from ftpipe.core.params import Params, TrainParams, flatten, load_params
-from ftpipe.core.paths import (ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, PROVENANCE_FILE, TOKENIZED_DIR,
-                          metrics_file)
+from ftpipe.core.paths import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    CHECKPOINTS_DIR,
+    PLOTS_DIR,
+    PROVENANCE_FILE,
+    TOKENIZED_DIR,
+    metrics_file,
+)
 from ftpipe.core.provenance import package_version, stage_record
+from ftpipe.model.modeling import (
+    IGNORE_INDEX,
+    bnb_config,
+    load_tokenizer,
+    pad_batch,
+    pad_packed_batch,
+    padding_free_batch,
+    require_model_dir,
+    resolve_compute_dtype,
+    torch_dtype,
+)
 from ftpipe.tracking.runs import stage_run
 
 # tokens: positions the model computed, padding included; useful_tokens: the real (non-padding) ones.
@@ -52,7 +78,7 @@ RESULT_FILE = "result.json"
 
 
 def resolve_backend(requested: str) -> str:
-    import torch   # torch may precede Unsloth; transformers, peft and trl may not
+    import torch  # torch may precede Unsloth; transformers, peft and trl may not
 
     has_cuda = torch.cuda.is_available()
     if requested == "unsloth" and not has_cuda:

@@ -29,15 +29,15 @@ from typing import Callable
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import ftpipe  # noqa: F401,I001 - offline, telemetry-free environment before any third-party import
 import pandas as pd
 
+import ftpipe  # noqa: F401 - offline, telemetry-free environment before any third-party import
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
 from ftpipe.core.params import CleanParams, Params, ValidateParams, flatten, load_params
 from ftpipe.core.paths import CLEAN_DIR, PROVENANCE_FILE, SPLITS, VALIDATION_DIR, metrics_file
-from ftpipe.data.pii import VALIDATION_PATTERNS
 from ftpipe.core.provenance import stage_record
+from ftpipe.data.pii import VALIDATION_PATTERNS
 from ftpipe.tracking.runs import stage_run
 
 SUITE_NAME = "clean_examples"              # the examples of the three splits
@@ -168,7 +168,7 @@ def example_expectations(gx, params: ValidateParams, clean: CleanParams) -> list
     ]
     # GX's pandas backend runs these through pandas' str.contains, which hands patterns with lookarounds
     # or back-references (all of these but private_key's) to Python's `re` and the rest to pyarrow's RE2;
-    # tests/test_validate.py checks that the outcome is `re.search`'s.
+    # tests/stages/test_validate.py checks that the outcome is `re.search`'s.
     for kind, pattern in VALIDATION_PATTERNS.items():
         name = kind.replace("_", " ")
         if kind in SHAPE_ONLY_PII_KINDS:
@@ -204,7 +204,7 @@ def run_suites(examples: pd.DataFrame, rejections: pd.DataFrame, params: Validat
     """Validate both tables; copy the Data Docs site (both suites) to `docs_dir`.
 
     Returns (suite name, GX expectation result) for every expectation, examples suite first."""
-    import great_expectations as gx   # slow (seconds): only this stage needs it
+    import great_expectations as gx  # slow (seconds): only this stage needs it
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     runs = [  # (suite = asset name, its expectations, the table, how failing rows are reported)

@@ -70,7 +70,7 @@ def project(tmp_path_factory) -> Path:
         "evaluate.max_examples": 8, "evaluate.max_new_tokens": 24, "evaluate.num_samples": 4,
         # A 6-step adapter's update is mostly below the 16-bit rounding step of the weights it is
         # merged into, so its merge gap is rounding noise (measured up to 0.025 nats on these ~20
-        # validation rows, vs 0.00003 after the default 200 steps). tests/test_merge.py tests the gate.
+        # validation rows, vs 0.00003 after the default 200 steps). tests/stages/test_merge.py tests the gate.
         "merge.max_loss_gap_vs_adapter": 0.1,
     })
     run(["git", "init", "-q"], project)

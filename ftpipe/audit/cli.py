@@ -22,11 +22,17 @@ import sys
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.audit.provenance_chain import (
+    collect_provenance,
+    find_producers,
+    format_matches,
+    format_provenance,
+    open_store,
+    pipeline_run_of,
+)
+from ftpipe.audit.reproduce import format_reproduction, reproduce
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.paths import PARAMS_FILE
-from ftpipe.audit.provenance_chain import (collect_provenance, find_producers, format_matches, format_provenance, open_store,
-                                     pipeline_run_of)
-from ftpipe.audit.reproduce import format_reproduction, reproduce
 from ftpipe.tracking.runs import project_root, tracking_uri
 
 MISMATCH_EXIT = 3
@@ -77,7 +83,7 @@ def provenance_command(args: argparse.Namespace) -> None:
 
 
 def reproduce_command(args: argparse.Namespace) -> None:
-    from ftpipe.core.params import load_params  # noqa: PLC0415
+    from ftpipe.core.params import load_params
 
     defaults = load_params(project_root() / PARAMS_FILE).reproduce
     tolerance = {"relative": defaults.relative_tolerance if args.rtol is None else args.rtol,
@@ -91,7 +97,7 @@ def reproduce_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["upload-pending"]:   # ftpipe.tracking.pending's own command line, under the name tracking's warnings give
-        from ftpipe.tracking import pending  # noqa: PLC0415
+        from ftpipe.tracking import pending
 
         sys.exit(pending.main(argv[1:]))
     args = parse_args(argv)

@@ -29,11 +29,20 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.compliance.licenses import commercial_use_of
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import HASH_CHUNK, sha256_file
-from ftpipe.compliance.licenses import commercial_use_of
 from ftpipe.core.paths import PROVENANCE_FILE
-from ftpipe.tracking.runs import INVOCATION, KIND, PARENT, RUN_NAME, STAGE, experiment_name, is_measurement, tracking_uri
+from ftpipe.tracking.runs import (
+    INVOCATION,
+    KIND,
+    PARENT,
+    RUN_NAME,
+    STAGE,
+    experiment_name,
+    is_measurement,
+    tracking_uri,
+)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # one bar per artifact read is noise here
 CODE_SUFFIX = ".py"   # a dependency that is code: listed by name per stage, with its md5 once, under Code
@@ -47,7 +56,7 @@ ENV_COMPARED = ("python", "torch", "transformers", "peft", "bitsandbytes", "unsl
 
 def open_store():
     """(client, uri) of the project's MLflow store, read as is: auditing never creates a store."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415 - slow import
+    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -57,7 +66,7 @@ def open_store():
 
 
 def get_run(client, run_id: str):
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException
 
     try:
         return client.get_run(run_id)

@@ -28,10 +28,10 @@ from typing import Any
 import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
+from ftpipe.audit.provenance_chain import get_run, open_store, pipeline_run_of, read_artifact, stage_runs
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import write_json
 from ftpipe.core.paths import LOCAL_MODELS_DIR, SOURCES_DIR
-from ftpipe.audit.provenance_chain import get_run, open_store, pipeline_run_of, read_artifact, stage_runs
 from ftpipe.tracking.runs import KIND, is_measurement, project_root, tracking_uri
 
 USER_DATA_DIRS = (SOURCES_DIR, LOCAL_MODELS_DIR)   # inputs that live outside git: copied into the worktree

@@ -49,12 +49,16 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from license_expression import ExpressionError, LicenseSymbol, LicenseWithExceptionSymbol, Licensing, \
-    get_spdx_licensing
+from license_expression import ExpressionError, LicenseSymbol, LicenseWithExceptionSymbol, Licensing, get_spdx_licensing
 
+from ftpipe.compliance.license_table import (
+    COPYLEFT_RANK,
+    HF_IDS_NAMING_NO_LICENSE,
+    HF_LICENSE_IDS,
+    LICENSE_PROPERTIES,
+    LicenseProperties,
+)
 from ftpipe.core.errors import PipelineError
-from ftpipe.compliance.license_table import COPYLEFT_RANK, HF_IDS_NAMING_NO_LICENSE, HF_LICENSE_IDS, LICENSE_PROPERTIES, \
-    LicenseProperties
 
 # Does the intended use count as commercial use? See the module docstring for "internal".
 INTENDED_USES: dict[str, bool] = {"commercial": True, "research": False, "internal": False}

@@ -292,7 +292,7 @@ class ReviewedLicense:
     name: str                       # the license's name, as its text titles it
     url: str                        # where its text is
     commercial_use: bool            # may the fine-tuned model be used commercially?
-    # the values of ftpipe.compliance.license_table.Copyleft (tests/test_params.py checks that they agree)
+    # the values of ftpipe.compliance.license_table.Copyleft (tests/core/test_params.py checks that they agree)
     copyleft: Literal["none", "pass-through-terms", "weak-copyleft", "share-alike", "copyleft", "network-copyleft"]
     no_derivatives: bool            # forbids adaptations (a fine-tuned model is one): the gate always fails
     attribution: Optional[str]      # what a distributor of the model must do to credit; null: nothing

@@ -1,7 +1,7 @@
 """Model cards: the README.md (Hugging Face card: YAML front matter, then Markdown) of each released artifact.
 
 stages/report.py writes one into every release folder (adapter/, merged/, gguf-<type>/), built from the
-compliance report's dict (tests/data/report_example.json shows its shape):
+compliance report's dict (tests/fixtures/report_example.json shows its shape):
 
     (folder / CARD_FILE).write_text(model_card(report, "merged"))
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from ftpipe.core.errors import PipelineError
 from ftpipe.compliance.license_table import HF_LICENSE_IDS
 from ftpipe.compliance.licenses import commercial_use_of
+from ftpipe.core.errors import PipelineError
 
 CARD_FILE = "README.md"
 

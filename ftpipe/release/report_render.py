@@ -1,6 +1,6 @@
 """The compliance report for people: Markdown, and one self-contained HTML page a reviewer reads and signs.
 
-stages/report.py writes both next to report.json (tests/data/report_example.json shows the dict's shape):
+stages/report.py writes both next to report.json (tests/fixtures/report_example.json shows the dict's shape):
 
     (release / "report.md").write_text(render_markdown(report))
     (release / "report.html").write_text(render_html(report))
@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence, Union
 
 from ftpipe.compliance.licenses import commercial_use_of
 from ftpipe.release.report_charts import STYLE, comparison_chart, gguf_gap_chart, rows_chart
-
 
 # --- the document model: inline values and blocks --------------------------------------------------------
 

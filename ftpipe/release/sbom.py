@@ -31,8 +31,8 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from jsonschema.exceptions import best_match
 
-from ftpipe.core.errors import PipelineError
 from ftpipe.compliance.licenses import commercial_use_of
+from ftpipe.core.errors import PipelineError
 
 SBOM_FILE = "sbom.cdx.json"
 SPEC_VERSION = "1.6"

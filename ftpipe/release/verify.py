@@ -29,10 +29,18 @@ from typing import Any
 
 import yaml
 
+from ftpipe.audit.provenance_chain import dir_listing, dir_listing_path, md5_file
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import read_json, sha256_file
-from ftpipe.core.paths import ADAPTER_DIR, COMPLIANCE_DIR, GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, RELEASE_DIR, metrics_file
-from ftpipe.audit.provenance_chain import dir_listing, dir_listing_path, md5_file
+from ftpipe.core.paths import (
+    ADAPTER_DIR,
+    COMPLIANCE_DIR,
+    GGUF_DIR,
+    MERGED_DIR,
+    PROVENANCE_FILE,
+    RELEASE_DIR,
+    metrics_file,
+)
 
 MISMATCH_EXIT = 1
 DVC_CACHE = Path(".dvc/cache")

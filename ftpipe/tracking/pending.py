@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftpipe.tracking import runs
 from ftpipe.core.io import atomic_write_text
+from ftpipe.tracking import runs
 
 UPLOADED_FROM = "ftpipe.uploaded_from_pending"
 
@@ -97,7 +97,7 @@ def _parent(client, experiment_id: str, record: dict) -> str:
 
 
 def _run_exists(client, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - optional, slow import
+    from mlflow.exceptions import MlflowException
 
     try:
         client.get_run(run_id)

@@ -90,7 +90,7 @@ def invocation_key() -> str:
         return os.environ["FTPIPE_INVOCATION"]
     host = socket.gethostname()
     try:
-        import psutil  # noqa: PLC0415 - installed with MLflow; absent on the GPU machine
+        import psutil
 
         me = psutil.Process()
         for ancestor in me.parents():
@@ -108,7 +108,7 @@ def invocation_key() -> str:
 def store_lock(uri: str) -> Iterator[None]:
     """Serializes run creation between processes sharing a store (a lock file beside a SQLite store,
     else at the project root)."""
-    import fcntl  # noqa: PLC0415 - POSIX only, like the rest of the pipeline's tooling
+    import fcntl
 
     path = Path(uri[len("sqlite:///"):] + ".lock") if uri.startswith("sqlite:///") else project_root() / ".mlflow.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +122,8 @@ def store_lock(uri: str) -> Iterator[None]:
 
 def connect():
     """(mlflow module, client, experiment id) for the project's store; creates the experiment."""
-    import mlflow  # noqa: PLC0415 - optional, slow import
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    import mlflow
+    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -160,7 +160,7 @@ def invocation_alive(invocation: str) -> bool | None:
     if host != socket.gethostname() or not pid.isdigit():
         return None
     try:
-        import psutil  # noqa: PLC0415 - installed with MLflow
+        import psutil
 
         return abs(psutil.Process(int(pid)).create_time() - float(started or 0)) < 2
     except ImportError:
@@ -349,7 +349,7 @@ class StageTracker:
 def apply_op(client, run_id: str, op: dict[str, Any]) -> None:
     """Perform one recorded operation on a run (through the client, naming the run: the sampler
     thread logs too, and MLflow's fluent API keeps its active run per thread)."""
-    from mlflow.entities import RunTag  # noqa: PLC0415 - optional, slow import
+    from mlflow.entities import RunTag
 
     kind = op["op"]
     if kind == "params":
@@ -379,7 +379,7 @@ def apply_op(client, run_id: str, op: dict[str, Any]) -> None:
 
 
 def metric_points(metrics: dict[str, float], timestamp_ms: int, step: int | None) -> list:
-    from mlflow.entities import Metric  # noqa: PLC0415
+    from mlflow.entities import Metric
 
     return [Metric(key, float(value), timestamp_ms, step or 0) for key, value in metrics.items()]
 
@@ -387,7 +387,7 @@ def metric_points(metrics: dict[str, float], timestamp_ms: int, step: int | None
 def log_batch(client, run_id: str, params: dict[str, Any] | None = None, metrics: list | None = None) -> None:
     """Params (any values: shortened to MLflow's limit) and metric points, in as many log_batch calls
     as MLflow's per-call limits need."""
-    from mlflow.entities import Param  # noqa: PLC0415
+    from mlflow.entities import Param
 
     param_list = [Param(key, short_param(value)) for key, value in (params or {}).items()]
     for start in range(0, len(param_list), PARAMS_PER_BATCH):
@@ -398,8 +398,8 @@ def log_batch(client, run_id: str, params: dict[str, Any] | None = None, metrics
 
 def log_dataset_input(client, run_id: str, op: dict[str, Any]) -> None:
     """A data set as the stage saw it: its recorded digest, whatever the file holds now."""
-    from mlflow.entities import DatasetInput, InputTag  # noqa: PLC0415
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: PLC0415
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     dataset = dataset_input(Path(op["path"]), op["name"], op["tags"]["sha256"])
     tags = [InputTag(key, str(value)) for key, value in op["tags"].items()]
@@ -414,8 +414,8 @@ def content_digest(path: Path) -> str:
 
 
 def dataset_input(path: Path, name: str, digest: str):
-    from mlflow.data.meta_dataset import MetaDataset  # noqa: PLC0415
-    from mlflow.data.sources import LocalArtifactDatasetSource  # noqa: PLC0415
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
 
     return MetaDataset(LocalArtifactDatasetSource(str(path.resolve())), name=name, digest=digest[:32])
 

@@ -2,7 +2,7 @@
 and only a file that cannot be read at all is a PipelineError. For every file, the rows in equal the
 rows kept plus the rows quarantined in rejected.jsonl (with source, row number and reason).
 
-The small files live in tests/data/hostile/; the huge (30 MB) and deeply nested records and the
+The small files live in tests/fixtures/hostile/; the huge (30 MB) and deeply nested records and the
 Hugging Face dataset folder are generated at run time instead of being committed."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ftpipe.core.params import CleanParams, SourceParams
 from stages.clean import clean_sources
 from stages.ingest import MAX_NESTING, MAX_RECORD_BYTES, ingest_source
 
-HOSTILE = Path(__file__).resolve().parent / "data" / "hostile"
+HOSTILE = Path(__file__).resolve().parents[1] / "fixtures" / "hostile"
 # Tiny held-out fractions: nearly every kept row lands in train, so no file can empty the train split.
 PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=1000, max_answer_chars=1000,
                      placeholder_answers=["n/a", "none", "todo"], split_salt="h1",
@@ -45,7 +45,7 @@ def run_pipeline(tmp_path: Path, source_path: Path, params: CleanParams = PARAMS
     return entries[0], summary["sources"]["hostile"], [r for r in rejected if r["source"] == "hostile"], kept, summary
 
 
-# (file in tests/data/hostile, rows in, kept source rows, {row: reason}, formats, repaired counts)
+# (file in tests/fixtures/hostile, rows in, kept source rows, {row: reason}, formats, repaired counts)
 CASES = [
     ("bom_crlf.jsonl", 2, {1, 2}, {}, {"alpaca": 2}, {}),
     ("invalid_utf8.jsonl", 2, {1, 2}, {}, {"alpaca": 2}, {"invalid_utf8": 1}),
@@ -193,7 +193,7 @@ def test_raw_error_rows_have_the_documented_shape(tmp_path):
                                           {"row", "error", "text"}, {"row", "record"}]
 
 
-# The values planted in tests/data/hostile/pii.jsonl: none may survive anywhere clean writes.
+# The values planted in tests/fixtures/hostile/pii.jsonl: none may survive anywhere clean writes.
 PII_VALUES = ["jane.doe@example.com", "(555) 123-4567", "10.20.30.40", "2001:db8:85a3::8a2e:370:7334",
               "4111 1111 1111 1111", "AKIAIOSFODNN7EXAMPLE", "q8Zt3LmN0pRx7VbW2kYs", "MIIEowIBAAKCAQEA7bq9r2Xq1Z"]
 PII_FOUND = {"email": 1, "phone": 1, "ip_address": 2, "payment_card": 1, "api_key": 2, "private_key": 1}

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from ftpipe.audit.cli import main
-from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.audit.reproduce import compare_machines, compare_metrics, expectation, external_dep_changes, verdict
+from ftpipe.core.errors import PipelineError, run_stage
 from tests.release_fixtures import write_dir_listing
 
 STAGES = ["base", "ingest", "compliance", "train"]
@@ -88,7 +88,7 @@ def recorded(tmp_path_factory) -> dict:
         {"name": "python_stdlib_docs", "rows": 3, "sha256": SOURCE_SHA}]}))
     (root / "data/raw/python_stdlib_docs.jsonl").write_text('{"row": 1}\n{"row": 2}\n{"row": 3}\n')
     (root / "curve.csv").write_text("step,loss\n1,2.5\n")
-    shutil.copy2(Path(__file__).parents[1] / "params.yaml", root / "params.yaml")   # reproduce's tolerances
+    shutil.copy2(Path(__file__).parents[2] / "params.yaml", root / "params.yaml")   # reproduce's tolerances
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(GIT + ["add", "-A"], cwd=root, check=True)
     subprocess.run(GIT + ["commit", "-qm", "recorded"], cwd=root, check=True)

@@ -13,16 +13,22 @@ import pytest
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_json
-from ftpipe.model.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
 from ftpipe.data.tokenized import load_tokenized
+from ftpipe.model.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
 from stages.tokenize import packed_rows
 from stages.train import CURVE_COLUMNS, TOKENS_KEY, TokenCountingCollator, curve_csv, fingerprint, resolve_backend
-
 from tests.conftest import EMBEDDED_EOS_ID
-from tests.model_fixtures import (PACKED_TOKENIZE, TARGET_MODULES, TOKENIZE, TRAIN, build_tokenized, model_probe,
-                                  train_tiny)
+from tests.model_fixtures import (
+    PACKED_TOKENIZE,
+    TARGET_MODULES,
+    TOKENIZE,
+    TRAIN,
+    build_tokenized,
+    model_probe,
+    train_tiny,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_LAYERS = 2   # the tiny model's (tests/conftest.py)
 
 

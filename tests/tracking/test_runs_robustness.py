@@ -17,7 +17,7 @@ import pytest
 from ftpipe.tracking.pending import UPLOADED_FROM, upload_pending
 from ftpipe.tracking.runs import INVOCATION, KIND, PARENT, PENDING_DIR, STAGE, stage_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNAVAILABLE = "sqlite:////proc/ftpipe-no-such-dir/mlflow.db"   # /proc refuses new folders, even to root
 INVOCATION_KEY = "testhost:4242:1700000000"
 

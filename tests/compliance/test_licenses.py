@@ -5,9 +5,19 @@ import json
 
 import pytest
 
+from ftpipe.compliance.licenses import (
+    EXPECTED_FORM,
+    LicenseDeclaration,
+    LicenseError,
+    LicenseGateError,
+    LicensePolicy,
+    ReviewedLicenseProperties,
+    conclude_licenses,
+    enforce_license_gate,
+    resolve_license_id,
+    reviewed_license_properties,
+)
 from ftpipe.core.errors import PipelineError
-from ftpipe.compliance.licenses import EXPECTED_FORM, LicenseDeclaration, LicenseError, LicenseGateError, LicensePolicy, \
-    ReviewedLicenseProperties, conclude_licenses, enforce_license_gate, resolve_license_id, reviewed_license_properties
 from ftpipe.core.params import ReviewedLicense
 
 BASE = LicenseDeclaration("HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0")

@@ -15,11 +15,19 @@ from ftpipe.core.io import read_json, read_jsonl
 from ftpipe.core.params import CleanParams
 from stages import clean
 from stages.clean import (
-    RECORD_FORMATS, RecordRejected, UnknownFormat, assign_split, clean_sources, content_id, normalize,
-    rejection_reason, structure_reason, to_messages,
+    RECORD_FORMATS,
+    RecordRejected,
+    UnknownFormat,
+    assign_split,
+    clean_sources,
+    content_id,
+    normalize,
+    rejection_reason,
+    structure_reason,
+    to_messages,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=100, max_answer_chars=200,
                      placeholder_answers=["n/a", "none", "TODO", "..."], split_salt="s1",
                      validation_fraction=0.1, test_fraction=0.2, pii_action="redact",

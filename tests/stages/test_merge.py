@@ -10,14 +10,13 @@ import yaml
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import file_hashes, read_json, tree_digest
-from ftpipe.model.modeling import load_model, load_tokenizer, mean_loss
 from ftpipe.core.params import MergeParams
-from stages.merge import check_parity
 from ftpipe.data.tokenized import load_tokenized
-
+from ftpipe.model.modeling import load_model, load_tokenizer, mean_loss
+from stages.merge import check_parity
 from tests.model_fixtures import TARGET_MODULES, TRAIN
 
-PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS_YAML = Path(__file__).resolve().parents[2] / "params.yaml"
 PARAMS = MergeParams(max_loss_gap_vs_adapter=0.02, max_loss_gap_vs_trained=0.05)   # as in params.yaml
 
 

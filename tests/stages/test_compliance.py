@@ -1,5 +1,5 @@
 """The compliance stage: the license gate on the declared inputs, before training (stages/compliance.py).
-The rules themselves are tested in tests/test_licenses.py; here, the stage: params in, gate and
+The rules themselves are tested in tests/compliance/test_licenses.py; here, the stage: params in, gate and
 conclusion out, failures that publish nothing and name the source, license and rule."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftpipe.compliance.licenses import LicenseGateError
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_json, write_json
-from ftpipe.compliance.licenses import LicenseGateError
 from ftpipe.core.params import load_params
 from stages import compliance
 from tests.conftest import REPO, source_declaration

@@ -9,7 +9,7 @@ import pytest
 from ftpipe.core.errors import PipelineError
 from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
 
-REPORT = json.loads((Path(__file__).parent / "data" / "report_example.json").read_text(encoding="utf-8"))
+REPORT = json.loads((Path(__file__).parents[1] / "fixtures" / "report_example.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture

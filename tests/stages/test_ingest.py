@@ -13,8 +13,8 @@ from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_json, read_jsonl, sha256_file
 from ftpipe.core.params import SourceParams
 from stages import ingest
-from tests.conftest import REPO, set_sources
 from stages.ingest import ingest_source, read_file_source, stdlib_docstring_records
+from tests.conftest import REPO, set_sources
 
 QUESTION = re.compile(r"^What does `([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)` do\?$")
 
@@ -392,8 +392,8 @@ def test_an_empty_source_is_named_with_a_warning_or_fails(in_tmp_project, capsys
 def test_raw_copies_keep_pii_only_when_params_say_so_and_clean_still_counts_it(in_tmp_project, keep):
     """data/raw (and so the DVC cache) holds no PII value unless ingest.keep_pii_in_raw; either way clean
     counts the rows that had some, and with clean.pii_action: reject drops them."""
-    from stages.clean import clean_sources
     from ftpipe.core.params import load_params
+    from stages.clean import clean_sources
 
     email, phone = "jane.doe@example.org", "+1 555 123 4567"
     records = [{"instruction": f"Write to {email}.", "output": f"Mail {email} or call {phone} today."},

@@ -13,7 +13,7 @@ from ftpipe.core.io import tree_digest
 from ftpipe.core.params import EMBEDDED_BASE_MODEL, BaseParams, load_params
 from stages.base import EMBEDDED_GGUF, EMBEDDED_PACKAGE, embedded_gguf, materialize_base, restore_byte_level_bpe
 
-PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS_YAML = Path(__file__).resolve().parents[2] / "params.yaml"
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja"}
 TEXT = "Line 1: 12345 apples\n\tcafé naïve → 東京 😀, x , y don't .\n\n  indented"

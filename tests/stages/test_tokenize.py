@@ -12,14 +12,20 @@ import yaml
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_json, sha256_text
-from ftpipe.model.modeling import IGNORE_INDEX, render_chat
 from ftpipe.core.params import TokenizeParams
 from ftpipe.core.paths import SPLITS
 from ftpipe.data.tokenized import load_tokenized
-from stages.tokenize import (TOKENIZER_FILES, length_histogram, pack_examples, tokenize_batch,
-                             tokenize_example, tokenize_splits)
+from ftpipe.model.modeling import IGNORE_INDEX, render_chat
+from stages.tokenize import (
+    TOKENIZER_FILES,
+    length_histogram,
+    pack_examples,
+    tokenize_batch,
+    tokenize_example,
+    tokenize_splits,
+)
 
-PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS_YAML = Path(__file__).resolve().parents[2] / "params.yaml"
 
 PARAMS = TokenizeParams(max_seq_length=1024, truncation="truncate", assistant_only_loss=True, packing=False)
 END = "<|im_end|>\n"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe.core.errors import PipelineError
 from ftpipe.compliance.licenses import LicenseDeclaration, LicensePolicy, conclude_licenses, reviewed_license_properties
-from ftpipe.release.model_card import CARD_FILE, model_card
+from ftpipe.core.errors import PipelineError
 from ftpipe.core.params import ReviewedLicense
+from ftpipe.release.model_card import CARD_FILE, model_card
 
-EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
+EXAMPLE = Path(__file__).parents[1] / "fixtures" / "report_example.json"
 HOSTILE_NAME = "evil | name\n---\nlicense: mit\n# Heading"
 HOSTILE_CREATOR = "Mallory: {a: [b]} # not a comment | x\n| injected | row |"
 HOSTILE_BASE_ID = "org/model\n---\nlicense: apache-2.0 # '\"|"

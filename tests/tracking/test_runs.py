@@ -239,7 +239,7 @@ def test_system_metrics_reach_the_stage_run_and_without_mlflow_its_pending_recor
                                                                                   capsys):
     """The sampler logs into the stage's run; with no MLflow (the GPU machine) into mlflow-pending/,
     GPU metrics included (a fake nvidia-smi on PATH stands in for the driver's)."""
-    from tests.test_system_metrics import fake_nvidia_smi
+    from tests.tracking.test_system_metrics import fake_nvidia_smi
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

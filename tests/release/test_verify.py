@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.release import verify
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import sha256_file
+from ftpipe.release import verify
 from stages import report
 from tests.release_fixtures import build_finished_project
 

@@ -1,6 +1,6 @@
 """ftpipe.release.report_render: the compliance report as Markdown and as one offline HTML page a reviewer signs.
 
-The example report (tests/data/report_example.json) renders with every section in order and every hash;
+The example report (tests/fixtures/report_example.json) renders with every section in order and every hash;
 hostile declared text stays text; the page fetches nothing; a minimal report (one source, no GGUF, no MLflow,
 no PII) renders too; and headless Chromium shows the sections and the charts (tests/chromium.py).
 """
@@ -17,7 +17,7 @@ import pytest
 from ftpipe.release.report_render import render_html, render_markdown
 from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
 
-EXAMPLE = Path(__file__).parent / "data" / "report_example.json"
+EXAMPLE = Path(__file__).parents[1] / "fixtures" / "report_example.json"
 SECTIONS = [("summary", "Summary"), ("license", "License"), ("base-model", "Base model"),
             ("data-sources", "Data sources"), ("pii", "PII"), ("stages", "Stages"), ("training", "Training"),
             ("evaluation", "Evaluation"), ("artifacts", "Artifacts"), ("verification", "Verification")]

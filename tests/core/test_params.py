@@ -9,10 +9,18 @@ import yaml
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.params import (
-    CleanParams, IngestParams, Params, ParamsError, QuantizeParams, SourceParams, TrainParams, flatten, load_params,
+    CleanParams,
+    IngestParams,
+    Params,
+    ParamsError,
+    QuantizeParams,
+    SourceParams,
+    TrainParams,
+    flatten,
+    load_params,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPO_PARAMS = REPO / "params.yaml"
 TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps",
               "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",

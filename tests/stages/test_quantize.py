@@ -9,8 +9,8 @@ import pytest
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import atomic_dir
 from ftpipe.core.params import QuantizeParams
-from stages.quantize import quantize_and_check, tokenizer_mismatches
 from ftpipe.data.tokenized import load_tokenized
+from stages.quantize import quantize_and_check, tokenizer_mismatches
 
 PARAMS = QuantizeParams(types=["f16", "q8_0"], max_loss_gap={"f16": 0.01, "q8_0": 0.05})   # as in params.yaml
 WEIGHT_TYPES = {"f16": "F16", "q8_0": "Q8_0"}

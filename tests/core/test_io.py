@@ -1,7 +1,6 @@
 """ftpipe.core.io: atomic outputs (all or nothing, ordinary permissions), JSON helpers, content hashes."""
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -10,8 +9,17 @@ import pytest
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import (
-    atomic_dir, atomic_write_bytes, atomic_write_text, file_hashes, read_json, read_jsonl, sha256_file, sha256_text, tree_digest,
-    write_json, write_jsonl,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_hashes,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    sha256_text,
+    tree_digest,
+    write_json,
+    write_jsonl,
 )
 
 
@@ -58,7 +66,7 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_run(tmp_path):
               "with atomic_dir(Path(sys.argv[1])) as work:\n"
               "    (work / 'half.bin').write_bytes(b'x' * 10)\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    killed = subprocess.run([sys.executable, "-c", script, str(final)], cwd=Path(__file__).parents[1])
+    killed = subprocess.run([sys.executable, "-c", script, str(final)], cwd=Path(__file__).parents[2])
     assert killed.returncode == -signal.SIGKILL
     assert len(leftovers(tmp_path)) == 1 and leftovers(tmp_path)[0].startswith(".adapter.tmp-")
     live_writer = tmp_path / f".adapter.tmp-{os.getpid()}-inprogress"   # this process is alive

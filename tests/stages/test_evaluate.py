@@ -7,8 +7,8 @@ import pytest
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_jsonl
 from ftpipe.core.params import EvaluateParams
-from stages.evaluate import evaluate_models, rouge_l, select_examples
 from ftpipe.data.tokenized import load_tokenized
+from stages.evaluate import evaluate_models, rouge_l, select_examples
 
 PARAMS = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2)
 
