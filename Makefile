@@ -1,7 +1,8 @@
 # `make pipeline`: set up .venv, then run the whole pipeline (`dvc repro`) on the embedded default.
-# `make test`:     set up .venv and Chromium, then run the tests. Chromium (Debian's package) renders
-#                  the validate stage's Data Docs in tests/test_validate.py; when /usr/bin/chromium is
+# `make test`:     set up .venv and Chromium, then run the linter (ruff) and every test. Chromium (Debian's package) renders
+#                  the validate stage's Data Docs in tests/data/test_data_docs.py; when /usr/bin/chromium is
 #                  missing it is installed with apt-get, as root or through sudo. The pipeline never needs it.
+# `make test-fast`: the same without the tests marked slow (end-to-end dvc repro, the MLflow UI in a browser).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,7 +11,7 @@ RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 CHROMIUM := /usr/bin/chromium
 APT := env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: setup pipeline test
+.PHONY: setup pipeline test test-fast lint
 
 setup: $(STAMP)
 
@@ -33,5 +34,12 @@ $(CHROMIUM):
 	set -x; $$sudo $(APT) update -qq && $$sudo $(APT) install -y -qq --no-install-recommends chromium
 	@test -x $(CHROMIUM) || { echo "make test: apt-get installed chromium, but $(CHROMIUM) is still missing." >&2; exit 1; }
 
-test: setup $(CHROMIUM)
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint $(CHROMIUM)
 	$(RUN) python -m pytest -q
+
+# The suite without the slow end-to-end tests (marked `slow`): a few minutes, for the edit-test loop.
+test-fast: lint $(CHROMIUM)
+	$(RUN) python -m pytest -q -m "not slow"

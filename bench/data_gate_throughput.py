@@ -65,7 +65,8 @@ def make_project(folder: Path, rows: int) -> None:
         shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["sources"] = [{"name": "synthetic", "type": "file", "path": "data/sources/synthetic.jsonl"}]
-    params["compliance"]["sources"][0].update(name="synthetic", origin="bench/data_gate_throughput.py", license="CC0-1.0")
+    params["compliance"]["sources"][0].update(name="synthetic", origin="bench/data_gate_throughput.py",
+                                              license="CC0-1.0")
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (folder / "data/sources").mkdir(parents=True)
     with open(folder / "data/sources/synthetic.jsonl", "w") as handle:

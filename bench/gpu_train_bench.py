@@ -100,8 +100,9 @@ def build_data(model_dir: Path, seq_len: int, rows: int, folder: Path) -> dict:
     import random
 
     from ftpipe.core.params import TokenizeParams
+    from ftpipe.data.parquet_rows import write_rows
     from ftpipe.model.modeling import load_tokenizer
-    from stages.tokenize import tokenize_splits, write_rows
+    from stages.tokenize import tokenize_splits
 
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "fixed").mkdir(parents=True)
@@ -157,9 +158,9 @@ class StepClock:
         self.pending, self.last = (0, 0), now
 
     def summary(self, warmup: int, parameters: int) -> dict:
-        """The same rates as the stage reports (stages.train.throughput), over the steps after warm-up."""
+        """The same rates as the stage reports (ftpipe.model.training.throughput), over the steps after warm-up."""
         from ftpipe.model.gpu import bf16_peak_flops, mfu
-        from stages.train import throughput
+        from ftpipe.model.training import throughput
 
         timed = self.steps[warmup:]
         rates = throughput(self.steps, skip_first=warmup)
@@ -199,7 +200,8 @@ def run_stage(args, data_dir: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from stages.train import throughput, train_adapter
+    from ftpipe.model.training import throughput
+    from stages.train import train_adapter
 
     class ResetPeak(TrainerCallback):   # peak memory of training, as for the other methods
         def on_train_begin(self, *a, **k):
@@ -249,7 +251,7 @@ def with_real_tokens(layout):
 def run_unsloth_loop(args, data: dict) -> dict:
     from ftpipe.model.gpu import base_parameter_count
     from ftpipe.model.modeling import pad_batch, padding_free_batch
-    from stages.train import load_trainable_model
+    from ftpipe.model.training import load_trainable_model
 
     model = load_trainable_model("unsloth", train_params(args, args.steps), Path(args.model_dir), args.seq_len,
                                  "bfloat16")
@@ -266,7 +268,7 @@ def run_trl(args, data: dict, packing_default: bool) -> dict:
 
     from ftpipe.model.gpu import base_parameter_count
     from ftpipe.model.modeling import load_tokenizer
-    from stages.train import load_trainable_model
+    from ftpipe.model.training import load_trainable_model
 
     model = load_trainable_model("unsloth", train_params(args, args.steps), Path(args.model_dir), args.seq_len,
                                  "bfloat16")
@@ -376,7 +378,7 @@ def run_max_length(args) -> dict:
     --max-length-resume continues from the trials an earlier call wrote."""
     import torch
 
-    from stages.train import load_trainable_model
+    from ftpipe.model.training import load_trainable_model
 
     model = load_trainable_model("unsloth", train_params(args, 1), Path(args.model_dir), 1 << 19, "bfloat16")
     model.train()   # gradient checkpointing runs in train mode only: in eval mode every activation is kept
@@ -438,8 +440,9 @@ def run_max_length(args) -> dict:
         for name, key, budget in (("gpu", "peak_memory_gib", gpu_budget), ("host", "host_peak_rss_gib", host_budget)):
             (x0, y0), (x1, y1) = ((t["length"], t[key] * 2**30) for t in done)
             slope = (y1 - y0) / (x1 - x0)
+            longest = int(x1 + (budget - y1) / slope) // step * step if slope > 0 else 1 << 30
             limits[name] = {"kib_per_token": round(slope / 2**10, 1), "through": [x0, x1],
-                            "predicted_longest": int(x1 + (budget - y1) / slope) // step * step if slope > 0 else 1 << 30}
+                            "predicted_longest": longest}
         return limits
 
     good = max(t["length"] for t in trials if t["fits"])
@@ -465,7 +468,8 @@ def run_max_length(args) -> dict:
     else:
         bound = "host" if predictions and good + step > predictions[-1]["host"]["predicted_longest"] else "time"
     return {"longest_fitting": good, "shortest_failing": bad, "resolution": step, "bound_by": bound,
-            "complete": bound != "time", "gpu_budget_gib": round(gpu_budget / 2**30, 1), "host_budget_gib": round(host_budget / 2**30, 1), "predictions": predictions,
+            "complete": bound != "time", "gpu_budget_gib": round(gpu_budget / 2**30, 1),
+            "host_budget_gib": round(host_budget / 2**30, 1), "predictions": predictions,
             "gpu_memory_gib": round(capacity / 2**30, 1), "trials": trials}
 
 
@@ -515,8 +519,9 @@ def run_method(args, method: str, model_dir: Path, out: Path) -> dict:
         entry.update(json.loads(result_file.read_text()))
     elif method == "max_length" and result_file.exists():   # killed mid-trial: what it had done, and where it died
         partial = json.loads(result_file.read_text())
+        note = "killed (host out of memory)" if code == -9 else ""
         entry["trials"] = partial["trials"] + [{"length": partial["in_progress"], "fits": False, "killed": True,
-                                                "exit": code, "note": "killed (host out of memory)" if code == -9 else ""}]
+                                                "exit": code, "note": note}]
     else:
         entry["log_tail"] = log.read_text()[-3000:]
     print(f"{model_dir.name} {method}: exit {code}, {entry['wall_seconds']} s", flush=True)
@@ -570,7 +575,8 @@ def main() -> None:
         if not (model_dir / "provenance.json").exists():   # built by an earlier call on this machine
             build_model(size, model_dir)
         data_stats = build_data(model_dir, args.seq_len, args.batch * args.steps, work / "data")
-        entry = {"config": LLAMA[size], "parameters": json.loads((model_dir / "provenance.json").read_text())["parameters"],
+        parameters = json.loads((model_dir / "provenance.json").read_text())["parameters"]
+        entry = {"config": LLAMA[size], "parameters": parameters,
                  "build_seconds": round(time.time() - started, 1), "variable_data": data_stats, "methods": {}}
         report["models"][size] = entry
         for method in args.methods.split(","):

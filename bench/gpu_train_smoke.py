@@ -89,7 +89,8 @@ def system_metrics_of_pending_records(out: Path) -> dict:
         return {"samples": 0, "max": {}, "record": None}
     shutil.copy2(records[-1], out / "train-mlflow-pending.json")
     ops = json.loads(records[-1].read_text())["ops"]
-    samples = [op["metrics"] for op in ops if op["op"] == "metrics" and any(k.startswith("system/") for k in op["metrics"])]
+    samples = [op["metrics"] for op in ops
+               if op["op"] == "metrics" and any(k.startswith("system/") for k in op["metrics"])]
     keys = sorted({key for sample in samples for key in sample})
     return {"samples": len(samples), "record": "train-mlflow-pending.json",
             "max": {key: max(sample[key] for sample in samples if key in sample) for key in keys},
@@ -128,7 +129,8 @@ def main() -> None:
             "resumed_from_checkpoint": bool(metrics) and bool(metrics["resumed_from"]),
             "all_steps_in_curve": len(curve) - 1 == SMOKE_PARAMS["max_steps"],
             "adapter_written": Path("models/adapter/adapter_model.safetensors").exists(),
-            "gpu_system_metrics_sampled": system["samples"] > 0 and "system/gpu_0_utilization_percentage" in system["max"],
+            "gpu_system_metrics_sampled": (system["samples"] > 0
+                                           and "system/gpu_0_utilization_percentage" in system["max"]),
         },
         "system_metrics": system,
     }

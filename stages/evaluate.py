@@ -14,12 +14,11 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from ftpipe.core.params import EvaluateParams, Params, flatten, load_params
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.core.provenance import stage_record
+from ftpipe.core.io import read_jsonl, write_jsonl
+from ftpipe.core.params import EvaluateParams, Params, flatten
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR
+from ftpipe.core.stage import Stage
 from ftpipe.model.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
-from ftpipe.tracking.runs import stage_run
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -84,24 +83,21 @@ def tracked_params(params: Params) -> dict:
 
 
 def main() -> None:
-    params = load_params()
-    stage_params = tracked_params(params)
     from ftpipe.data.tokenized import load_tokenized
 
     examples, tokenized = read_jsonl(CLEAN_DIR / "test.jsonl"), load_tokenized("test")
-    with stage_run("evaluate", stage_params) as tracker:
-        metrics, samples = evaluate_models(params.evaluate, BASE_DIR, ADAPTER_DIR, examples, tokenized)
-        with atomic_dir(EVALUATION_DIR) as out_dir:
-            write_jsonl(out_dir / "samples.jsonl", samples[:params.evaluate.num_samples])
+    with Stage("evaluate", tracked_params) as stage:
+        params = stage.params.evaluate
+        metrics, samples = evaluate_models(params, BASE_DIR, ADAPTER_DIR, examples, tokenized)
+        with stage.output() as out_dir:
+            write_jsonl(out_dir / "samples.jsonl", samples[:params.num_samples])
             write_jsonl(out_dir / "generations.jsonl", samples)
-            write_json(out_dir / PROVENANCE_FILE, stage_record("evaluate", stage_params, mlflow=tracker.reference(),
-                                                               metrics=metrics))
-        write_json(metrics_file("evaluate"), metrics)
-        tracker.log_metrics({f"{model}.{key}": value for model in ("base", "tuned")
-                             for key, value in metrics[model].items()})
-        tracker.log_metrics({"rougeL_gain": metrics["rougeL_gain"]})
-        tracker.log_artifact(EVALUATION_DIR / "samples.jsonl")
-        tracker.log_input(CLEAN_DIR / "test.jsonl", "clean/test", "evaluation")
+            stage.record["metrics"] = metrics
+        stage.finish(metrics, log={**{f"{model}.{key}": value for model in ("base", "tuned")
+                                      for key, value in metrics[model].items()},
+                                   "rougeL_gain": metrics["rougeL_gain"]})
+        stage.tracker.log_artifact(EVALUATION_DIR / "samples.jsonl")
+        stage.tracker.log_input(CLEAN_DIR / "test.jsonl", "clean/test", "evaluation")
     print(f"evaluate: {metrics['examples']} test examples; ROUGE-L base {metrics['base']['rougeL']:.3f} -> "
           f"tuned {metrics['tuned']['rougeL']:.3f}; loss base {metrics['base']['loss']:.3f} -> "
           f"tuned {metrics['tuned']['loss']:.3f}")

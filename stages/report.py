@@ -18,8 +18,6 @@ artifact (adapter, merged model, each GGUF) with its SHA-256. Then it writes mod
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,9 +26,10 @@ import yaml
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.audit.provenance_chain import lock_hashes
+from ftpipe.compliance.declarations import declaration_mismatches
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import atomic_dir, atomic_write_text, read_json, sha256_file, write_json
-from ftpipe.core.params import Params, load_params
+from ftpipe.core.io import read_json, sha256_file
+from ftpipe.core.params import Params
 from ftpipe.core.paths import (
     ADAPTER_DIR,
     BASE_DIR,
@@ -45,17 +44,15 @@ from ftpipe.core.paths import (
     STAGE_OUTPUTS,
     metrics_file,
 )
-from ftpipe.core.provenance import git_state, stage_record, utc_now
-from ftpipe.release.model_card import CARD_FILE, model_card
-from ftpipe.release.report_render import render_html, render_markdown
-from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
+from ftpipe.core.provenance import git_state, utc_now
+from ftpipe.core.stage import Stage
+from ftpipe.release.model_card import CARD_FILE
+from ftpipe.release.publish import MANIFEST_FILE, REPORT_FILES, write_release
+from ftpipe.release.sbom import SBOM_FILE
 from ftpipe.tracking.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
-from ftpipe.tracking.runs import stage_run
 
 REPORT_VERSION = 1
 DVC_LOCK = Path("dvc.lock")
-MANIFEST_FILE = "MANIFEST.sha256"
-REPORT_FILES = {"report_json": "report.json", "report_markdown": "report.md", "report_html": "report.html"}
 VERIFY_COMMAND = "python -m ftpipe.release.verify"
 UI_COMMAND = ".venv/bin/python -m ftpipe.tracking.mlflow_ui"
 # PEFT writes a placeholder card ("License: [More Information Needed]") into the adapter folder; the
@@ -128,26 +125,6 @@ def data_sources(declarations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sources
 
 
-def declaration_mismatches(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Where a declaration and what the pipeline found disagree: a source declared personal_data: false in which
-    PII was found (by ingest, which redacts the raw copy, or by clean). A reviewer must see it: the declaration
-    (and its legal basis) is what the sign-off rests on."""
-    mismatches = []
-    for source in sources:
-        pii_found = (source.get("pii") or {}).get("found") or {}
-        if pii_found and not source["personal_data"]:
-            kinds = ", ".join(f"{kind} ({count})" for kind, count in sorted(pii_found.items()))
-            rows = source["pii"].get("rows", 0)
-            mismatches.append({
-                "source": source["name"], "field": "personal_data", "declared": False, "found": pii_found,
-                "rows": rows, "action": source["pii"].get("action"),
-                "message": f"data source {source['name']!r} is declared personal_data: false, but "
-                           f"{rows} row{'' if rows == 1 else 's'} held personal data ({kinds}; "
-                           f"{source['pii'].get('action')}ed by clean). Correct the declaration "
-                           f"(personal_data: true and its legal basis) or the data."})
-    return mismatches
-
-
 def stages_from_lock() -> list[dict[str, Any]]:
     """Every stage that ran before this one, in dvc.lock's order: its command, input and output hashes as DVC
     recorded them, its params, its provenance.json and its MLflow run."""
@@ -206,49 +183,10 @@ def artifacts_section() -> list[dict[str, Any]]:
     ]
     for gguf_type, entry in read_json(metrics_file("quantize"))["files"].items():
         artifacts.append({"name": f"gguf-{gguf_type}", "kind": "gguf", "stage": "quantize",
-                          "folder": GGUF_DIR.as_posix(), "release_folder": (RELEASE_DIR / f"gguf-{gguf_type}").as_posix(),
+                          "folder": GGUF_DIR.as_posix(),
+                          "release_folder": (RELEASE_DIR / f"gguf-{gguf_type}").as_posix(),
                           "gguf_type": gguf_type, "files": files([GGUF_DIR / entry["file"]])})
     return artifacts
-
-
-# --- writing the release -----------------------------------------------------------------------------------
-
-def write_release(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """Fill `out_dir` (the temporary RELEASE_DIR) with the report, BOM, cards and artifact folders; return the
-    manifest: SHA-256 by project-relative path, the artifacts and every file written."""
-    sbom = build_sbom(report)
-    validate_sbom(sbom)   # a BOM that does not validate is a bug here: never publish it
-    manifest = {file["path"]: file["sha256"] for artifact in report["artifacts"] for file in artifact["files"]}
-    for artifact in report["artifacts"]:
-        folder = out_dir / Path(artifact["release_folder"]).relative_to(RELEASE_DIR)
-        folder.mkdir()
-        for file in artifact["files"]:
-            target = folder / Path(file["path"]).name
-            link_or_copy(Path(file["path"]), target)
-            manifest[_final(target, out_dir)] = file["sha256"]
-        atomic_write_text(folder / CARD_FILE, model_card(report, artifact["name"]))
-    write_json(out_dir / REPORT_FILES["report_json"], report)
-    atomic_write_text(out_dir / REPORT_FILES["report_markdown"], render_markdown(report))
-    atomic_write_text(out_dir / REPORT_FILES["report_html"], render_html(report))
-    write_json(out_dir / SBOM_FILE, sbom)
-    for path in sorted(out_dir.rglob("*")):
-        if path.is_file() and _final(path, out_dir) not in manifest:
-            manifest[_final(path, out_dir)] = sha256_file(path)
-    atomic_write_text(out_dir / MANIFEST_FILE, "".join(f"{digest}  {path}\n" for path, digest in sorted(manifest.items())))
-    return manifest
-
-
-def _final(path: Path, out_dir: Path) -> str:
-    """Where a file written into the temporary folder will be once it is renamed into place."""
-    return (RELEASE_DIR / path.relative_to(out_dir)).as_posix()
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """A hard link costs no disk (weights are hundreds of MiB); a copy where links are impossible."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def tracked_params(params: Params) -> dict:
@@ -257,23 +195,19 @@ def tracked_params(params: Params) -> dict:
 
 
 def main() -> None:
-    stage_params = tracked_params(load_params())   # a broken params.yaml fails here with its usual message
-    with stage_run("report", stage_params) as tracker:
-        report = collect_report(tracker.reference())
-        with atomic_dir(RELEASE_DIR) as out_dir:
-            write_json(out_dir / PROVENANCE_FILE, stage_record("report", stage_params, mlflow=tracker.reference()))
+    with Stage("report", tracked_params) as stage:
+        report = collect_report(stage.tracker.reference())
+        with stage.output(provenance_first=True) as out_dir:   # provenance.json is in the manifest too
             manifest = write_release(report, out_dir)
         for mismatch in report["declaration_mismatches"]:
             print(f"warning: {mismatch['message']}", file=sys.stderr)
-        metrics = {"artifacts": len(report["artifacts"]), "files": len(manifest),
-                   "data_sources": len(report["data_sources"]),
-                   "declaration_mismatches": len(report["declaration_mismatches"]),
-                   "commercial_use_allowed": report["compliance"]["commercial_use_allowed"],
-                   "concluded_license": report["compliance"]["concluded_license"]}
-        write_json(metrics_file("report"), metrics)
-        tracker.log_metrics(metrics)
+        stage.finish({"artifacts": len(report["artifacts"]), "files": len(manifest),
+                      "data_sources": len(report["data_sources"]),
+                      "declaration_mismatches": len(report["declaration_mismatches"]),
+                      "commercial_use_allowed": report["compliance"]["commercial_use_allowed"],
+                      "concluded_license": report["compliance"]["concluded_license"]})
         for name in (*REPORT_FILES.values(), SBOM_FILE, MANIFEST_FILE):
-            tracker.log_artifact(RELEASE_DIR / name, "release")
+            stage.tracker.log_artifact(RELEASE_DIR / name, "release")
     print(f"report: {report['compliance']['concluded_license']}, {len(report['artifacts'])} artifacts, "
           f"{len(manifest)} files hashed -> {RELEASE_DIR}/ (open {RELEASE_DIR}/report.html; check with "
           f"`{VERIFY_COMMAND}`)")

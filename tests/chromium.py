@@ -7,7 +7,7 @@
     width, height, shades = png_facts(png)              # shades > 50: something was drawn, not a blank page
 
 No host name resolves in these runs, so nothing a page links from the network loads: a test sees what an
-offline reviewer sees. Used by tests/stages/test_validate.py (GX Data Docs) and tests/release/test_report_render.py.
+offline reviewer sees. Used by tests/data/test_data_docs.py (GX Data Docs) and tests/release/test_report_render.py.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ SOURCES = {"python_stdlib_docs": "PSF-2.0", "forum_answers": "CC-BY-SA-4.0", "la
 GGUF_TYPES = ("f16", "q8_0")
 ENVIRONMENT = {"python": "3.11.7", "platform": "Linux-test", "machine": "x86_64", "processor": "test CPU",
                "cpu_count": 2, "torch_cuda": None,
-               "packages": {"torch": "2.13.0+cpu", "transformers": "5.17.0", "peft": "0.21.0", "bitsandbytes": "0.50.2"}}
+               "packages": {"torch": "2.13.0+cpu", "transformers": "5.17.0", "peft": "0.21.0",
+                            "bitsandbytes": "0.50.2"}}
 
 
 def write_bytes(path: Path, size: int, seed: int) -> None:
@@ -109,7 +110,8 @@ def write_dir_listing(root: Path, files: dict[str, bytes]) -> str:
 
 def write_dvc_lock() -> None:
     stages = {"ingest": ("data/raw", []), "compliance": ("data/compliance", []),
-              "train": ("models/adapter", ["data/compliance/gate.json"]), "merge": ("models/merged", ["models/adapter"]),
+              "train": ("models/adapter", ["data/compliance/gate.json"]),
+              "merge": ("models/merged", ["models/adapter"]),
               "quantize": ("models/gguf", ["models/merged"])}
     lock = {"schema": "2.0", "stages": {
         name: {"cmd": f"python -m stages.{name}",

@@ -27,7 +27,8 @@ def repo_imports(module_file: Path, seen: set[Path] | None = None) -> set[Path]:
     seen = set() if seen is None else seen
     for node in ast.walk(ast.parse(module_file.read_text())):
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 # `from ftpipe.data import pii` imports ftpipe/data/pii.py; `from ftpipe.core.io import x`, ftpipe/core/io.py
+                 # `from ftpipe.data import pii` imports ftpipe/data/pii.py;
+                 # `from ftpipe.core.io import x`, ftpipe/core/io.py
                  else [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
                  if isinstance(node, ast.ImportFrom) and node.module else [])
         for name in names:
@@ -117,7 +118,8 @@ def test_no_output_persists_so_every_stage_has_dvcs_run_cache():
     persistent = [next(iter(out)) for stage in DVC.values() for out in stage.get("outs", [])
                   if isinstance(out, dict) and next(iter(out.values())).get("persist")]
     assert persistent == []
-    outs = {next(iter(out)) if isinstance(out, dict) else out for stage in DVC.values() for out in stage.get("outs", [])}
+    outs = {next(iter(out)) if isinstance(out, dict) else out
+            for stage in DVC.values() for out in stage.get("outs", [])}
     assert paths.CHECKPOINTS_DIR.as_posix() not in outs
 
 
@@ -189,7 +191,8 @@ def test_dvc_status_after_editing_code_reports_exactly_the_stages_that_import_it
 
     def md5(path: str) -> dict:
         data = (tmp_path / path).read_bytes()
-        return {"path": path, "hash": "md5", "md5": hashlib.md5(data).hexdigest(), "size": len(data)}
+        return {"path": path, "hash": "md5", "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+                "size": len(data)}
 
     lock = {"schema": "2.0", "stages": {name: {"cmd": stage["cmd"], "deps": [md5(dep) for dep in stage["deps"]
                                                                              if dep.endswith(".py")]}

@@ -19,11 +19,13 @@ import yaml
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow   # the real pipeline, end to end: `make test-fast` leaves it out
+
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/config",
                  ".dvc/.gitignore", "data/sources/.gitkeep", "models/source/.gitkeep")
 PROJECT_DIRS = ("stages", "ftpipe")
-STAGES = ("check_params", "base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "merge", "quantize",
-          "report")
+STAGES = ("check_params", "base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "merge",
+          "quantize", "report")
 AFTER_TRAIN = {"train", "evaluate", "merge", "quantize", "report"}
 RECORD = "record"   # always runs: it closes the invocation's MLflow pipeline run
 CHECK = "check_params"   # runs on every edit of params.yaml, before any other stage; changes no output
@@ -198,7 +200,8 @@ def pipeline_runs(project: Path) -> list:
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ftpipe").experiment_id
-    parents = client.search_runs([experiment], "tags.`ftpipe.kind` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    parents = client.search_runs([experiment], "tags.`ftpipe.kind` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
     children = client.search_runs([experiment], "tags.`ftpipe.kind` = 'stage'")
     for parent in parents:
         parent.stages = {run.data.tags["ftpipe.stage"]: run for run in children
@@ -217,7 +220,8 @@ def test_each_invocation_is_one_mlflow_pipeline_run_with_a_run_per_stage(project
     assert first.stages["train"].info.run_name == "train · first run"
     assert nothing.stages["base"].info.run_name == "base (skipped) · nothing changed"
     for stage, skipped in nothing.stages.items():   # skipped: linked to the run that made the outputs in place
-        maker = next(p.stages[stage] for p in reversed(parents[:-1]) if "ftpipe.skipped" not in p.stages[stage].data.tags)
+        maker = next(p.stages[stage] for p in reversed(parents[:-1])
+                     if "ftpipe.skipped" not in p.stages[stage].data.tags)
         assert skipped.data.tags["ftpipe.produced_by"] == maker.info.run_id
     # the pipeline run holds every param and every stage's final metrics, for comparing runs
     assert first.data.params["train.learning_rate"] == "0.0005" and "evaluate.tuned.rougeL" in first.data.metrics
@@ -254,7 +258,8 @@ def test_a_params_change_names_the_run_and_links_the_skipped_stages(project, fir
     assert set(changed.data.tags["stages.executed"].split(",")) == AFTER_TRAIN | {CHECK}
     for stage in set(STAGES) - AFTER_TRAIN - {CHECK}:
         producer = changed.stages[stage].data.tags["ftpipe.produced_by"]
-        assert producer == (before.stages[stage].data.tags.get("ftpipe.produced_by") or before.stages[stage].info.run_id)
+        assert producer == (before.stages[stage].data.tags.get("ftpipe.produced_by")
+                            or before.stages[stage].info.run_id)
 
 
 def test_reproduce_gives_the_first_runs_metrics_bit_for_bit(project, first_repro, tmp_path):

@@ -51,10 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("run_id")
     rep.add_argument("--workdir", type=Path, help="where the worktree, repro.log and report.json go (default: a new "
                                                   "temporary folder)")
-    rep.add_argument("--rtol", type=float, help="relative tolerance (default: params.yaml reproduce.relative_tolerance)")
-    rep.add_argument("--atol", type=float, help="absolute tolerance (default: params.yaml reproduce.absolute_tolerance)")
+    rep.add_argument("--rtol", type=float,
+                     help="relative tolerance (default: params.yaml reproduce.relative_tolerance)")
+    rep.add_argument("--atol", type=float,
+                     help="absolute tolerance (default: params.yaml reproduce.absolute_tolerance)")
     rep.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
-    commands.add_parser("upload-pending", help="log what stages kept in mlflow-pending/ (python -m ftpipe.tracking.pending)")
+    commands.add_parser("upload-pending",
+                        help="log what stages kept in mlflow-pending/ (python -m ftpipe.tracking.pending)")
     args = parser.parse_args(argv)
     if args.command == "provenance" and (args.run_id is None) == (args.file is None):
         parser.error("provenance takes a RUN_ID or --file PATH (one of them)")
@@ -96,7 +99,8 @@ def reproduce_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["upload-pending"]:   # ftpipe.tracking.pending's own command line, under the name tracking's warnings give
+    # ftpipe.tracking.pending's own command line, under the name tracking's warnings give
+    if argv[:1] == ["upload-pending"]:
         from ftpipe.tracking import pending
 
         sys.exit(pending.main(argv[1:]))

@@ -72,8 +72,8 @@ def get_run(client, run_id: str):
         return client.get_run(run_id)
     except MlflowException as err:
         raise PipelineError(f"run {run_id}: not found in the MLflow store {tracking_uri()}. Copy the id from "
-                            "`python -m ftpipe.tracking.mlflow_ui` or set MLFLOW_TRACKING_URI to the store it was logged "
-                            "to.") from err
+                            "`python -m ftpipe.tracking.mlflow_ui` or set MLFLOW_TRACKING_URI to the store it was "
+                            "logged to.") from err
 
 
 def pipeline_run_of(client, run_id: str):

@@ -148,8 +148,9 @@ Option = tuple[LicenseTerm, ...]   # licenses that apply together: one choice ou
 
 @dataclass(frozen=True)
 class ReviewedLicenseProperties(LicenseProperties):
-    """A row for a license ftpipe/compliance/license_table.py lacks, declared in params.yaml compliance.reviewed_licenses:
-    the gate uses it as a row of the table; the conclusion also names the license, its text and its reviewer."""
+    """A row for a license ftpipe/compliance/license_table.py lacks, declared in params.yaml
+    compliance.reviewed_licenses: the gate uses it as a row of the table; the conclusion also names the license, its
+    text and its reviewer."""
     name: str
     url: str
     reviewed_by: str
@@ -178,8 +179,8 @@ def _check_reviewed(rows: Sequence[ReviewedLicenseProperties]) -> None:
             errors.append(f"{where}: {UNKNOWN_LICENSE_REF} is reserved (it stands for ids that are not SPDX); "
                           f"name the license: LicenseRef-<name>")
         elif known in LICENSE_PROPERTIES:
-            errors.append(f"{where}: ftpipe/compliance/license_table.py already has a row for {known}, and that row applies; "
-                          f"remove this entry (or, if the row is wrong, correct it there)")
+            errors.append(f"{where}: ftpipe/compliance/license_table.py already has a row for {known}, and that row "
+                          f"applies; remove this entry (or, if the row is wrong, correct it there)")
         elif not license_id.startswith("LicenseRef-") and known is None:
             errors.append(f"{where}: not an SPDX license id; for a license SPDX does not list, write "
                           f"LicenseRef-<name>")
@@ -248,8 +249,8 @@ def _term(declared: str, exception: str | None, reviewed: Sequence[LicenseProper
     elif declared.lower() in HF_IDS_NAMING_NO_LICENSE:
         reason = HF_IDS_NAMING_NO_LICENSE[declared.lower()]
     else:
-        reason = (f"{declared!r} is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging "
-                  f"Face id")
+        reason = (f"{declared!r} is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known "
+                  f"Hugging Face id")
     return LicenseTerm(declared, _named_id(declared, reviewed), exception, properties, reason)
 
 

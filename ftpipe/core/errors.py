@@ -18,6 +18,6 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted: no output was published (outputs are written atomically)", file=sys.stderr)
         sys.exit(130)
-    except Exception:  # an unexpected failure is a bug: show everything
+    except Exception:  # noqa: BLE001 - an unexpected failure is a bug: show everything
         traceback.print_exc()
         sys.exit(1)

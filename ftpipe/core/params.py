@@ -285,9 +285,9 @@ LICENSE_ID = re.compile(r"(LicenseRef-)?[A-Za-z0-9][A-Za-z0-9.\-]*")
 
 @dataclass(frozen=True)
 class ReviewedLicense:
-    """A license ftpipe/compliance/license_table.py has no row for, read by a reviewer who declares what it asks of a model
-    trained on it. The license gate (ftpipe/compliance/licenses.py) uses it exactly as a row of that table, and checks the
-    id against the table (this module imports no license code: every stage imports it)."""
+    """A license ftpipe/compliance/license_table.py has no row for, read by a reviewer who declares what it asks of a
+    model trained on it. The license gate (ftpipe/compliance/licenses.py) uses it exactly as a row of that table, and
+    checks the id against the table (this module imports no license code: every stage imports it)."""
     id: str                         # LicenseRef-<name>, or an SPDX id the table has no row for (in SPDX's case)
     name: str                       # the license's name, as its text titles it
     url: str                        # where its text is

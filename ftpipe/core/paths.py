@@ -22,8 +22,8 @@ COMPLIANCE_DIR = Path("data/compliance")    # the license gate's conclusion (sta
 RELEASE_DIR = Path("models/release")        # report, BOM, model cards and publishable folders (stages/report.py)
 
 # Each stage's output folder, in dvc.yaml's order (tests/test_dvc_yaml.py checks both).
-STAGE_OUTPUTS = {"check_params": CHECKED_PARAMS_DIR, "base": BASE_DIR, "ingest": RAW_DIR, "compliance": COMPLIANCE_DIR, "clean": CLEAN_DIR,
-                 "validate": VALIDATION_DIR, "tokenize": TOKENIZED_DIR, "train": ADAPTER_DIR,
+STAGE_OUTPUTS = {"check_params": CHECKED_PARAMS_DIR, "base": BASE_DIR, "ingest": RAW_DIR, "compliance": COMPLIANCE_DIR,
+                 "clean": CLEAN_DIR, "validate": VALIDATION_DIR, "tokenize": TOKENIZED_DIR, "train": ADAPTER_DIR,
                  "evaluate": EVALUATION_DIR, "merge": MERGED_DIR, "quantize": GGUF_DIR, "report": RELEASE_DIR}
 
 METRICS_DIR = Path("metrics")

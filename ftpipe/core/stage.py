@@ -50,13 +50,20 @@ class Stage:
         return self._run.__exit__(*exc_info)
 
     @contextlib.contextmanager
-    def output(self, folder: Path | None = None) -> Iterator[Path]:
+    def output(self, folder: Path | None = None, provenance_first: bool = False) -> Iterator[Path]:
         """The stage's output folder as a temporary sibling; provenance.json (the tracked params, the MLflow
-        run, git, environment and `self.record`) is written last, then the folder is renamed into place."""
+        run, git, environment and `self.record`) is written last, then the folder is renamed into place. With
+        `provenance_first` it is written before the body runs (the report hashes it into its manifest)."""
         with atomic_dir(folder or self.output_dir) as out_dir:
+            if provenance_first:
+                self._write_provenance(out_dir)
             yield out_dir
-            write_json(out_dir / PROVENANCE_FILE, stage_record(self.name, self.tracked,
-                                                               mlflow=self.tracker.reference(), **self.record))
+            if not provenance_first:
+                self._write_provenance(out_dir)
+
+    def _write_provenance(self, out_dir: Path) -> None:
+        write_json(out_dir / PROVENANCE_FILE, stage_record(self.name, self.tracked, mlflow=self.tracker.reference(),
+                                                           **self.record))
 
     def finish(self, metrics: dict[str, Any], log: dict[str, Any] | None = None) -> None:
         """metrics/<stage>.json, and the numeric values (or `log`, when the run wants other names) on the run."""

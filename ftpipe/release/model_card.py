@@ -7,8 +7,8 @@ compliance report's dict (tests/fixtures/report_example.json shows its shape):
 
 Why our own card: peer tools write `license: apache-2.0` (or a placeholder) whatever the model was trained
 on, but a fine-tuned model carries the obligations of its base model and of every data source. This card
-states the license the gate concluded (ftpipe.compliance.licenses), whether commercial use is allowed, not allowed or not
-established (a license unknown to ftpipe) and why, the licenses a reviewer declared, and the duties that travel
+states the license the gate concluded (ftpipe.compliance.licenses), whether commercial use is allowed, not allowed or
+not established (a license unknown to ftpipe) and why, the licenses a reviewer declared, and the duties that travel
 with the model; then the data, the scores, the files and how to check them. Declared
 names, creators and notes are untrusted text: the front matter is yaml.safe_dump's and Markdown text is
 flattened and escaped, so no declaration can change the card's structure.

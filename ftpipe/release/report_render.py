@@ -211,9 +211,9 @@ def license_section(report: dict) -> list:
     reviewed = compliance.get("reviewed_licenses") or []
     blocks += [Heading("Reviewed licenses")]
     if reviewed:
-        blocks += [Para(("Licenses ftpipe/compliance/license_table.py has no row for, whose properties a reviewer declared in "
-                         "params.yaml ", Code("compliance.reviewed_licenses"), "; the gate used them as rows of the "
-                         "table.")),
+        blocks += [Para(("Licenses ftpipe/compliance/license_table.py has no row for, whose properties a reviewer "
+                         "declared in params.yaml ", Code("compliance.reviewed_licenses"), "; the gate used them as "
+                         "rows of the table.")),
                    Table(("License", "Name", "Text", "Reviewed by", "Used by", "Properties"),
                          [(Code(entry["id"]), entry["name"], Link(entry["url"], entry["url"]), entry["reviewed_by"],
                            value(entry["used_by"]), value(entry["properties"])) for entry in reviewed])]
@@ -567,5 +567,6 @@ def render_html(report: dict) -> str:
             f'<header><p class="kicker">Compliance report</p><h1>{esc(report["title"])}</h1>'
             f"<p>Created {esc(report['created_at'])} · {h(verdict(report['compliance']))}</p></header>\n"
             f'<nav aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>\n<main>\n{body}\n</main>\n'
-            f"<footer>Rendered by ftpipe.release.report_render from {esc(report['release']['report_json'])}, the authoritative "
-            f"record; check it with {esc(report['release']['verify_command'])}.</footer>\n</body>\n</html>\n")
+            f"<footer>Rendered by ftpipe.release.report_render from {esc(report['release']['report_json'])}, the "
+            f"authoritative record; check it with {esc(report['release']['verify_command'])}.</footer>\n</body>\n"
+            f"</html>\n")

@@ -138,7 +138,8 @@ def connect():
 def pipeline_run_id(client, experiment_id: str, invocation: str, create: bool = True) -> str | None:
     """The parent run of this invocation: found by its tag, or created (by the first stage to run)."""
     with store_lock(tracking_uri()):
-        found = client.search_runs([experiment_id], f"tags.`{KIND}` = 'pipeline' and tags.`{INVOCATION}` = '{invocation}'",
+        found = client.search_runs([experiment_id],
+                                   f"tags.`{KIND}` = 'pipeline' and tags.`{INVOCATION}` = '{invocation}'",
                                    max_results=1)
         if found or not create:
             return found[0].info.run_id if found else None
@@ -217,7 +218,8 @@ class StageTracker:
     def __init__(self, stage: str, params: dict[str, Any], system_metrics_interval_s: float | None = None):
         self.stage = stage
         self.params = params
-        self.sampler = (SystemMetricsSampler(system_metrics_interval_s, lambda metrics, step: self.log_metrics(metrics, step))
+        self.sampler = (SystemMetricsSampler(system_metrics_interval_s,
+                                             lambda metrics, step: self.log_metrics(metrics, step))
                         if system_metrics_interval_s else None)
         self.invocation = invocation_key()
         self.tags: dict[str, str] = {}

@@ -73,11 +73,13 @@ def parse_nvidia_smi(csv_text: str) -> dict[str, float]:
         if "memory.used" in values:
             metrics[prefix + "memory_usage_megabytes"] = values["memory.used"]
             if values.get("memory.total"):
-                metrics[prefix + "memory_usage_percentage"] = round(100.0 * values["memory.used"] / values["memory.total"], 2)
+                metrics[prefix + "memory_usage_percentage"] = round(
+                    100.0 * values["memory.used"] / values["memory.total"], 2)
         if "power.draw" in values:
             metrics[prefix + "power_usage_watts"] = values["power.draw"]
             if values.get("power.limit"):
-                metrics[prefix + "power_usage_percentage"] = round(100.0 * values["power.draw"] / values["power.limit"], 2)
+                metrics[prefix + "power_usage_percentage"] = round(
+                    100.0 * values["power.draw"] / values["power.limit"], 2)
         if "temperature.gpu" in values:
             metrics[prefix + "temperature_celsius"] = values["temperature.gpu"]
     return metrics

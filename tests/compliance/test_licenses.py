@@ -29,8 +29,8 @@ NC_FIX = ("set intended_use to 'research' or 'internal' if the model will not be
           "data source")
 UNKNOWN_FIX = ("have a reviewer read its text and declare it under compliance.reviewed_licenses in params.yaml (an "
                "id, LicenseRef-<name> if SPDX does not list it, also declared as the input's license; its properties, "
-               "URL and reviewer), declare a license that ftpipe/compliance/license_table.py knows (or add a row for it there), "
-               "remove the data source, or set unknown_blocks to false to only flag it")
+               "URL and reviewer), declare a license that ftpipe/compliance/license_table.py knows (or add a row for "
+               "it there), remove the data source, or set unknown_blocks to false to only flag it")
 HOW_TO_FIX = ("To fix: change intended_use, remove the source (or choose another base model), or change the license "
               "policy (allowed_licenses, denied_licenses, unknown_blocks).")
 
@@ -150,9 +150,11 @@ UNKNOWNS = [  # declared, as messages name it, in the concluded expression, reas
     ("other", "other", "LicenseRef-Unknown",
      "on Hugging Face 'other' means the license is described in the card's text"),
     ("LicenseRef-Foo", "LicenseRef-Foo", "LicenseRef-Foo",
-     "'LicenseRef-Foo' is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging Face id"),
+     "'LicenseRef-Foo' is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging "
+     "Face id"),
     ("xyzzy-licence", "xyzzy-licence", "LicenseRef-Unknown",
-     "'xyzzy-licence' is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging Face id"),
+     "'xyzzy-licence' is not an SPDX id, a LicenseRef- id of ftpipe/compliance/license_table.py or a known Hugging "
+     "Face id"),
     ("EPL-2.0", "EPL-2.0", "EPL-2.0", "EPL-2.0 has no properties row in ftpipe/compliance/license_table.py"),
 ]
 
@@ -434,8 +436,8 @@ def test_reviewed_ids_resolve_only_when_given():
 
 
 @pytest.mark.parametrize("license_id, problem", [
-    ("MIT", "ftpipe/compliance/license_table.py already has a row for MIT, and that row applies; remove this entry (or, if the "
-            "row is wrong, correct it there)"),
+    ("MIT", "ftpipe/compliance/license_table.py already has a row for MIT, and that row applies; remove this entry "
+            "(or, if the row is wrong, correct it there)"),
     ("odbl", "ftpipe/compliance/license_table.py already has a row for ODbL-1.0"),          # a Hugging Face id of a row
     ("LicenseRef-gemma", "ftpipe/compliance/license_table.py already has a row for LicenseRef-Gemma"),
     ("LicenseRef-Unknown", "LicenseRef-Unknown is reserved (it stands for ids that are not SPDX)"),
@@ -456,8 +458,8 @@ def test_every_bad_reviewed_id_is_reported_at_once():
         reviewed_license_properties([reviewed_entry("MIT"), reviewed_entry("LicenseRef-A"),
                                      reviewed_entry("LicenseRef-a")])
     assert str(raised.value).splitlines() == [
-        "params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/compliance/license_table.py already has a row for MIT, and "
-        "that row applies; remove this entry (or, if the row is wrong, correct it there)",
+        "params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/compliance/license_table.py already has a row for "
+        "MIT, and that row applies; remove this entry (or, if the row is wrong, correct it there)",
         "params.yaml compliance.reviewed_licenses: id 'LicenseRef-a': declared more than once; keep one entry"]
 
 

@@ -417,11 +417,13 @@ def test_reviewed_license_ids_must_be_unique(tmp_path):
 
 def test_a_reviewed_id_the_license_table_knows_is_an_error_naming_the_key(tmp_path):
     """params.py imports no license code (every stage imports it, and dvc.yaml lists each stage's imports), so the
-    table is consulted where the entries become license rows: ftpipe.compliance.licenses, run by the compliance stage."""
+    table is consulted where the entries become license rows: ftpipe.compliance.licenses, run by the compliance
+    stage."""
     from ftpipe.compliance.licenses import LicenseError, reviewed_license_properties
     compliance = load_params(edited_data(tmp_path, with_reviewed(dict(REVIEWED, id="CC-BY-4.0")))).compliance
     with pytest.raises(LicenseError) as error:
         reviewed_license_properties(compliance.reviewed_licenses)
-    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'CC-BY-4.0': ftpipe/compliance/license_table.py "
+    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'CC-BY-4.0': "
+                                "ftpipe/compliance/license_table.py "
                                 "already has a row for CC-BY-4.0, and that row applies; remove this entry (or, if the "
                                 "row is wrong, correct it there)")

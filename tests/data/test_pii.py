@@ -41,7 +41,8 @@ def test_true_positives(kind, text):
 
 
 def test_private_key_covers_whole_block():
-    text = "key:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn 4111111111111111\n-----END OPENSSH PRIVATE KEY-----\nafter"
+    text = ("key:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn 4111111111111111\n-----END OPENSSH PRIVATE KEY-----"
+            "\nafter")
     (finding,) = find_pii(text)
     assert text[finding.end:] == "\nafter"
 

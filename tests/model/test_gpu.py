@@ -2,7 +2,6 @@
 import pytest
 
 from ftpipe.model.gpu import base_parameter_count, bf16_peak_flops, mfu
-from stages.train import throughput
 
 
 def test_peak_by_device_name_most_specific_first():
@@ -25,21 +24,3 @@ def test_base_parameter_count_matches_the_real_model(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert base_parameter_count(tiny_model_dir) == sum(p.numel() for p in model.parameters())
-
-
-def test_throughput_leaves_out_the_warm_up_step():
-    curve = [{"tokens": 100, "useful_tokens": 50, "seconds": 10.0, "peak_memory_gib": 1.0, "mfu": 0.1},
-             {"tokens": 100, "useful_tokens": 80, "seconds": 1.0, "peak_memory_gib": 2.0, "mfu": 0.3},
-             {"tokens": 100, "useful_tokens": 90, "seconds": 1.0, "peak_memory_gib": 1.5, "mfu": 0.5}]
-    assert throughput(curve) == {"tokens_per_s": 100.0, "useful_tokens_per_s": 85.0, "useful_token_share": 0.85,
-                                 "peak_memory_gib": 2.0, "mfu": 0.4}
-    cpu = [{"tokens": 10, "useful_tokens": 10, "seconds": 2.0, "peak_memory_gib": None, "mfu": None}]
-    assert throughput(cpu) == {"tokens_per_s": 5.0, "useful_tokens_per_s": 5.0, "useful_token_share": 1.0}
-
-
-def test_throughput_skips_steps_logged_without_counts():
-    """A run resumed from a checkpoint of older code carries per-step logs without these counts."""
-    old = [{"tokens": 100, "seconds": 1.0, "useful_tokens": None}, {"tokens": None, "seconds": 1.0}]
-    assert throughput(old) == {}
-    new = old + [{"tokens": 100, "useful_tokens": 100, "seconds": 2.0}]
-    assert throughput(new) == {"tokens_per_s": 50.0, "useful_tokens_per_s": 50.0, "useful_token_share": 1.0}

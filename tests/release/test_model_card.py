@@ -1,4 +1,5 @@
-"""ftpipe.release.model_card: each released artifact's README.md states the concluded license, not a fixed one. Pure, fast."""
+"""ftpipe.release.model_card: each released artifact's README.md states the concluded license, not a fixed one.
+Pure, fast."""
 from __future__ import annotations
 
 import copy

@@ -342,4 +342,5 @@ def test_a_reviewed_license_is_listed_with_its_reviewer_and_a_link_to_its_text(r
 
 def test_a_report_without_reviewed_licenses_says_none(report):
     reviewed = md_subsection(render_markdown(report), "Reviewed licenses")
-    assert reviewed.strip() == "none: the properties of every known license come from ftpipe/compliance/license_table.py"
+    assert reviewed.strip() == ("none: the properties of every known license come from "
+                                "ftpipe/compliance/license_table.py")

@@ -45,5 +45,6 @@ def test_a_key_dvc_yaml_lists_but_params_yaml_lacks_is_named_with_its_stage(proj
     dvc = yaml.safe_load((project / "dvc.yaml").read_text())
     dvc["stages"]["train"]["params"].append("train.lora.rank")
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-    with pytest.raises(PipelineError, match=r"dvc.yaml lists params keys that params.yaml lacks: train: train.lora.rank"):
+    with pytest.raises(PipelineError,
+                       match=r"dvc.yaml lists params keys that params.yaml lacks: train: train.lora.rank"):
         check_params.main()

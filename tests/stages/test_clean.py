@@ -1,5 +1,6 @@
-"""Stage `clean`: every record format, normalization, each rejection reason, counts that add up,
-a split that depends only on content and salt, and main() end to end."""
+"""Stage `clean`: clean_sources end to end (counts that add up, rejected rows with their reasons, a split that
+keeps rows where they were, near-duplicates and decontamination) and main(). The formats and the per-row rules
+are tested in tests/data/test_formats.py and tests/data/test_rules.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,19 +14,10 @@ import yaml
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_json, read_jsonl
 from ftpipe.core.params import CleanParams
+from ftpipe.data.formats import RECORD_FORMATS, to_messages
+from ftpipe.data.rules import assign_split, content_id
 from stages import clean
-from stages.clean import (
-    RECORD_FORMATS,
-    RecordRejected,
-    UnknownFormat,
-    assign_split,
-    clean_sources,
-    content_id,
-    normalize,
-    rejection_reason,
-    structure_reason,
-    to_messages,
-)
+from stages.clean import clean_sources
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=100, max_answer_chars=200,
@@ -61,169 +53,6 @@ def write_raw(raw_dir: Path, sources: dict[str, list[dict]]) -> Path:
 
 def split_of(splits: dict[str, list]) -> dict[str, str]:
     return {row["id"]: split for split, rows in splits.items() for row in rows}
-
-
-# --- to_messages -------------------------------------------------------------------------------
-
-def test_alpaca_without_input():
-    assert to_messages({"instruction": "Say hi.", "output": "Hi!"}) == (
-        "alpaca", [user("Say hi."), assistant("Hi!")])
-
-
-def test_alpaca_with_empty_input_and_extra_keys():
-    record = {"instruction": "Say hi.", "input": "  ", "output": "Hi!", "id": 7, "category": "greeting"}
-    assert to_messages(record) == ("alpaca", [user("Say hi."), assistant("Hi!")])
-
-
-def test_alpaca_with_input():
-    record = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
-    assert to_messages(record) == ("alpaca", [user("Translate to French.\n\nGood morning"), assistant("Bonjour")])
-
-
-def test_alpaca_with_system():
-    record = {"system": "Be terse.", "instruction": "Sum 2 and 2.", "input": None, "output": "4"}
-    assert to_messages(record) == (
-        "alpaca", [{"role": "system", "content": "Be terse."}, user("Sum 2 and 2."), assistant("4")])
-
-
-def test_chat_messages():
-    messages = [{"role": "system", "content": "Be kind."}, user("Hi?"), assistant("Hello."),
-                user("And?"), {"role": "assistant", "content": None}]
-    fmt, out = to_messages({"messages": messages, "meta": {"x": 1}})
-    assert fmt == "chat"
-    assert out == messages[:4] + [assistant("")]   # a missing content becomes "" (rejected later as empty)
-
-
-def test_chat_number_content_becomes_its_text():
-    assert to_messages({"messages": [user("Two plus two?"), {"role": "assistant", "content": 4}]}) == (
-        "chat", [user("Two plus two?"), assistant("4")])
-
-
-@pytest.mark.parametrize("record, reason, detail", [
-    ({"messages": [user("List?"), {"role": "assistant", "content": [1, "ä"]}]}, "bad_field_type",
-     "messages turn 2 'content' must be a string, got list"),
-    ({"messages": [user("Dict?"), {"role": "assistant", "content": {"text": "x"}}]}, "bad_field_type",
-     "messages turn 2 'content' must be a string, got dict"),
-    ({"messages": [user("Q?"), {"content": "no role"}]}, "missing_field", "messages turn 2 has no 'role'"),
-    ({"messages": [user("Q?"), {"role": "assistant"}]}, "missing_field", "messages turn 2 has no 'content'"),
-    ({"messages": [user("Q?"), {"role": 3, "content": "x"}]}, "bad_field_type",
-     "messages turn 2: the role must be a string, got int"),
-    ({"conversations": [{"value": "Hi?"}]}, "missing_field", "conversations turn 1 has no 'from' (or 'role')"),
-    ({"conversations": [{"from": "human"}]}, "missing_field", "conversations turn 1 has no 'value' (or 'content')"),
-    ({"instruction": ["a"], "output": "b"}, "bad_field_type", "'instruction' must be a string, got list"),
-    ({"prompt": "p", "completion": {"a": 1}}, "bad_field_type", "'completion' must be a string, got dict"),
-])
-def test_missing_or_wrongly_typed_fields_are_rejected(record, reason, detail):
-    with pytest.raises(RecordRejected) as error:
-        to_messages(record)
-    assert (error.value.reason, error.value.detail) == (reason, detail)
-
-
-def test_plain_text_record_is_format_text_without_turns():
-    assert to_messages({"text": "just text"}) == ("text", [])
-
-
-def test_sharegpt_conversations():
-    record = {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi?"},
-                                {"from": "gpt", "value": "Hello."}, {"from": "Human", "value": "More?"},
-                                {"from": "GPT", "value": "Sure."}]}
-    assert to_messages(record) == ("sharegpt", [{"role": "system", "content": "Be kind."}, user("Hi?"),
-                                                assistant("Hello."), user("More?"), assistant("Sure.")])
-
-
-def test_sharegpt_with_role_and_content_keys():
-    record = {"conversations": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
-    assert to_messages(record) == ("sharegpt", [user("Hi?"), assistant("Hello.")])
-
-
-def test_prompt_completion():
-    assert to_messages({"prompt": "2+2=", "completion": "4"}) == ("prompt_completion", [user("2+2="), assistant("4")])
-
-
-@pytest.mark.parametrize("record", [
-    {"instruction": "no output"},
-    {"prompt": "no completion"},
-    {},
-])
-def test_unknown_format(record):
-    with pytest.raises(UnknownFormat, match=r"unknown record format \(keys: "):
-        to_messages(record)
-    with pytest.raises(RecordRejected) as error:
-        to_messages(record)
-    assert error.value.reason == "unknown_format"
-
-
-@pytest.mark.parametrize("record", [{"messages": "not a list"}, {"conversations": [["a", "b"]]}])
-def test_malformed_turns_are_bad_field_type(record):
-    with pytest.raises(RecordRejected, match="must be a list of objects") as error:
-        to_messages(record)
-    assert error.value.reason == "bad_field_type"
-
-
-@pytest.mark.parametrize("roles, reason", [
-    (["user", "assistant"], None),
-    (["system", "user", "assistant"], None),
-    (["user", "assistant", "user", "assistant"], None),
-    (["user"], None),                                    # rejection_reason: no_assistant_turn
-    (["user", "gpt"], "unknown_role"),
-    (["assistant", "user", "assistant"], "bad_role_order"),
-    (["user", "user", "assistant"], "bad_role_order"),
-    (["user", "system", "assistant"], "bad_role_order"),
-    (["system", "system", "user", "assistant"], "bad_role_order"),
-    (["user", "assistant", "user"], "last_turn_not_assistant"),
-])
-def test_structure_reasons(roles, reason):
-    problem = structure_reason([{"role": role, "content": "x"} for role in roles])
-    assert (problem[0] if problem else None) == reason
-
-
-# --- normalize ---------------------------------------------------------------------------------
-
-def test_normalize_nfc():
-    decomposed = "Cafe\u0301 nai\u0308ve"
-    assert decomposed != "Café naïve"
-    assert normalize(decomposed) == "Café naïve"
-
-
-def test_normalize_line_endings_trailing_spaces_and_blank_runs():
-    assert normalize("line one  \r\nline two\t\rline three") == "line one\nline two\nline three"
-    assert normalize("a\n\n\n\n\nb\n\n\nc\n\nd") == "a\n\nb\n\nc\n\nd"
-    assert normalize("a \n \n\t\n  \nb") == "a\n\nb"             # whitespace-only lines are blank too
-    assert normalize("\n\n  text with  inner  spaces  \n\n") == "text with  inner  spaces"
-    assert normalize("    indented code\n        keeps indentation") == "indented code\n        keeps indentation"
-
-
-def test_normalize_removes_control_characters_but_newlines_and_tabs():
-    assert normalize("a\x00b\x07c\x1bd\x7fe\x85f\tg\nh") == "abcdef\tg\nh"
-
-
-def test_normalize_is_idempotent():
-    text = "x  \r\n\r\n\r\n\r\ny\u0301 "
-    assert normalize(normalize(text)) == normalize(text) == "x\n\ný"
-
-
-# --- rejection_reason --------------------------------------------------------------------------
-
-@pytest.mark.parametrize("messages, reason", [
-    ([user("Q?"), assistant(ANSWER)], None),
-    ([user("Q?"), assistant("")], "empty_answer"),
-    ([user("Q?"), assistant(ANSWER), user("More?"), assistant("")], "empty_answer"),
-    ([user("Q?"), assistant("N/A")], "placeholder_answer"),
-    ([user("Q?"), assistant("None.")], "placeholder_answer"),
-    ([user("Q?"), assistant("todo!")], "placeholder_answer"),
-    ([user("Q?"), assistant("...")], "placeholder_answer"),
-    ([user("Q?"), assistant("Too short")], "answer_too_short"),          # 9 < 10 chars
-    ([user("Q?"), assistant("x" * 10)], None),                           # exactly the minimum
-    ([user("Q?"), assistant("x" * 200)], None),                          # exactly the maximum
-    ([user("Q?"), assistant("x" * 201)], "answer_too_long"),
-    ([user("x" * 101), assistant(ANSWER)], "prompt_too_long"),
-    ([{"role": "system", "content": "x" * 60}, user("y" * 41), assistant(ANSWER)], "prompt_too_long"),
-    ([{"role": "system", "content": "x" * 60}, user("y" * 40), assistant(ANSWER)], None),
-    ([user("Q?")], "no_assistant_turn"),
-    ([user("Q?"), {"role": "gpt", "content": ANSWER}], "no_assistant_turn"),
-])
-def test_rejection_reasons(messages, reason):
-    assert rejection_reason(messages, PARAMS) == reason
 
 
 # --- clean_sources -----------------------------------------------------------------------------
@@ -262,7 +91,8 @@ def test_clean_sources_counts_add_up(mixed_raw):
     assert summary["sources"]["second"] == {"rows_in": 3, "kept": 2,
                                             "rejected": {"duplicate": 1},
                                             "formats": {"sharegpt": 2, "prompt_completion": 1},
-                                            "repaired": {"control_chars": 0, "invalid_utf8": 0}, "pii": {"action": "redact", "rows": 0, "found": {}}}
+                                            "repaired": {"control_chars": 0, "invalid_utf8": 0},
+                                            "pii": {"action": "redact", "rows": 0, "found": {}}}
     for name, source in summary["sources"].items():
         assert source["rows_in"] == source["kept"] + sum(source["rejected"].values()), name
     assert summary["rows_in"] == 13
@@ -372,12 +202,6 @@ def many(count: int, start: int = 0) -> list[dict]:
     return [qa(i, f"Answer {i} with enough characters.") for i in range(start, start + count)]
 
 
-def test_assign_split_depends_only_on_content_and_salt():
-    row_id = content_id([user("Q?"), assistant(ANSWER)])
-    assert assign_split(row_id, PARAMS) == assign_split(row_id, dataclasses.replace(PARAMS, min_answer_chars=1))
-    assert {assign_split(row_id, PARAMS) for _ in range(5)} == {assign_split(row_id, PARAMS)}
-
-
 def test_existing_rows_keep_their_split_when_rows_are_added(tmp_path):
     before, _, _ = clean_sources(write_raw(tmp_path / "a", {"src": many(300)}), PARAMS)
     # new rows appended, others inserted before the old ones, plus a whole new source
@@ -483,7 +307,8 @@ def _lands_in(split: str, make) -> dict:
 
 def test_a_training_row_with_an_evaluation_prompt_is_dropped(tmp_path):
     question = "Which planet in the solar system has the largest number of confirmed moons today?"
-    test_row = _lands_in("test", lambda i: {"instruction": question, "output": f"Saturn, with well over {100 + i} moons."})
+    test_row = _lands_in("test", lambda i: {"instruction": question,
+                                            "output": f"Saturn, with well over {100 + i} moons."})
     # The same question with another answer, and with one word changed: both would teach the test answer.
     leak = _lands_in("train", lambda i: {"instruction": question, "output": f"It is Saturn; answer variant {i}."})
     near = _lands_in("train", lambda i: {"instruction": question.replace("today", "now"),

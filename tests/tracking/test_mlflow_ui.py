@@ -22,6 +22,8 @@ import pytest
 from ftpipe.tracking.mlflow_ui import experiment_id, experiment_page, running_ui
 from tests.chromium import require_chromium
 
+pytestmark = pytest.mark.slow   # an MLflow server and Chromium: `make test-fast` leaves it out
+
 WINDOW = (1600, 1000)
 # (run name, train.learning_rate, final loss): loss(step) = final * 10 / step, so step 1 is 10x step 10
 PIPELINE_RUNS = [("first run", "0.0005", 0.3), ("train.learning_rate=0.001 (was 0.0005)", "0.001", 0.2)]

@@ -101,7 +101,8 @@ def test_runs_left_running_by_a_killed_invocation_are_ended_by_the_next(store, m
     killed.start()   # never ended, as when the process is killed
     import psutil
 
-    monkeypatch.setenv("FTPIPE_INVOCATION", f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time())}")
+    monkeypatch.setenv("FTPIPE_INVOCATION",
+                       f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time())}")
     alive = StageTracker("ingest", {})
     alive.start()   # this process: alive, must be kept RUNNING
     monkeypatch.setenv("FTPIPE_INVOCATION", "host:9:9")
