@@ -3,22 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.data.readers import read_file_source
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def alpaca(i: int) -> dict:
-    return {"instruction": f"Question number {i}?", "output": f"The answer to question {i} is long enough."}
+from tests.data_fixtures import alpaca, write_lines
 
 
 def test_jsonl_skips_blank_lines_and_numbers_rows_by_line(tmp_path):

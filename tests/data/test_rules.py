@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 
-from ftpipe.core.params import CleanParams
 from ftpipe.data.rules import (
     assign_split,
     content_id,
@@ -16,20 +15,9 @@ from ftpipe.data.rules import (
     redact_record,
     rejection_reason,
 )
+from tests.data_fixtures import ANSWER, CLEAN_PARAMS, assistant, user
 
-PARAMS = CleanParams(min_answer_chars=10, max_prompt_chars=100, max_answer_chars=200,
-                     placeholder_answers=["n/a", "none", "TODO", "..."], split_salt="s1",
-                     validation_fraction=0.1, test_fraction=0.2, pii_action="redact",
-                     near_duplicate_threshold=0.7, decontamination_threshold=0.8)
-ANSWER = "A clear answer of enough length."
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
+PARAMS = CLEAN_PARAMS
 
 
 # --- normalize ---------------------------------------------------------------------------------

@@ -15,18 +15,11 @@ from ftpipe.core.params import SourceParams
 from stages import ingest
 from stages.ingest import ingest_source
 from tests.conftest import REPO, set_sources
+from tests.data_fixtures import alpaca, write_lines
 
 QUESTION = re.compile(r"^What does `([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)` do\?$")
 
 
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def alpaca(i: int) -> dict:
-    return {"instruction": f"Question number {i}?", "output": f"The answer to question {i} is long enough."}
 
 
 # --- ingest_source -----------------------------------------------------------------------------

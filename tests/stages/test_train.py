@@ -271,3 +271,34 @@ def test_training_on_packed_rows_end_to_end(packed_trained):
                and TOKENS_KEY not in keys for keys in seen["forward_kwargs"])
     tensors = adapter_tensors(packed_trained["adapter"])
     assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)
+
+
+def test_the_stage_resumes_a_killed_run_and_says_so_in_mlflow(in_tmp_project, tiny_base, tiny_data):
+    """main() on a project whose last train run was interrupted after checkpoint-2: the MLflow run names the
+    checkpoint and the run it resumed; run totals are logged under run/ names, apart from per-step ones."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from ftpipe.tracking.runs import tracking_uri
+    from stages.train import main
+
+    shutil.copytree(tiny_base, in_tmp_project / "models/base")
+    shutil.copytree(tiny_data[1], in_tmp_project / "data/tokenized")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tokenize"]["max_seq_length"] = TOKENIZE.max_seq_length
+    params["train"] = dataclasses.asdict(TRAIN)   # TRAIN exactly: the fingerprint of train_tiny's run
+    (in_tmp_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(TRAIN, in_tmp_project / "models/base", in_tmp_project / "data/tokenized",
+                   in_tmp_project / "models/checkpoints", in_tmp_project / "interrupted", [interrupt_at(3)])
+    main()
+    client = MlflowClient(tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("ftpipe").experiment_id],
+                                "tags.`ftpipe.stage` = 'train'")
+    assert run.data.tags["ftpipe.resumed"] == "true"
+    assert run.data.tags["ftpipe.resumed_from_checkpoint"] == "checkpoint-2"
+    assert run.data.tags["ftpipe.resumed_from_run"] == "None"   # train_tiny started it without MLflow
+    assert "run/seconds" in run.data.metrics and "final_loss" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 6   # per step, also those before the resume
+    assert all(point.step > 0 for point in client.get_metric_history(run.info.run_id, "seconds"))
+    assert read_json(in_tmp_project / "metrics/train.json")["resumed_from"] == "checkpoint-2"
