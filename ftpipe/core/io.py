@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ftpipe.core.errors import PipelineError
+from ftpipe.core.paths import PROVENANCE_FILE
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads keep memory flat on multi-GB weight files
 # In a model folder (base, adapter): the SHA-256 of every file but the run's own records. Later stages
 # depend on it in dvc.yaml instead of the whole folder, whose provenance.json changes with every run (time,
 # MLflow run): a rerun that writes the same weights reruns nothing after it.
 CONTENT_FILE = "content.json"
-RUN_RECORDS = ("provenance.json", CONTENT_FILE)
+RUN_RECORDS = (PROVENANCE_FILE, CONTENT_FILE)
 
 
 def _temporary_prefix(final: Path, kind: str) -> str:
