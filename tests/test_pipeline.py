@@ -74,6 +74,7 @@ def project(tmp_path_factory) -> Path:
         # merged into, so its merge gap is rounding noise (measured up to 0.025 nats on these ~20
         # validation rows, vs 0.00003 after the default 200 steps). tests/stages/test_merge.py tests the gate.
         "merge.max_loss_gap_vs_adapter": 0.1,
+        "quantize.max_new_tokens": 24,
     })
     run(["git", "init", "-q"], project)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "add", "-A"], project)
@@ -110,17 +111,23 @@ def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
     merge = json.loads((project / "metrics/merge.json").read_text())
     assert merge["gap_vs_adapter"] <= 0.02
     quantize = json.loads((project / "metrics/quantize.json").read_text())
-    for gguf_type in ("f16", "q8_0"):
+    for gguf_type in ("f16", "q8_0", "q4_k_m"):
         entry = quantize["files"][gguf_type]
         assert (project / "models/gguf" / entry["file"]).stat().st_size == entry["bytes"]
-        assert entry["tokenizer_mismatches"] == 0
+        assert entry["tokenizer_mismatches"] == 0 and entry["chat_prompt_mismatches"] == 0
+        assert entry["stop_token_problems"] == []
+    assert "Q4_K" in quantize["files"]["q4_k_m"]["types"]   # SmolLM2's 1536-wide rows take K-quant blocks
+    assert quantize["greedy"]["same_text"] >= quantize["greedy"]["needed"] == 9
     assert (project / "dvc.lock").exists()
     report = json.loads((project / "models/release/report.json").read_text())
     assert [stage["name"] for stage in report["stages"]] == list(STAGES[:-1])
     assert report["mlflow"]["pipeline_run_id"] == json.loads((project / "metrics/record.json").read_text())[
         "pipeline_run_id"]
-    for name in ("adapter", "merged", "gguf-f16", "gguf-q8_0"):
+    for name in ("adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
         assert "Apache-2.0 AND PSF-2.0" in (project / "models/release" / name / "README.md").read_text()
+    for gguf_type in ("f16", "q8_0", "q4_k_m"):
+        modelfile = (project / "models/release" / f"gguf-{gguf_type}" / "Modelfile").read_text()
+        assert f"FROM ./model-{gguf_type}.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
 def test_verify_passes_on_the_real_release_against_dvc_lock_and_its_cache(project, first_repro):

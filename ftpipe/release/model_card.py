@@ -9,7 +9,10 @@ Why our own card: peer tools write `license: apache-2.0` (or a placeholder) what
 on, but a fine-tuned model carries the obligations of its base model and of every data source. This card
 states the license the gate concluded (ftpipe.compliance.licenses), whether commercial use is allowed, not allowed or
 not established (a license unknown to ftpipe) and why, the licenses a reviewer declared, and the duties that travel
-with the model; then the data, the scores, the files and how to check them. Declared
+with the model; then the data, the scores, the files and how to check them. A GGUF's card also states what the
+quantize stage checked of it in llama.cpp (size, bits per weight, tensor type mix, loss, tokenizer, chat
+template, stop token, greedy answers), the llama.cpp build, and how to run it (Ollama with its Modelfile,
+ftpipe's chat and server). Declared
 names, creators and notes are untrusted text: the front matter is yaml.safe_dump's and Markdown text is
 flattened and escaped, so no declaration can change the card's structure.
 """
@@ -24,6 +27,18 @@ import yaml
 from ftpipe.compliance.license_table import HF_LICENSE_IDS
 from ftpipe.compliance.licenses import commercial_use_of
 from ftpipe.core.errors import PipelineError
+from ftpipe.release.gguf_release import (
+    GREEDY_FILE_TYPE,
+    MODELFILE,
+    chat_prompts,
+    gguf_file,
+    greedy_passed,
+    greedy_summary,
+    llama_cpp_build,
+    modelfile_facts,
+    run_commands,
+    tensor_mix,
+)
 
 CARD_FILE = "README.md"
 
@@ -55,7 +70,10 @@ def model_card(report: dict[str, Any], artifact_name: str) -> str:
                             f"{', '.join(sorted(by_name)) or '(none)'}")
     artifact = by_name[artifact_name]   # its kind is one of KINDS: stages/report.py writes no other
     sections = [_summary(report, artifact), _license(report), _base_model(report), _training_data(report),
-                _intended_use(report), _evaluation(report, artifact), _files(report, artifact), _provenance(report)]
+                _intended_use(report), _evaluation(report, artifact)]
+    if artifact["kind"] == "gguf":
+        sections.append(_how_to_run(report, artifact))
+    sections += [_files(report, artifact), _provenance(report)]
     return _front_matter(report, artifact) + "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
@@ -262,23 +280,65 @@ def _evaluation(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
         lines += ["", f"Merged model: validation loss {_number(merged_loss, 4)}; merge gap vs the adapter "
                   f"on the same 16-bit base {_number(evaluation.get('merge_gap_vs_adapter'), 6, signed=True)}."]
     elif artifact["kind"] == "gguf":
-        gguf = (evaluation.get("gguf") or {}).get(artifact.get("gguf_type"))
-        if gguf is None:
-            lines += ["", "This GGUF file was not evaluated."]
-        else:
-            mismatches = gguf.get("tokenizer_mismatches")
-            check = "n/a" if mismatches is None else (
-                "passed (0 mismatches)" if mismatches == 0 else f"FAILED ({mismatches} mismatches)")
-            lines += ["", f"This GGUF file ({_inline(artifact.get('gguf_type'))}): validation loss "
-                      f"{_number(gguf.get('validation_loss'), 4)}; gap vs the merged model "
-                      f"{_number(gguf.get('loss_gap'), 6, signed=True)} (merged: {_number(merged_loss, 4)}); "
-                      f"tokenizer check against the Hugging Face tokenizer: {check}."]
+        lines += _gguf_evaluation(evaluation, artifact)
     return lines
+
+
+def _gguf_evaluation(evaluation: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
+    """What the quantize stage checked of this GGUF in llama.cpp, the runtime that serves it."""
+    gguf_type = artifact.get("gguf_type")
+    gguf = (evaluation.get("gguf") or {}).get(gguf_type)
+    if gguf is None:
+        return ["", "This GGUF file was not evaluated."]
+    size = _size(gguf["bytes"]) if gguf.get("bytes") is not None else "n/a"
+    bits = _number(gguf.get("bits_per_weight"), 3)
+    lines = ["", f"### This GGUF file ({_inline(gguf_type)}) in llama.cpp", "",
+             f"Size {size}, {bits} bits per weight. Tensor types stored: {_inline(tensor_mix(gguf.get('types')))}.",
+             "", f"Checked against the merged model on the validation split in "
+             f"{_inline(llama_cpp_build(evaluation.get('llama_cpp')))}, the runtime that serves it:", ""]
+    mismatches = gguf.get("tokenizer_mismatches")
+    check = "n/a" if mismatches is None else (
+        "passed (0 mismatches)" if mismatches == 0 else f"FAILED ({mismatches} mismatches)")
+    prompt_mismatches = gguf.get("chat_prompt_mismatches")
+    prompts = "n/a" if prompt_mismatches is None else (
+        f"{'passed' if prompt_mismatches == 0 else 'FAILED'}: {chat_prompts(gguf)} validation prompts differ from "
+        "the prompts the model was trained on")
+    problems = gguf.get("stop_token_problems")
+    tokens = _inline(evaluation.get("end_of_turn_tokens"))
+    stop = ("n/a" if problems is None else f"passed: llama.cpp ends generation at {tokens}" if not problems
+            else "FAILED: " + "; ".join(_inline(problem) for problem in problems))
+    greedy = evaluation.get("gguf_greedy")
+    greedy_text = ("not compared" if not greedy else
+                   f"{'passed' if greedy_passed(greedy) else 'FAILED'}: {greedy_summary(greedy)}"
+                   + ("" if gguf_type == GREEDY_FILE_TYPE else
+                      f" (compared once for all types, on the {GREEDY_FILE_TYPE} GGUF)"))
+    lines += [f"- validation loss {_number(gguf.get('validation_loss'), 4)}; gap vs the merged model "
+              f"{_number(gguf.get('loss_gap'), 6, signed=True)} (merged: "
+              f"{_number(evaluation.get('merged_validation_loss'), 4)});",
+              f"- tokenizer check against the Hugging Face tokenizer: {check};",
+              f"- chat template (the GGUF's own, applied by llama.cpp): {prompts};",
+              f"- stop token: {stop};",
+              f"- greedy answers: {_inline(greedy_text)}."]
+    return lines
+
+
+def _how_to_run(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
+    """A GGUF card only: Ollama with the Modelfile beside it, and ftpipe's chat and server."""
+    commands = run_commands(report, artifact)
+    build = _inline(llama_cpp_build((report.get("evaluation") or {}).get("llama_cpp")))
+    return ["## How to run", "", f"With [Ollama](https://ollama.com), in this folder: the `{MODELFILE}` beside the "
+            f"GGUF names it (`FROM ./{_inline(gguf_file(artifact))}`), its stop token, its license and, for a ChatML "
+            "chat template, the same prompt template as a Go TEMPLATE.", "", "```sh", *commands["ollama"], "```", "",
+            "With ftpipe, from the project root (llama.cpp, as in the checks above): a chat in the terminal, or a "
+            "local server.", "", "```sh", *commands["ftpipe"], "```", "",
+            f"It was checked with {build}; other llama.cpp builds (Ollama's own included) may round differently."]
 
 
 def _files(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
     # The release folder holds each file under its own name (stages/report.py links them in flat).
     names = [(PurePosixPath(file["path"]).name, file) for file in artifact["files"]]
+    if artifact["kind"] == "gguf":   # the Modelfile is written from the report: its hash is known here
+        names.append((MODELFILE, modelfile_facts(report, artifact)))
     verify = (report.get("release") or {}).get("verify_command") or "python -m ftpipe.release.verify"
     return (["## Files", ""] + _table(["File", "Size", "SHA-256"], [[name, _size(file["bytes"]), file["sha256"]]
                                                                     for name, file in names])

@@ -1,6 +1,7 @@
 """Writing the release folder (models/release/): the report in three forms, the validated CycloneDX BOM, a
-folder per artifact with its files hard-linked (no extra disk) and its model card, and MANIFEST.sha256 over
-all of it (`sha256sum -c` format). The report stage collects what goes in; this writes it."""
+folder per artifact with its files hard-linked (no extra disk) and its model card (and, beside each GGUF, its
+Ollama Modelfile: ftpipe/release/gguf_release.py), and MANIFEST.sha256 over all of it (`sha256sum -c`
+format). The report stage collects what goes in; this writes it."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from typing import Any
 
 from ftpipe.core.io import atomic_write_text, sha256_file, write_json
 from ftpipe.core.paths import RELEASE_DIR
+from ftpipe.release.gguf_release import MODELFILE, release_modelfile
 from ftpipe.release.model_card import CARD_FILE, model_card
 from ftpipe.release.report_render import render_html, render_markdown
 from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
@@ -32,6 +34,8 @@ def write_release(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             link_or_copy(Path(file["path"]), target)
             manifest[_final(target, out_dir)] = file["sha256"]
         atomic_write_text(folder / CARD_FILE, model_card(report, artifact["name"]))
+        if artifact["kind"] == "gguf":   # the same text the BOM and the card hash (gguf_release.modelfile_facts)
+            atomic_write_text(folder / MODELFILE, release_modelfile(report, artifact))
     write_json(out_dir / REPORT_FILES["report_json"], report)
     atomic_write_text(out_dir / REPORT_FILES["report_markdown"], render_markdown(report))
     atomic_write_text(out_dir / REPORT_FILES["report_html"], render_html(report))

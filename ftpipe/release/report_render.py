@@ -15,8 +15,10 @@ Sections, in this order (the HTML ids; the Markdown headings slugify to the same
     pii           personal data found per source, and what clean did with it
     stages        each DVC stage: command, dependency and output hashes, params, provenance, MLflow run
     training      params, metrics, the machine and packages it ran on
-    evaluation    base vs tuned on the test split, merge gap, GGUF losses
-    artifacts     every released file with its size and SHA-256
+    evaluation    base vs tuned on the test split, merge gap; each GGUF in llama.cpp: size, bits per weight,
+                  tensor type mix, loss and gap, tokenizer, chat prompt and stop-token checks, the greedy
+                  comparison, and the llama.cpp build (version, commit, flags) it was checked with
+    artifacts     every released file with its size and SHA-256 (a GGUF's Modelfile too), how to run a GGUF
     verification  the commands that re-check the release
 
 Why one document model: build_sections() writes each section once as blocks (fields, tables, paragraphs,
@@ -38,6 +40,18 @@ from dataclasses import make_dataclass
 from typing import Any, Callable, Sequence, Union
 
 from ftpipe.compliance.licenses import commercial_use_of
+from ftpipe.gguf.modelfile import chatml_format
+from ftpipe.release.gguf_release import (
+    GREEDY_FILE_TYPE,
+    chat_prompts,
+    converter_text,
+    greedy_passed,
+    greedy_summary,
+    llama_cpp_build,
+    modelfile_facts,
+    run_commands,
+    tensor_mix,
+)
 from ftpipe.release.report_charts import STYLE, comparison_chart, gguf_gap_chart, rows_chart
 
 # --- the document model: inline values and blocks --------------------------------------------------------
@@ -313,7 +327,8 @@ def provenance(record: dict) -> Inline:
 
 
 ENVIRONMENT = {"python": "Python", "platform": "Platform", "machine": "Machine", "processor": "CPU",
-               "cpu_count": "CPU cores", "torch_cuda": "CUDA (torch)", "gpu": "GPU"}
+               "cpu_count": "CPU cores", "cpu_flags": "CPU flags", "torch_cuda": "CUDA (torch)", "gpu": "GPU",
+               "llama_cpp": "llama.cpp"}
 
 
 def training(report: dict) -> list:
@@ -348,11 +363,65 @@ def evaluation(report: dict) -> list:
     gguf = ev.get("gguf") or {}
     if not gguf:
         return blocks + [Para("none: no GGUF file was produced")]
-    table = Table(("Type", "Validation loss", "Loss gap vs merged", "Tokenizer mismatches"),
-                  [(name, value(entry["validation_loss"]), value(entry["loss_gap"]),
-                    Mark("warn", f"{entry['tokenizer_mismatches']:,}") if entry["tokenizer_mismatches"]
-                    else value(entry["tokenizer_mismatches"])) for name, entry in gguf.items()], numeric=(1, 2, 3))
-    return blocks + [table, Chart(gguf_gap_chart(gguf), "Validation loss gap of each GGUF file vs the merged model.")]
+    return blocks + gguf_blocks(ev, gguf)
+
+
+def gguf_blocks(ev: dict, gguf: dict) -> list:
+    """Each GGUF as llama.cpp runs it: its size and real tensor types, and what the quantize stage checked of it
+    against the merged model (loss, tokenizer, chat prompts, stop tokens; greedy answers on the f16 file)."""
+    llama = ev.get("llama_cpp") or {}
+    converter = ev.get("gguf_converter")
+    blocks = [
+        Fields([("Checked in", llama_cpp_build(llama)),
+                ("llama.cpp CPU features", value(llama.get("system_info"))),
+                ("llama-cpp-python wheel SHA-256", value(llama.get("wheel_sha256"))),
+                ("Converter (float types, q8_0)", converter_text(converter)),
+                ("End-of-turn tokens", joined([Code(str(token)) for token in ev.get("end_of_turn_tokens") or []])
+                 or "—")]),
+        Table(("Type", "Size", "Bits per weight", "Tensor types (share of weights)"),
+              [(name, size(entry.get("bytes")), value(entry.get("bits_per_weight"), exact=True),
+                tensor_mix(entry.get("types")))
+               for name, entry in gguf.items()], numeric=(1, 2)),
+        Table(("Type", "Validation loss (llama.cpp)", "Loss gap vs merged", "Tokenizer mismatches",
+               "Chat prompt mismatches", "Stop-token problems"),
+              [(name, value(entry.get("validation_loss")), value(entry.get("loss_gap")),
+                flagged(entry.get("tokenizer_mismatches")),
+                flagged(entry.get("chat_prompt_mismatches"), chat_prompts(entry)),
+                stop_problems(entry.get("stop_token_problems"))) for name, entry in gguf.items()],
+              numeric=(1, 2, 3, 4)),
+        Chart(gguf_gap_chart(gguf), "Validation loss gap of each GGUF file vs the merged model, in llama.cpp.")]
+    greedy = ev.get("gguf_greedy")
+    blocks.append(Heading(f"Greedy answers: the {GREEDY_FILE_TYPE} GGUF in llama.cpp vs the merged model"))
+    if not greedy:
+        return blocks + [Para("not compared")]
+    verdict_mark = Mark("pass", "pass") if greedy_passed(greedy) else Mark("fail", "FAIL")
+    blocks += [Fields([("Result", (verdict_mark, " — ", greedy_summary(greedy))),
+                       ("Same text", f"{greedy.get('same_text')} of {greedy.get('prompts')} ({greedy.get('needed')} "
+                                     "needed: quantize.min_greedy_agreement)"),
+                       ("Stopped where the merged model stopped",
+                        f"{greedy.get('stopped_where_merged_stopped')} of {greedy.get('merged_stopped')}")])]
+    pairs = greedy.get("pairs") or []
+    if pairs:
+        blocks.append(Table(("Prompt", "Merged model", f"llama.cpp ({GREEDY_FILE_TYPE} GGUF)", "Same text",
+                             "Stopped (merged / llama.cpp)"),
+                            [(pair.get("prompt", ""), pair.get("merged", ""), pair.get("gguf", ""),
+                              value(pair.get("merged") == pair.get("gguf")),
+                              f"{value(pair.get('merged_stopped'))} / {value(pair.get('gguf_stopped'))}")
+                             for pair in pairs]))
+    return blocks
+
+
+def flagged(count: int | None, text: str | None = None) -> Inline:
+    """A count of problems: a warning mark when there are any."""
+    if count is None:
+        return "—"
+    return Mark("warn", text or f"{count:,}") if count else (text or value(count))
+
+
+def stop_problems(problems: list | None) -> Inline:
+    if problems is None:
+        return "—"
+    return joined([Mark("warn", str(problem)) for problem in problems], BR) if problems else "none"
 
 
 def metric_row(key: str, base: Any, tuned: Any) -> tuple:
@@ -364,7 +433,7 @@ def metric_row(key: str, base: Any, tuned: Any) -> tuple:
     return label, value(base), value(tuned), f"{change:+.4g}{verdict_word}"
 
 
-ARTIFACT_KEYS = ("name", "kind", "stage", "folder", "release_folder", "files")
+ARTIFACT_KEYS = ("name", "kind", "stage", "folder", "release_folder", "files", "chat_template")
 
 
 def artifacts(report: dict) -> list:
@@ -372,13 +441,30 @@ def artifacts(report: dict) -> list:
     for artifact in report["artifacts"]:
         extra = [(key.replace("_", " ").capitalize(), value(item)) for key, item in artifact.items()
                  if key not in ARTIFACT_KEYS]
+        files = list(artifact["files"])
+        if artifact["kind"] == "gguf":
+            extra += gguf_artifact_fields(report, artifact)
+            files.append(modelfile_facts(report, artifact))
         blocks += [Heading(artifact["name"]),
                    Fields([("Kind", artifact["kind"]), ("Stage", artifact["stage"]),
                            ("Folder", Code(artifact["folder"])), ("Release folder", Code(artifact["release_folder"])),
                            *extra]),
                    Table(("File", "Size", "SHA-256"), [(Code(file["path"]), size(file["bytes"]), Hash(file["sha256"]))
-                                                       for file in artifact["files"]], numeric=(1,))]
+                                                       for file in files], numeric=(1,))]
     return blocks or [Para("none")]
+
+
+def gguf_artifact_fields(report: dict, artifact: dict) -> list:
+    """A GGUF's chat template (as the Modelfile beside it carries it) and the commands that run it."""
+    chatml = chatml_format(artifact.get("chat_template"))
+    template = ("none in the GGUF" if not artifact.get("chat_template") else
+                "ChatML: the Modelfile writes it as an explicit TEMPLATE"
+                + (" with the template's default SYSTEM message" if chatml and chatml.default_system else "")
+                if chatml else "not ChatML: Ollama derives its template from the GGUF's own")
+    commands = run_commands(report, artifact)
+    return [("Chat template (Ollama)", template),
+            ("Run with Ollama", joined([Code(line) for line in commands["ollama"]], BR)),
+            ("Run with ftpipe", joined([Code(line) for line in commands["ftpipe"]], BR))]
 
 
 def verification(report: dict) -> list:

@@ -11,9 +11,13 @@ cyclonedx-python-lib, so validate_sbom works offline, like the rest of the pipel
 Structure, with bom-refs:
 - metadata.component: the merged model [model:merged]: concluded license, model card, compliance properties.
 - components: the base model [model:base]; one data component per source [data:<name>]; every other artifact
-  [model:<artifact name>]: the adapter [model:adapter] and each GGUF [model:gguf-<type>]; the training
-  environment's packages [pkg:pypi/<name>@<version>]. A multi-file artifact nests its files [file:<path>].
-- dependencies: adapter -> base + every source; merged -> base + adapter; each GGUF -> merged.
+  [model:<artifact name>]: the adapter [model:adapter] and each GGUF [model:gguf-<type>], with its tensor type
+  mix and bits per weight as properties and its llama.cpp checks as performance metrics; the llama.cpp runtime
+  the GGUFs were quantized and checked in [runtime:llama.cpp] (version: the llama.cpp commit; properties:
+  llama-cpp-python's version and the build flags); the training environment's packages
+  [pkg:pypi/<name>@<version>]. A multi-file artifact nests its files [file:<path>]; a GGUF nests the Ollama
+  Modelfile of its release folder [file:models/release/gguf-<type>/Modelfile].
+- dependencies: adapter -> base + every source; merged -> base + adapter; each GGUF -> merged + llama.cpp.
 Facts CycloneDX has no field for are properties named "ftpipe:...".
 """
 from __future__ import annotations
@@ -33,10 +37,13 @@ from jsonschema.exceptions import best_match
 
 from ftpipe.compliance.licenses import commercial_use_of
 from ftpipe.core.errors import PipelineError
+from ftpipe.release.gguf_release import GREEDY_FILE_TYPE, MODELFILE, modelfile_facts, tensor_mix
 
 SBOM_FILE = "sbom.cdx.json"
 SPEC_VERSION = "1.6"
 BASE_REF, MERGED_REF = "model:base", "model:merged"
+LLAMA_CPP_REF = "runtime:llama.cpp"
+MODELFILE_ROLE = "Ollama Modelfile, written beside the GGUF in its release folder"
 ADAPTER_KIND, MERGED_KIND, GGUF_KIND = "lora-adapter", "merged-model", "gguf"
 # A fixed namespace makes serialNumber a hash of the report: the same report gives the same BOM, byte for byte.
 SERIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "ftpipe:sbom")
@@ -50,6 +57,8 @@ def build_sbom(report: dict[str, Any]) -> dict[str, Any]:
     ggufs = [artifact for artifact in report["artifacts"] if artifact["kind"] == GGUF_KIND]
     data_refs = [f"data:{source['name']}" for source in report["data_sources"]]
     others = [artifact for artifact in report["artifacts"] if artifact is not merged]
+    runtime = _llama_cpp(report) if ggufs else None
+    gguf_runtime = [LLAMA_CPP_REF] if runtime else []
     bom = {
         "$schema": f"http://cyclonedx.org/schema/bom-{SPEC_VERSION}.schema.json",
         "bomFormat": "CycloneDX", "specVersion": SPEC_VERSION, "serialNumber": _serial_number(report), "version": 1,
@@ -58,10 +67,11 @@ def build_sbom(report: dict[str, Any]) -> dict[str, Any]:
                      "component": _merged_model(report, merged, data_refs)},
         "components": [_base_model(report), *[_data_source(report, source) for source in report["data_sources"]],
                        *[_artifact(report, artifact) for artifact in others],
+                       *([runtime] if runtime else []),
                        *_packages((report["training"].get("environment") or {}).get("packages") or {})],
         "dependencies": [{"ref": _artifact_ref(adapter), "dependsOn": [BASE_REF, *data_refs]},
                          {"ref": MERGED_REF, "dependsOn": [BASE_REF, _artifact_ref(adapter)]},
-                         *[{"ref": _artifact_ref(gguf), "dependsOn": [MERGED_REF]} for gguf in ggufs]],
+                         *[{"ref": _artifact_ref(gguf), "dependsOn": [MERGED_REF, *gguf_runtime]} for gguf in ggufs]],
     }
     return _compact(bom)
 
@@ -162,28 +172,72 @@ def _data_source(report: dict[str, Any], source: dict[str, Any]) -> dict[str, An
 
 
 def _artifact(report: dict[str, Any], artifact: dict[str, Any]) -> dict[str, Any]:
-    """A released artifact: one file carries its SHA-256 itself, several nest as file components."""
+    """A released artifact: one file carries its SHA-256 itself, several nest as file components. A GGUF nests the
+    Ollama Modelfile the release writes beside it, and carries its tensor type mix and llama.cpp checks."""
     files = artifact.get("files") or []
     single = files[0] if len(files) == 1 else {}
     training = report.get("training") or {}
-    gguf_scores = (report.get("evaluation") or {}).get("gguf", {}).get(artifact.get("gguf_type"), {})
+    gguf = artifact["kind"] == GGUF_KIND
+    gguf_scores = (report.get("evaluation") or {}).get("gguf", {}).get(artifact.get("gguf_type")) or {}
+    nested = [] if single else files
+    if gguf:
+        nested = [*nested, modelfile_facts(report, artifact)]
     return {
         "type": "machine-learning-model", "bom-ref": _artifact_ref(artifact),
         "name": f"{report['base_model']['id']} fine-tuned ({artifact['name']})",
         "description": f"{artifact['kind']} written by the {artifact['stage']} stage",
         "licenses": _licenses(report["compliance"].get("concluded_license"), "concluded"),
         "hashes": _sha256(single.get("sha256")),
-        "components": [] if single else [
-            {"type": "file", "bom-ref": f"file:{file['path']}", "name": file["path"], "hashes": _sha256(file["sha256"]),
-             "properties": _properties({"bytes": file.get("bytes")})} for file in files],
-        "modelCard": {"quantitativeAnalysis": {"performanceMetrics": [
-            {"type": key, "value": _text(value), "slice": "validation split, against the merged model"}
-            for key, value in gguf_scores.items() if value is not None]}},
+        "components": [_file(file, MODELFILE_ROLE if file["path"].endswith(f"/{MODELFILE}") else None)
+                       for file in nested],
+        "modelCard": {"quantitativeAnalysis": {"performanceMetrics": _gguf_metrics(gguf_scores)}} if gguf else None,
         "properties": _properties({key: artifact.get(key) for key in (
             "kind", "stage", "folder", "release_folder", "dtype", "gguf_type")}
             | {"file": single.get("path"), "bytes": single.get("bytes")}
+            | ({"bits_per_weight": gguf_scores.get("bits_per_weight"), "tensor_mix": tensor_mix(gguf_scores["types"]),
+                "tensor_types": gguf_scores["types"]} if gguf and gguf_scores.get("types") else {})
             | ({"training:params": training.get("params"), "training:metrics": training.get("metrics")}
                if artifact["kind"] == ADAPTER_KIND else {})),
+    }
+
+
+def _file(file: dict[str, Any], role: str | None = None) -> dict[str, Any]:
+    return {"type": "file", "bom-ref": f"file:{file['path']}", "name": file["path"], "hashes": _sha256(file["sha256"]),
+            "properties": _properties({"bytes": file.get("bytes"), "role": role})}
+
+
+def _gguf_metrics(scores: dict[str, Any]) -> list[dict[str, str]]:
+    """What the quantize stage measured of a GGUF in llama.cpp, against the merged model."""
+    slice_ = "validation split, in llama.cpp, against the merged model"
+    metrics = [{"type": key, "value": _text(scores[key]), "slice": slice_}
+               for key in ("validation_loss", "loss_gap", "tokenizer_mismatches") if scores.get(key) is not None]
+    if scores.get("chat_prompt_mismatches") is not None:
+        metrics.append({"type": "chat_prompt_mismatches", "value": _text(scores["chat_prompt_mismatches"]),
+                        "slice": f"{scores.get('chat_prompts_compared')} validation prompts, in llama.cpp, against the "
+                                 "prompts the model was trained on"})
+    if scores.get("stop_token_problems") is not None:
+        metrics.append({"type": "stop_token_problems", "value": _text(len(scores["stop_token_problems"])),
+                        "slice": "the merged model's end-of-turn tokens, in llama.cpp"})
+    return metrics
+
+
+def _llama_cpp(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The llama.cpp every GGUF was made (K-quants) and checked in: llama-cpp-python's vendored copy, built here."""
+    info = (report.get("evaluation") or {}).get("llama_cpp") or {}
+    if not info:
+        return None
+    commit = info.get("llama_cpp_commit")
+    return {
+        "type": "library", "bom-ref": LLAMA_CPP_REF, "name": "llama.cpp", "version": commit,
+        "description": "the runtime each GGUF was quantized (K-quants) and checked in, and that serves it, "
+                       "built from llama-cpp-python's sdist",
+        "purl": f"pkg:github/ggml-org/llama.cpp@{commit}" if commit else None,
+        "licenses": [{"license": {"id": "MIT"}}],
+        "properties": _properties({"llama_cpp_python:version": info.get("package_version"),
+                                   "build:cmake_args": info.get("cmake_args"), "build:compiler": info.get("compiler"),
+                                   "build:wheel_sha256": info.get("wheel_sha256"),
+                                   "system_info": info.get("system_info"),
+                                   "role": "GGUF runtime: quantizer, checks (quantize stage), chat and server"}),
     }
 
 
@@ -219,6 +273,13 @@ def _performance_metrics(evaluation: dict[str, Any]) -> list[dict[str, str]]:
     for key, metric in (("merged_validation_loss", "loss"), ("merge_gap_vs_adapter", "loss gap vs the adapter")):
         if evaluation.get(key) is not None:
             metrics.append({"type": metric, "value": _text(evaluation[key]), "slice": "validation split, merged model"})
+    greedy = evaluation.get("gguf_greedy") or {}
+    slice_ = (f"{greedy.get('prompts')} validation prompts, greedy, the {GREEDY_FILE_TYPE} GGUF in llama.cpp vs this "
+              "model")
+    for key, metric in (("same_text", "greedy answers with the same text"),
+                        ("stopped_where_merged_stopped", "greedy answers stopped where this model stopped")):
+        if greedy.get(key) is not None:
+            metrics.append({"type": metric, "value": _text(greedy[key]), "slice": slice_})
     return metrics
 
 

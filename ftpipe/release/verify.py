@@ -14,6 +14,9 @@ artifact and the record next to it together is still caught by the next one:
    folder's listing in .dvc/cache by the listing's MD5, which is checked too.
 5. current: the release was made from the compliance conclusion now in data/compliance/ (otherwise the
    declarations changed and `dvc repro` has not run since: the release is stale).
+6. modelfiles: each GGUF's release folder holds its Ollama Modelfile, whose FROM (read as Ollama reads it)
+   names the GGUF beside it, that GGUF being the artifact's file; the Modelfile is listed in the manifest, and
+   its SHA-256 is the one the BOM records.
 
 Exit codes: 0 every check passed; 1 a mismatch (each is listed: the file, the record, expected and found);
 2 the release or a record is missing or unreadable.
@@ -41,6 +44,7 @@ from ftpipe.core.paths import (
     RELEASE_DIR,
     metrics_file,
 )
+from ftpipe.gguf.modelfile import MODELFILE, from_target
 
 MISMATCH_EXIT = 1
 DVC_CACHE = Path(".dvc/cache")
@@ -134,6 +138,38 @@ def check_current(checks: Checks, report: dict[str, Any]) -> None:
                    report["project"]["compliance_conclusion_sha256"], sha256_of(conclusion))
 
 
+def check_modelfiles(checks: Checks, report: dict[str, Any], manifest_path: Path, sbom_path: Path) -> None:
+    listed = {line.partition("  ")[2] for line in manifest_path.read_text(encoding="utf-8").splitlines()}
+    bom_files = _bom_files(sbom_path)
+    for artifact in report["artifacts"]:
+        if artifact["kind"] != "gguf":
+            continue
+        folder, gguf = Path(artifact["release_folder"]), artifact["files"][0]
+        path = folder / MODELFILE
+        name, text = path.as_posix(), path.read_text(encoding="utf-8") if path.is_file() else None
+        checks.compare("modelfiles", name, manifest_path.as_posix(), "listed",
+                       "listed" if name in listed else "not listed")
+        target = from_target(text) if text is not None else None
+        expected = f"./{Path(gguf['path']).name}"
+        checks.compare("modelfiles", name, f"{name} FROM (the GGUF beside it)", expected, target or "no FROM")
+        if target is not None:
+            checks.sha256("modelfiles", (folder / target).as_posix(), f"{name} FROM, and report.json", gguf["sha256"])
+        checks.sha256("modelfiles", name, sbom_path.as_posix(), bom_files.get(name, "not in the BOM"))
+
+
+def _bom_files(sbom_path: Path) -> dict[str, str]:
+    """SHA-256 by path of the file components the BOM nests in its components."""
+    found: dict[str, str] = {}
+    if not sbom_path.is_file():
+        return found
+    for component in read_json(sbom_path).get("components", []):
+        for file in component.get("components") or []:
+            digests = [h["content"] for h in file.get("hashes", []) if h.get("alg") == "SHA-256"]
+            if file.get("type") == "file" and digests:
+                found[file["name"]] = digests[0]
+    return found
+
+
 def verify(release: Path = RELEASE_DIR) -> dict[str, Any]:
     """Run every check; the result lists what was checked and every mismatch."""
     sha256_of.cache_clear()
@@ -149,6 +185,7 @@ def verify(release: Path = RELEASE_DIR) -> dict[str, Any]:
     check_stage_records(checks)
     check_dvc_lock(checks)
     check_current(checks, report)
+    check_modelfiles(checks, report, manifest_path, release / "sbom.cdx.json")
     return {"release": release.as_posix(), "created_at": report["created_at"],
             "concluded_license": report["compliance"]["concluded_license"], "checked": checks.checked,
             "notes": checks.notes, "mismatches": checks.mismatches, "passed": not checks.mismatches}

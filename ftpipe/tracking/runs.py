@@ -202,6 +202,9 @@ def environment_tags(env: dict[str, Any]) -> dict[str, str]:
     tags.update({f"env.{name}": version for name, version in env["packages"].items()})
     if env.get("torch_cuda"):
         tags["env.torch_cuda"] = env["torch_cuda"]
+    if env.get("llama_cpp", {}).get("llama_cpp_commit"):   # which llama.cpp, built how: its version alone does not say
+        tags["env.llama_cpp_commit"] = env["llama_cpp"]["llama_cpp_commit"]
+        tags["env.llama_cpp_cmake_args"] = env["llama_cpp"].get("cmake_args") or ""
     if env.get("gpu"):
         gpu = env["gpu"]
         tags.update({"env.gpu": gpu["name"], "env.gpu_memory_gib": str(gpu["memory_gib"]),

@@ -71,7 +71,9 @@ def test_repo_params_load_into_typed_objects():
     assert params.train.num_epochs is None
     assert params.train.lora.target_modules[0] == "q_proj"
     assert isinstance(params.train.max_grad_norm, float)
-    assert params.quantize.max_loss_gap == {"f16": 0.01, "q8_0": 0.05}
+    assert params.quantize.types == ["f16", "q8_0", "q4_k_m"]
+    assert params.quantize.max_loss_gap == {"f16": 0.01, "q8_0": 0.05, "q4_k_m": 0.25}
+    assert params.quantize.greedy_prompts == 10 and params.quantize.min_greedy_agreement == pytest.approx(0.9)
     assert params.clean.placeholder_answers[0] == "n/a"
 
 
@@ -143,7 +145,8 @@ def test_wrong_type_names_key_and_value(tmp_path):
      "'train.gradient_checkpointing' must be of type bool, got 0"),
     ("  learning_rate: 5.0e-4", "  learning_rate: fast", "'train.learning_rate' must be of type float, got 'fast'"),
     ("  split_salt: \"v1\"", "  split_salt: 1", "'clean.split_salt' must be of type str, got 1"),
-    ("  types: [f16, q8_0]", "  types: f16", "'quantize.types' must be a list, got 'f16'"),
+    ("  types: [f16, q8_0, q4_k_m]", "  types: f16", "'quantize.types' must be a list, got 'f16'"),
+    ("  greedy_prompts: 10", "  greedy_prompts: ten", "'quantize.greedy_prompts' must be of type int, got 'ten'"),
     ("  allowed_roles: [system, user, assistant]", "  allowed_roles: [system, 3]",
      "'validate.allowed_roles[1]' must be of type str, got 3"),
 ])
@@ -203,9 +206,22 @@ def test_quantize_type_without_tolerance(tmp_path):
     assert "quantize: max_loss_gap: give a tolerance for 'q8_0'" in message
 
 
-def test_unknown_quantize_type(tmp_path):
-    path = edited_text(tmp_path, "  types: [f16, q8_0]", "  types: [f16, q4_k]")
-    assert "types: 'q4_k' is not one of ['f32', 'f16', 'bf16', 'q8_0']" in load_error(path)
+def test_unknown_quantize_type_names_the_valid_ones(tmp_path):
+    path = edited_text(tmp_path, "  types: [f16, q8_0, q4_k_m]", "  types: [f16, q4_k]")
+    message = load_error(path)
+    assert "types: 'q4_k' is not a GGUF type this pipeline writes; valid types are ['f32', 'f16', 'bf16', 'q8_0', " \
+           "'q2_k', 'q3_k_s', 'q3_k_m', 'q3_k_l', 'q4_k_s', 'q4_k_m', 'q5_k_s', 'q5_k_m', 'q6_k']" in message
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda q: q.update(types=[]), "types: name at least one GGUF type"),
+    (lambda q: q.update(types=["f16", "f16"]), "types: a type is listed twice"),
+    (lambda q: q.update(greedy_prompts=0), "greedy_prompts: must be >= 1"),
+    (lambda q: q.update(min_greedy_agreement=1.5), "min_greedy_agreement: must be between 0 and 1"),
+    (lambda q: q.update(max_new_tokens=0), "max_new_tokens: must be >= 1"),
+])
+def test_quantize_checks(tmp_path, edit, expected):
+    assert expected in load_error(edited_data(tmp_path, lambda data: edit(data["quantize"])))
 
 
 def test_duplicate_source_names(tmp_path):
@@ -238,7 +254,7 @@ def test_dataclasses_check_directly():
                     split_salt="s", validation_fraction=0.1, test_fraction=0.1, pii_action="redact",
                     near_duplicate_threshold=0.7, decontamination_threshold=0.8)
     with pytest.raises(ValueError, match="tolerance for 'f16'"):
-        QuantizeParams(types=["f16"], max_loss_gap={})
+        QuantizeParams(types=["f16"], max_loss_gap={}, greedy_prompts=10, min_greedy_agreement=0.9, max_new_tokens=64)
 
 
 # --- flatten -----------------------------------------------------------------------------------
@@ -250,7 +266,7 @@ def test_flatten_gives_dotted_leaf_keys():
     assert flat["train.learning_rate"] == pytest.approx(5e-4)
     assert flat["train.quantization.quant_type"] == "nf4"
     assert flat["train.lora.target_modules"] == params.train.lora.target_modules   # a list of scalars is a leaf
-    assert flat["quantize.max_loss_gap"] == {"f16": 0.01, "q8_0": 0.05}             # so is a mapping
+    assert flat["quantize.max_loss_gap"] == {"f16": 0.01, "q8_0": 0.05, "q4_k_m": 0.25}   # so is a mapping
     assert flat["ingest.sources.0.name"] == "python_stdlib_docs"
     assert flat["ingest.sources.0.type"] == "python_stdlib_docstrings"
     assert flat["ingest.sources.0.path"] is None

