@@ -13,18 +13,12 @@ from typing import Iterator
 from ftpipe.chat.backends import DEFAULT_N_CTX, Sampling, load
 from ftpipe.chat.models import VALID, resolve
 from ftpipe.chat.session import COMMANDS, Chat, interactive, turn
+from ftpipe.core.cli import positive_int, project_folder, run_command
 from ftpipe.core.errors import PipelineError
 
 EPILOG = "\n".join([*textwrap.wrap(f"--model and --tuned take {VALID}."), "",
                     *textwrap.wrap(f"Interactive commands: {COMMANDS}."), "",
                     "Exit codes: 0 fine, 2 a problem the message names, 130 interrupted."])
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def temperature(text: str) -> float:
@@ -50,26 +44,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed: the same seed and conversation give the same answer")
     p.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX,
                    help=f"llama.cpp context of a GGUF, prompt + answer, in tokens (default: {DEFAULT_N_CTX})")
-    p.add_argument("--project", type=Path, default=Path("."),
+    p.add_argument("--project", type=project_folder, default=Path("."),
                    help="the project folder whose models/ and params.yaml are used (default: the current one)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:   # while loading, or in --prompt mode
-        print(file=sys.stderr)
-        return 130
+    return run_command(run, parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.project.is_dir():
-        raise PipelineError(f"{args.project}: no such project folder (--project)")
     if args.side_by_side:
         if args.model is not None:
             raise PipelineError("--side-by-side compares the base model with --tuned: use --tuned, not --model")

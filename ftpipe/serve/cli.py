@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from ftpipe.core.cli import positive_int, project_folder, run_command
 from ftpipe.core.errors import PipelineError
 from ftpipe.serve.release import REPORT_FILE, Served, choose, header
 
@@ -37,13 +38,6 @@ Example: python -m ftpipe.serve --gguf q8_0, then
   curl http://{DEFAULT_HOST}:{DEFAULT_PORT}/v1/models"""
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def port_number(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
@@ -57,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", metavar="TYPE|PATH",
                    help="a GGUF type of the release (f16, q8_0, q4_k_m, ...: models/release/gguf-TYPE/model-TYPE.gguf)"
                         " or a path to a .gguf file (default: the first GGUF of models/release/report.json)")
-    p.add_argument("--project", type=Path, default=Path("."), metavar="DIR",
+    p.add_argument("--project", type=project_folder, default=Path("."), metavar="DIR",
                    help="the project folder whose models/release/ is served (default: the current one)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default: {DEFAULT_HOST}: this machine only); 0.0.0.0 exposes the "
@@ -74,23 +68,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:   # while checking or loading: the server never started
-        print(file=sys.stderr)
-        return 130
+    return run_command(run, parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     from ftpipe.gguf.runtime import open_gguf
     from ftpipe.serve.app import build_app
 
-    if not args.project.is_dir():
-        raise PipelineError(f"{args.project}: no such project folder (--project)")
     check_port(args.host, args.port)
     served = choose(args.gguf, args.project)
     n_ctx = args.n_ctx or min(header(served.path).get("context_length") or FALLBACK_N_CTX, MAX_DEFAULT_N_CTX)
