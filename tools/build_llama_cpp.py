@@ -74,7 +74,8 @@ def build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        pip("download", "--quiet", "--no-deps", "--no-binary", ":all:", f"{PACKAGE}=={VERSION}", "-d", str(work))
+        # --no-binary names the package alone: ":all:" would also build its build tools (CMake!) from source
+        pip("download", "--quiet", "--no-deps", "--no-binary", PACKAGE, f"{PACKAGE}=={VERSION}", "-d", str(work))
         sdist = next(work.glob("*.tar.gz"))
         print(f"build_llama_cpp: building {sdist.name} with CMAKE_ARGS={CMAKE_ARGS!r} (about 7-10 minutes on 2 cores)",
               flush=True)
