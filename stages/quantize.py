@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.gguf_types import K_QUANT_SOURCE
+from ftpipe.core.gguf_types import GREEDY_CHECK_TYPE
 from ftpipe.core.io import read_jsonl, sha256_file
 from ftpipe.core.params import Params, QuantizeParams, flatten
 from ftpipe.core.paths import CLEAN_DIR, GGUF_DIR, MERGED_DIR, PROVENANCE_FILE
@@ -128,11 +128,11 @@ def quantize_and_check(params: QuantizeParams, merged_dir: Path, rows: list[dict
         entry, file_failures, llm = check_file(params, gguf_type, path, rows, conversations, ref, n_ctx)
         metrics["files"][gguf_type] = entry
         failures += file_failures
-        if gguf_type == K_QUANT_SOURCE and prompts:
+        if gguf_type == GREEDY_CHECK_TYPE and prompts:
             metrics["greedy"], greedy_failures = greedy_check(params, llm, ref, prompts, path.name)
             failures += greedy_failures
         llm.close()
-    if "greedy" not in metrics and prompts:   # f16 not published: the scratch f16 answers
+    if "greedy" not in metrics and prompts:   # f16 not published: the scratch f16 (K-quants' source) answers
         llm = open_gguf(scratch, n_ctx)
         metrics["greedy"], greedy_failures = greedy_check(params, llm, ref, prompts, "the f16 GGUF")
         failures += greedy_failures

@@ -9,3 +9,4 @@ K_QUANT_FTYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s"
                   "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
 GGUF_TYPES = (*CONVERTER_TYPES, *K_QUANT_FTYPES)
 K_QUANT_SOURCE = "f16"   # the GGUF K-quants are made from: lossless for the float16 merged model
+GREEDY_CHECK_TYPE = K_QUANT_SOURCE   # the GGUF whose greedy answers the quantize stage compares with the merged model

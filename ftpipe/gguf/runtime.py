@@ -46,9 +46,9 @@ def llama_cpp():
             # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 the continuation of the previous line
             # (llama-cpp-python's own _logger table predates this numbering)
             global _LAST_KEPT
-            if level in (3, 4) or (level == 5 and _LAST_KEPT):
-                _LOG_LINES.append(text.decode("utf-8", "replace").strip())
             _LAST_KEPT = level in (3, 4) or (level == 5 and _LAST_KEPT)
+            if _LAST_KEPT:
+                _LOG_LINES.append(text.decode("utf-8", "replace").strip())
 
         module.llama_log_set(keep_warnings, ctypes.c_void_p(0))
         _LOG_CALLBACK = keep_warnings

@@ -23,9 +23,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ftpipe.compliance.licenses import commercial_use_of
+from ftpipe.core.gguf_types import GREEDY_CHECK_TYPE
 from ftpipe.gguf.modelfile import MODELFILE, modelfile
 
-GREEDY_FILE_TYPE = "f16"   # the quantize stage compares the f16 GGUF's greedy answers (ftpipe/core/gguf_types.py)
+GREEDY_FILE_TYPE = GREEDY_CHECK_TYPE   # the GGUF the quantize stage compares greedy answers on
 
 
 # --- the Modelfile ----------------------------------------------------------------------------------------------
