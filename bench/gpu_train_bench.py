@@ -116,7 +116,8 @@ def build_data(model_dir: Path, seq_len: int, rows: int, folder: Path) -> dict:
     for name, packing in (("variable-packed", True), ("variable-unpacked", False)):
         (folder / name).mkdir()
         params = TokenizeParams(max_seq_length=seq_len, truncation="truncate", assistant_only_loss=True,
-                                packing=packing)
+                                packing=packing,
+                                chat_template=None, chat_template_kwargs={}, system_prompt=None)
         stats[name] = tokenize_splits(CARRIED_CLEAN, tokenizer, params, folder / name)[0]["train"]
     return stats
 

@@ -143,8 +143,9 @@ def materialize_base(params: BaseParams, out_dir: Path) -> dict:
 
 
 def tracked_params(params: Params) -> dict:
-    """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
-    return flatten(params.base, "base")
+    """The params.yaml keys that can change this stage's result: dvc.yaml lists the same (tests/test_dvc_yaml.py).
+    base.allow_network is not one: a pinned revision is the same files whether they come from the cache or the hub."""
+    return {key: value for key, value in flatten(params.base, "base").items() if key != "base.allow_network"}
 
 
 def main() -> None:

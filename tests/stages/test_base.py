@@ -47,7 +47,7 @@ def safetensors_numel(path: Path) -> int:
 def test_local_folder_becomes_the_base_model(tiny_model_copy, tmp_path, dtype, stored):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    info = materialize_base(BaseParams(model=str(tiny_model_copy), dtype=dtype), out_dir)
+    info = materialize_base(BaseParams(model=str(tiny_model_copy), revision=None, allow_network=False, dtype=dtype, gguf_max_kl=0.1), out_dir)
 
     on_disk = {path.name for path in out_dir.iterdir()}
     assert MODEL_FILES <= on_disk
@@ -69,7 +69,7 @@ def test_local_folder_becomes_the_base_model(tiny_model_copy, tmp_path, dtype, s
 def test_missing_path_names_it_and_the_embedded_default(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(PipelineError) as error:
-        materialize_base(BaseParams(model=str(missing), dtype="bfloat16"), tmp_path)
+        materialize_base(BaseParams(model=str(missing), revision=None, allow_network=False, dtype="bfloat16", gguf_max_kl=0.1), tmp_path)
     assert f"{missing} does not exist" in str(error.value)
     assert repr(EMBEDDED_BASE_MODEL) in str(error.value) and "base.model" in str(error.value)
 
@@ -77,7 +77,7 @@ def test_missing_path_names_it_and_the_embedded_default(tmp_path):
 def test_folder_without_config_is_not_a_model(tiny_model_copy, tmp_path):
     (tiny_model_copy / "config.json").unlink()
     with pytest.raises(PipelineError, match="has no config.json: not a Hugging Face model folder") as error:
-        materialize_base(BaseParams(model=str(tiny_model_copy), dtype="bfloat16"), tmp_path)
+        materialize_base(BaseParams(model=str(tiny_model_copy), revision=None, allow_network=False, dtype="bfloat16", gguf_max_kl=0.1), tmp_path)
     assert str(tiny_model_copy) in str(error.value)
 
 
@@ -90,7 +90,7 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_copy, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(PipelineError, match="its tokenizer has no chat template.*chat_template"):
-        materialize_base(BaseParams(model=str(tiny_model_copy), dtype="bfloat16"), out_dir)
+        materialize_base(BaseParams(model=str(tiny_model_copy), revision=None, allow_network=False, dtype="bfloat16", gguf_max_kl=0.1), out_dir)
     assert list(out_dir.iterdir()) == []   # refused before anything was written
 
 

@@ -59,7 +59,8 @@ def write_clean(folder: Path, splits: dict[str, list[dict]]) -> Path:
 ])
 def test_tokenize_splits_writes_parquet_and_matching_stats(smollm2_tokenizer, tmp_path, truncation, kept_train,
                                                            truncated, dropped):
-    params = TokenizeParams(max_seq_length=96, truncation=truncation, assistant_only_loss=True, packing=False)
+    params = TokenizeParams(max_seq_length=96, truncation=truncation, assistant_only_loss=True, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     out_dir = tmp_path / "tokenized"
     out_dir.mkdir()
     stats, lengths = tokenize_splits(write_clean(tmp_path / "clean", SPLIT_ROWS), smollm2_tokenizer, params, out_dir)
@@ -87,7 +88,8 @@ def test_tokenize_splits_writes_parquet_and_matching_stats(smollm2_tokenizer, tm
 
 def test_every_training_example_dropped_is_an_error(smollm2_tokenizer, tmp_path):
     splits = {"train": SPLIT_ROWS["train"][3:], "validation": SPLIT_ROWS["validation"], "test": SPLIT_ROWS["test"]}
-    params = TokenizeParams(max_seq_length=96, truncation="drop", assistant_only_loss=True, packing=False)
+    params = TokenizeParams(max_seq_length=96, truncation="drop", assistant_only_loss=True, packing=False,
+                            chat_template=None, chat_template_kwargs={}, system_prompt=None)
     with pytest.raises(PipelineError, match=r"every training example was dropped \(\{'too_long': 2\}\)"):
         tokenize_splits(write_clean(tmp_path / "clean", splits), smollm2_tokenizer, params, tmp_path)
 
@@ -119,7 +121,8 @@ def test_packing_packs_train_rows_of_whole_examples(smollm2_tokenizer, tmp_path,
     outputs = {}
     for packing in (False, True):
         params = TokenizeParams(max_seq_length=128, truncation="truncate", assistant_only_loss=assistant_only_loss,
-                                packing=packing)
+                                packing=packing,
+                                chat_template=None, chat_template_kwargs={}, system_prompt=None)
         out_dir = tmp_path / f"packing-{packing}"
         out_dir.mkdir()
         outputs[packing] = (out_dir, *tokenize_splits(clean_dir, smollm2_tokenizer, params, out_dir))
