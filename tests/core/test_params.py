@@ -336,7 +336,7 @@ def test_intended_use_must_be_a_known_one(tmp_path):
 
 @pytest.mark.parametrize("section, key, value, expected", [
     ("evaluate", "max_examples", 0, "evaluate: max_examples: must be positive or null"),
-    ("evaluate", "batch_size", 0, "evaluate: batch_size and max_new_tokens must be positive"),
+    ("evaluate", "batch_size", 0, "evaluate: batch_size: must be positive, or auto"),
     ("evaluate", "num_samples", -1, "evaluate: num_samples: must be 0 or more"),
     ("merge", "max_loss_gap_vs_adapter", -0.1, "merge: max_loss_gap_vs_adapter and max_loss_gap_vs_trained must be 0"),
     ("train", "checkpoint_runs_kept", -1, "train: checkpoint_runs_kept: must be 0 or more"),
