@@ -73,9 +73,10 @@ def make_project(folder: Path, rows: int) -> None:
         for row in synthetic_rows(rows):
             handle.write(json.dumps(row) + "\n")
     sys.path.insert(0, str(REPO))
-    from stages.base import embedded_gguf, load_embedded_tokenizer
+    from ftpipe.model.sources import embedded_gguf
+    from stages.base import load_gguf_tokenizer
 
-    load_embedded_tokenizer(embedded_gguf()[0], 2).save_pretrained(folder / "models/base")
+    load_gguf_tokenizer(embedded_gguf()[0], 2).save_pretrained(folder / "models/base")
 
 
 def main() -> None:

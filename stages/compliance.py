@@ -8,7 +8,8 @@ license, creators, personal data and intended-use notes), the data ingest
 materialized (data/raw/provenance.json) and the base model's record (models/base/provenance.json). It
 concludes the fine-tuned model's license obligations from its inputs (ftpipe/compliance/licenses.py) and fails, naming
 every source, its license and the rule, when the intended use or the policy forbids the result. For the
-embedded default base model it also checks the declared license against the package's own metadata.
+embedded default base model it also checks the declared license against the package's own metadata; for a hub
+model, that compliance.base_model.id and .revision are the repo and commit the base stage took.
 
 Writes data/compliance/:
 - conclusion.json: the conclusion (concluded license, obligations, verdict), the declarations and the
@@ -61,10 +62,27 @@ def check_embedded_base(params: ComplianceParams, base_record: dict[str, Any]) -
                            f"{source.get('model_id')!r}. Set compliance.base_model.id: {source.get('model_id')}.")
 
 
+def check_hub_base(params: ComplianceParams, base_record: dict[str, Any]) -> None:
+    """A hub base model's declared id and revision must be the repo and commit the base stage took (base.model,
+    base.revision, recorded in models/base/content.json): the license and origin declared would otherwise be
+    another model's."""
+    source = base_record.get("source", {})
+    if source.get("kind") != "hub":
+        return
+    for key, declared, taken, base_key in (("id", params.base_model.id, source["repo_id"], "base.model"),
+                                           ("revision", params.base_model.revision, source["commit"], "base.revision")):
+        if declared != taken:
+            raise LicenseError(f"params.yaml compliance.base_model.{key} is {declared!r}, but {base_key} is {taken!r} "
+                               f"(the hub model the base stage took): the declaration describes another model. Set "
+                               f"compliance.base_model.{key}: {taken} (and check its license and origin).")
+
+
 def conclude(params: ComplianceParams, raw_record: dict[str, Any], base_record: dict[str, Any]) -> dict[str, Any]:
     """The conclusion.json content: verdict and obligations, declarations, and the inputs' hashes. Raises
-    LicenseError for a missing or unparseable license or a mismatch with the embedded model's package."""
+    LicenseError for a missing or unparseable license, a mismatch with the embedded model's package, or a hub
+    model declared under another id or revision than the one taken."""
     check_embedded_base(params, base_record)
+    check_hub_base(params, base_record)
     policy = LicensePolicy(params.intended_use, params.allowed_licenses, params.denied_licenses,
                            params.unknown_blocks)
     conclusion = conclude_licenses(LicenseDeclaration(params.base_model.id, params.base_model.license),

@@ -3,12 +3,18 @@
     python -m stages.evaluate
 
 For each model: loss and perplexity on the assistant tokens, and ROUGE-L (F1 of the longest
-common word subsequence) of its greedy answer against the reference answer. Writes
-metrics/evaluate.json (DVC metrics) and data/evaluation/samples.jsonl with side-by-side
-generations for a reader.
+common word subsequence) of its greedy answer against the reference answer; answers end at any of
+the model's end-of-sequence ids (its generation config's, e.g. Gemma's <end_of_turn>, and the
+tokenizer's). Writes metrics/evaluate.json (DVC metrics, with the batch sizes each pass ran at) and
+data/evaluation/samples.jsonl with side-by-side generations for a reader.
+
+evaluate.batch_size: auto sizes each pass to the GPU memory left free by the loaded model
+(ftpipe/model/batch_memory.py; 16 on the CPU); a batch that runs out of GPU memory is retried at
+half the size, with a warning.
 """
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 
@@ -16,9 +22,11 @@ import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import read_jsonl, write_jsonl
 from ftpipe.core.params import EvaluateParams, Params, flatten
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, EVALUATION_DIR, TOKENIZED_DIR
 from ftpipe.core.stage import Stage
-from ftpipe.model.modeling import generate, inference_dtype, load_model, load_tokenizer, mean_loss, render_chats
+from ftpipe.data.chat_template import load_chat_tokenizer
+from ftpipe.model.batch_memory import batch_sizes, fitting_mean_loss
+from ftpipe.model.modeling import generate, inference_dtype, load_model, render_chats
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -51,24 +59,35 @@ def select_examples(examples: list[dict], tokenized: list[dict], max_examples: i
 
 
 def evaluate_models(params: EvaluateParams, base_dir: Path, adapter_dir: Path, examples: list[dict],
-                    tokenized: list[dict]) -> tuple[dict, list[dict]]:
-    """Metrics for the base and the tuned model, and per-example generations."""
+                    tokenized: list[dict], tokenized_dir: Path = TOKENIZED_DIR) -> tuple[dict, list[dict]]:
+    """Metrics for the base and the tuned model, and per-example generations; prompts rendered with the chat
+    template the tokenize stage saved in `tokenized_dir`."""
     examples, tokenized = select_examples(examples, tokenized, params.max_examples)
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = load_chat_tokenizer(base_dir, tokenized_dir)
     prompts = render_chats(tokenizer, [e["messages"][:-1] for e in examples], add_generation_prompt=True)
     references = [e["messages"][-1]["content"] for e in examples]
-    metrics: dict = {"examples": len(examples)}
+    # the longest prompt and row: batches are padded to their longest, so these size a batch's memory
+    prompt_tokens = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    loss_tokens = max(len(row["input_ids"]) for row in tokenized)
+    metrics: dict = {"examples": len(examples), "batch_size": {"requested": params.batch_size}}
     answers: dict[str, list[str]] = {}
     for name, adapter in (("base", None), ("tuned", adapter_dir)):
         model = load_model(base_dir, inference_dtype(), adapter_dir=adapter)
-        loss = mean_loss(model, tokenized, tokenizer.pad_token_id, params.batch_size, f"{name} loss")
-        answers[name] = generate(model, tokenizer, prompts, params.max_new_tokens, params.batch_size,
-                                 f"{name} generations")
+        sizes = batch_sizes(params.batch_size, model, prompt_tokens, params.max_new_tokens, loss_tokens,
+                            len(examples))
+        print(f"evaluate: {name} model, batches of {sizes['loss']} rows (loss) and {sizes['generation']} prompts "
+              f"(generation); evaluate.batch_size: {params.batch_size}")
+        loss, sizes["loss"] = fitting_mean_loss(model, tokenized, tokenizer.pad_token_id, sizes["loss"],
+                                                f"{name} loss")
+        answers[name], sizes["generation"] = generate(model, tokenizer, prompts, params.max_new_tokens,
+                                                      sizes["generation"], f"{name} generations")
+        metrics["batch_size"][name] = sizes   # as run: after any halving for lack of GPU memory
         scores = [rouge_l(answer, reference) for answer, reference in zip(answers[name], references)]
         metrics[name] = {"loss": loss["loss"], "perplexity": loss["perplexity"],
                          "rougeL": sum(scores) / len(scores),
                          "mean_answer_words": sum(len(a.split()) for a in answers[name]) / len(examples)}
         del model
+        gc.collect()   # the GPU memory of this model is free before the next one loads and measures what is left
     metrics["rougeL_gain"] = metrics["tuned"]["rougeL"] - metrics["base"]["rougeL"]
     samples = [{"id": e["id"], "prompt": e["messages"][-2]["content"], "reference": reference,
                 "base": base, "tuned": tuned, "rougeL_base": rouge_l(base, reference),
@@ -95,6 +114,8 @@ def main() -> None:
             stage.record["metrics"] = metrics
         stage.finish(metrics, log={**{f"{model}.{key}": value for model in ("base", "tuned")
                                       for key, value in metrics[model].items()},
+                                   **{f"{model}.{what}_batch_size": size for model in ("base", "tuned")
+                                      for what, size in metrics["batch_size"][model].items()},
                                    "rougeL_gain": metrics["rougeL_gain"]})
         stage.tracker.log_artifact(EVALUATION_DIR / "samples.jsonl")
         stage.tracker.log_input(CLEAN_DIR / "test.jsonl", "clean/test", "evaluation")

@@ -3,7 +3,9 @@
     python -m stages.merge
 
 The adapter is merged in float32 into the 16-bit base weights (upcast exactly), and the
-result is stored in base.dtype: one rounding step, never a merge into 4-bit weights. The
+result is stored in base.dtype: one rounding step, never a merge into 4-bit weights. The merge goes
+shard by shard, one weight in float32 at a time (ftpipe.model.merging), and the check loads one model
+at a time: an 8B model merges and is checked within one model's memory. The
 stage then checks on the validation split that the merged model's loss matches
 (1) the adapter on the same 16-bit base, within merge.max_loss_gap_vs_adapter (rounding
 only), and (2) the adapter on the 4-bit base it was trained on: the merged loss may exceed it by at
@@ -18,8 +20,10 @@ import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import CONTENT_FILE, file_hashes, read_json, write_content_record
 from ftpipe.core.params import MergeParams, Params, QuantizationParams, flatten
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, TOKENIZED_DIR
 from ftpipe.core.stage import Stage
+from ftpipe.data.chat_template import install_chat_template
+from ftpipe.model.merging import merge_lora_shards
 from ftpipe.model.modeling import (
     cuda_available,
     inference_dtype,
@@ -27,17 +31,20 @@ from ftpipe.model.modeling import (
     load_tokenizer,
     mean_loss,
     resolve_compute_dtype,
-    torch_dtype,
 )
+from ftpipe.model.tokenizer_files import copy_tokenizer_files
 
 LOSS_BATCH = 16
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, out_dir: Path) -> None:
-    model = load_model(base_dir, "float32", adapter_dir=adapter_dir)
-    merged = model.merge_and_unload().to(torch_dtype(dtype))
-    merged.save_pretrained(str(out_dir))
-    load_tokenizer(base_dir).save_pretrained(str(out_dir))
+def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: str, out_dir: Path, tokenized_dir: Path) -> None:
+    """The adapter folded into the base shard by shard (ftpipe.model.merging: one weight in float32 at a time,
+    not the whole model: an 8B base would need 32 GB), written in the base's shard layout; the base's tokenizer
+    files as they are (a re-save can drop tokenizer.model, which llama.cpp's converter needs for SentencePiece
+    vocabularies), and the chat template the tokenize stage trained with, which the GGUFs then carry."""
+    merge_lora_shards(base_dir, adapter_dir, dtype, out_dir)
+    copy_tokenizer_files(base_dir, out_dir)
+    install_chat_template(out_dir, tokenized_dir)
 
 
 def check_parity(params: MergeParams, quantization: QuantizationParams, base_dir: Path, adapter_dir: Path,
@@ -52,8 +59,12 @@ def check_parity(params: MergeParams, quantization: QuantizationParams, base_dir
                                                  quantization=quantization),
         "merged": lambda: load_model(merged_dir, dtype),
     }
-    losses = {name: mean_loss(make(), rows, pad_id, LOSS_BATCH, f"{name} validation loss")["loss"]
-              for name, make in models.items()}
+    losses = {}
+    for name, make in models.items():   # one model resident at a time: three 8B models would not fit together
+        model = make()
+        losses[name] = mean_loss(model, rows, pad_id, LOSS_BATCH, f"{name} validation loss")["loss"]
+        del model
+        free_memory()
     metrics = {
         "validation_loss": losses,
         "gap_vs_adapter": abs(losses["merged"] - losses["adapter_16bit"]),
@@ -80,6 +91,18 @@ def check_parity(params: MergeParams, quantization: QuantizationParams, base_dir
     return metrics
 
 
+def free_memory() -> None:
+    """Give a dropped model's memory back before the next loads: PEFT wrappers hold reference cycles that only
+    the garbage collector breaks, and PyTorch's CUDA allocator keeps freed blocks cached until emptied."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
     return {**flatten(params.merge, "merge"), "base.dtype": params.base.dtype,
@@ -93,7 +116,7 @@ def main() -> None:
     with Stage("merge", tracked_params) as stage:
         params = stage.params
         with stage.output() as out_dir:
-            merge_adapter(BASE_DIR, ADAPTER_DIR, params.base.dtype, out_dir)
+            merge_adapter(BASE_DIR, ADAPTER_DIR, params.base.dtype, out_dir, TOKENIZED_DIR)
             metrics = check_parity(params.merge, params.train.quantization, BASE_DIR, ADAPTER_DIR, out_dir, rows)
             content = write_content_record(out_dir)   # what quantize depends on
             stage.record.update(

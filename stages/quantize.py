@@ -20,11 +20,10 @@ from ftpipe.core.gguf_types import GREEDY_CHECK_TYPE
 from ftpipe.core.io import read_jsonl, sha256_file
 from ftpipe.core.params import Params, QuantizeParams, flatten
 from ftpipe.core.paths import CLEAN_DIR, GGUF_DIR, MERGED_DIR, PROVENANCE_FILE
-from ftpipe.core.provenance import package_version
 from ftpipe.core.stage import Stage
 from ftpipe.gguf import parity
 from ftpipe.gguf.contents import tensor_type_mix
-from ftpipe.gguf.export import CONVERTER, export_all
+from ftpipe.gguf.export import converter_info, export_all
 from ftpipe.gguf.runtime import build_info, open_gguf
 from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer, mean_loss
 
@@ -42,11 +41,12 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
 
 def greedy_prompts(rows: list[dict], conversations: dict[str, list[dict]], count: int) -> list[tuple[list, list]]:
     """(messages before the first assistant turn, their prompt token ids) of the first `count` validation rows
-    by id, as the tokenize stage tokenized them."""
+    by id, as the tokenize stage tokenized them. Only rows with every assistant turn labelled: then the first
+    labelled tokens are the first answer's (a template may leave earlier turns unlabelled, ftpipe.data.chat_tokens)."""
     chosen = []
     for row in sorted(rows, key=lambda row: row["id"]):
         messages, starts = conversations.get(row["id"]), parity.turn_starts(list(row["labels"]))
-        if messages and starts:
+        if messages and starts and len(starts) == sum(message["role"] == "assistant" for message in messages):
             first_answer = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
             chosen.append((messages[:first_answer], [int(t) for t in row["input_ids"][:starts[0]]]))
         if len(chosen) == count:
@@ -73,11 +73,16 @@ def check_file(params: QuantizeParams, gguf_type: str, path: Path, rows: list[di
     loss = parity.llama_loss(llm, rows, f"{gguf_type} validation loss (llama.cpp)")
     mistokenized = parity.tokenizer_mismatches(llm, ref["tokenizer"], texts)
     compared, prompt_mismatches = parity.chat_prompt_mismatches(llm, rows, conversations, f"{gguf_type} chat prompts")
-    stop_problems = parity.stop_token_problems(llm, ref["end_of_turn"], ref["tokenizer"])
+    taught = parity.taught_end_of_turn(rows, ref["end_of_turn"])
+    stop_problems = parity.stop_token_problems(llm, ref["end_of_turn"], ref["tokenizer"], taught)
     entry = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "validation_loss": loss,
              "loss_gap": loss - ref["loss"], "tokenizer_mismatches": len(mistokenized),
              "chat_prompts_compared": compared, "chat_prompt_mismatches": len(prompt_mismatches),
-             "stop_token_problems": stop_problems, **tensor_type_mix(path)}
+             "stop_token_problems": stop_problems,
+             # end-of-turn tokens of the generation config that answers never end with, and llama.cpp runs past
+             "untaught_stop_tokens_not_ending_generation": parity.not_ending_generation(
+                 llm, [token for token in ref["end_of_turn"] if token not in taught]),
+             **tensor_type_mix(path)}
     failures, limit = [], params.max_loss_gap.get(gguf_type)
     if limit is not None and not abs(entry["loss_gap"]) <= limit:
         failures.append(f"{path.name}: validation loss {loss:.4f} in llama.cpp vs merged {ref['loss']:.4f}, gap "
@@ -120,7 +125,8 @@ def quantize_and_check(params: QuantizeParams, merged_dir: Path, rows: list[dict
     ref = reference(params, merged_dir, rows, prompts)
     scratch = out_dir / SCRATCH_F16
     files = export_all(merged_dir, params.types, out_dir, scratch, always_f16=True)
-    n_ctx = max(len(row["input_ids"]) for row in rows) + params.max_new_tokens + 16
+    # twice the longest row: a GGUF whose tokenizer splits text into more tokens still evaluates, and is reported
+    n_ctx = 2 * max(len(row["input_ids"]) for row in rows) + params.max_new_tokens + 16
     metrics: dict = {"merged_validation_loss": ref["loss"], "end_of_turn_ids": ref["end_of_turn"],
                      "end_of_turn_tokens": ref["tokenizer"].convert_ids_to_tokens(ref["end_of_turn"]), "files": {}}
     failures: list[str] = []
@@ -158,8 +164,7 @@ def main() -> None:
         with stage.output() as out_dir:
             metrics = quantize_and_check(stage.params.quantize, MERGED_DIR, rows, conversations, out_dir)
             stage.record.update(metrics=metrics, llama_cpp=build_info(),
-                                converter={"package": CONVERTER, "version": package_version(CONVERTER),
-                                           "gguf": package_version("gguf")},
+                                converter=converter_info(),
                                 merged_content_sha256=sha256_file(MERGED_DIR / "content.json"))
         stage.finish(metrics, log={f"{gguf_type}.{key}": entry[key] for gguf_type, entry in metrics["files"].items()
                                    for key in ("validation_loss", "loss_gap", "bytes", "bits_per_weight")})

@@ -88,7 +88,9 @@ def collect_report(mlflow: dict[str, Any]) -> dict[str, Any]:
         "mlflow": mlflow_section(mlflow),
         "compliance": compliance["conclusion"],
         "base_model": {**compliance["declarations"]["base_model"], "observed": base_record.get("source", {}),
-                       **{key: base_record.get(key) for key in ("digest", "architecture", "parameters", "dtype")}},
+                       **{key: base_record.get(key) for key in ("digest", "architecture", "parameters", "dtype")},
+                       # how a hub model was retrieved; a GGUF base's check against llama.cpp (base provenance)
+                       **{key: base_record[key] for key in ("retrieval", "gguf_check") if key in base_record}},
         "data_sources": sources,
         "declaration_mismatches": declaration_mismatches(sources),
         "splits": read_json(CLEAN_DIR / "summary.json")["kept"],

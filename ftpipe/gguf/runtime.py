@@ -55,24 +55,40 @@ def llama_cpp():
     return module
 
 
-def open_gguf(path: Path, n_ctx: int, logits_all: bool = False, n_threads: int | None = None):
-    """A llama_cpp.Llama over `path`, chatting with the GGUF's own template; a clear error if it cannot load."""
+def open_gguf(path: Path, n_ctx: int, logits_all: bool = False, n_threads: int | None = None, chat: bool = True):
+    """A llama_cpp.Llama over `path`, chatting with the GGUF's own template; a clear error if it cannot load.
+    `chat=False` opens a file without a chat template too (a base model's GGUF, only scored on token ids)."""
+    model = _load(Path(path), n_ctx=n_ctx, logits_all=logits_all, n_threads=n_threads or os.cpu_count(),
+                  chat_format=GGUF_CHAT_FORMAT, seed=0)
+    if chat and GGUF_CHAT_FORMAT not in model._chat_handlers:
+        model.close()
+        raise PipelineError(f"{path}: this GGUF has no chat template (tokenizer.chat_template): llama.cpp cannot "
+                            "format a chat with the template the model was trained with")
+    return model
+
+
+def gguf_metadata(path: Path) -> dict[str, str]:
+    """The GGUF's metadata as llama.cpp reads it (key -> value as text; arrays such as the vocabulary left out),
+    from the vocabulary alone: under a second, where the gguf package's reader parses every array in Python."""
+    model = _load(Path(path), vocab_only=True)
+    try:
+        return dict(model.metadata)
+    finally:
+        model.close()
+
+
+def _load(path: Path, **options: Any):
+    """llama_cpp.Llama(path, **options), or a PipelineError naming the file and llama.cpp's own messages."""
     module = llama_cpp()
-    path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no such GGUF file")
     _LOG_LINES.clear()
     try:
-        model = module.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                             n_threads=n_threads or os.cpu_count(), chat_format=GGUF_CHAT_FORMAT, seed=0)
+        model = module.Llama(model_path=str(path), verbose=False, **options)
     except (ValueError, RuntimeError) as error:
         said = "; ".join(line for line in _LOG_LINES if line) or str(error)
         raise PipelineError(f"{path}: llama.cpp cannot load this GGUF: {said}") from error
     _OPEN_MODELS.add(model)
-    if GGUF_CHAT_FORMAT not in model._chat_handlers:
-        model.close()
-        raise PipelineError(f"{path}: this GGUF has no chat template (tokenizer.chat_template): llama.cpp cannot "
-                            "format a chat with the template the model was trained with")
     return model
 
 

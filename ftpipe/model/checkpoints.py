@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import ftpipe.model.lora as lora_module
 import ftpipe.model.modeling as modeling_module
 import ftpipe.model.training as training_module
 from ftpipe.core.io import (
@@ -29,13 +30,14 @@ from ftpipe.core.provenance import package_version
 # Params that change no number of the result: how often checkpoints are written and how many old runs' are
 # kept. They are left out of the fingerprint (a resume is the same run) and out of dvc.yaml (no rerun).
 RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept")
-# Params whose value is resolved on the machine ('auto'): the fingerprint holds the resolved value instead.
+# Params whose value is resolved on the machine ('auto'): the fingerprint holds the resolved value instead
+# (backend: unsloth, transformers or cpu; compute dtype: bfloat16 on a GPU, float32 on the CPU).
 RESOLVED = ("backend", "quantization.compute_dtype")
 # Packages whose version changes a step's numbers: a checkpoint is resumed only under the same ones.
 NUMERIC_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "unsloth", "unsloth-zoo")
-# The files holding the code of a training step (seed, model, trainer, collator) and of its batches (padding,
-# packing, loss): the fingerprint hashes them.
-STEP_CODE = (Path(training_module.__file__), Path(modeling_module.__file__))
+# The files holding the code of a training step (seed, model, trainer, collator, backends), of the layers LoRA
+# adapts and of its batches (padding, packing, loss): the fingerprint hashes them.
+STEP_CODE = (Path(training_module.__file__), Path(lora_module.__file__), Path(modeling_module.__file__))
 RUN_FILE = "run.json"              # in a checkpoint folder: which MLflow run started it, and when
 COMPLETED_DIR = "completed"        # in a checkpoint folder: the finished run's adapter and result.json
 RESULT_FILE = "result.json"
@@ -44,9 +46,10 @@ RESULT_FILE = "result.json"
 def fingerprint(params: TrainParams, max_seq_length: int, base_dir: Path, tokenized_dir: Path, backend: str,
                 compute_dtype: str) -> str:
     """Identity of a training run: what can change its numbers. Params (less RESULT_NEUTRAL ones, with
-    'auto' values resolved: a run started on the CPU never resumes on a GPU), the base weights, the
-    training data, the code of the step and of its batches (STEP_CODE: ftpipe/model/training.py and
-    ftpipe/model/modeling.py; editing stages/train.py or another helper changes no fingerprint) and the
+    'auto' values resolved: a run started on the CPU never resumes on a GPU, nor one started with transformers
+    + peft on a GPU under Unsloth once it is installed: their steps differ), the base weights, the training
+    data, the code of the step, of its LoRA targets and of its batches (STEP_CODE: ftpipe/model/training.py,
+    lora.py and modeling.py; editing stages/train.py or another helper changes no fingerprint) and the
     numeric packages' versions. Checkpoints are only resumed by a run with the same fingerprint: a checkpoint
     written by other code may hold a different optimizer state or per-step log."""
     numbers = {key: value for key, value in flatten(params).items() if key not in RESULT_NEUTRAL + RESOLVED}

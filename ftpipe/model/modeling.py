@@ -6,6 +6,7 @@ to import Unsloth before any of them, and CPU-only stages must never import Unsl
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -160,41 +161,136 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-def mean_loss(model, rows: Sequence[dict], pad_id: int, batch_size: int, desc: str) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the label tokens of `rows`, and its perplexity."""
-    import torch
+# What one loss forward may hold. A forward computes logits for every position it is given (rows x width x
+# vocabulary, in the model's dtype): LOSS_TOKEN_BUDGET padded tokens keep them at 2 GiB in bf16 for Llama 3's
+# 128k vocabulary, 1.5 GiB in float32 for SmolLM2's 49k (16 rows of 2048 tokens would be 8 GiB in bf16, and the
+# float32 copy for the cross-entropy 16 GiB more). 8192 = 16 rows of 512 tokens, so the default data (rows of at
+# most 256 tokens, batches of 16) is batched exactly as before. The cross-entropy then upcasts at most
+# LOSS_CHUNK_ELEMENTS logits to float32 at a time: 1 GiB, 2,093 positions at 128k, 5,461 at 49k (more than
+# a CPU test's whole batch: its loss is one cross-entropy call, the same numbers as before).
+LOSS_TOKEN_BUDGET = 8192
+LOSS_CHUNK_ELEMENTS = 1 << 28
+
+
+def loss_batches(ordered: Sequence[dict], batch_size: int, token_budget: int) -> list[list[dict]]:
+    """Rows sorted by length, grouped into forwards of at most `batch_size` rows and `token_budget` padded
+    tokens (rows x the longest row's length); a row longer than the budget goes alone."""
+    batches: list[list[dict]] = []
+    batch: list[dict] = []
+    for row in ordered:
+        width = len(row["input_ids"])   # sorted: the row being added is the batch's longest
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * width > token_budget):
+            batches.append(batch)
+            batch = []
+        batch.append(row)
+    return batches + [batch] if batch else batches
+
+
+def summed_cross_entropy(logits, labels) -> float:
+    """The next-token cross-entropy summed over the label tokens, upcasting at most LOSS_CHUNK_ELEMENTS logits
+    to float32 at a time: a batch within that in one call, a larger one row by row, in spans of positions from
+    its first label to its last (prompt positions before them are skipped)."""
     import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    rows, positions, vocab = logits.shape[0], logits.shape[1] - 1, logits.shape[-1]
+    if rows * positions * vocab <= LOSS_CHUNK_ELEMENTS:
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum").item()
+    span = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    total = 0.0
+    for row in range(rows):
+        labelled = (targets[row] != IGNORE_INDEX).nonzero().flatten().tolist()
+        if not labelled:
+            continue
+        for start in range(labelled[0], labelled[-1] + 1, span):
+            stop = min(start + span, labelled[-1] + 1)
+            total += F.cross_entropy(logits[row, start:stop].float(), targets[row, start:stop],
+                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+    return total
+
+
+def mean_loss(model, rows: Sequence[dict], pad_id: int, batch_size: int, desc: str) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the label tokens of `rows`, and its perplexity. Memory is bounded
+    whatever the model: at most `batch_size` rows and LOSS_TOKEN_BUDGET padded tokens a forward, and the float32
+    logits for the cross-entropy in chunks (summed_cross_entropy); no KV cache is kept."""
+    import torch
 
     if not rows:
         raise PipelineError(f"{desc}: no examples to compute a loss on")
     ordered = sorted(rows, key=lambda row: len(row["input_ids"]))   # similar lengths: little padding
     total, count = 0.0, 0
     with torch.inference_mode():
-        for batch_rows in tqdm(list(chunks(ordered, batch_size)), desc=desc, unit="batch"):
+        for batch_rows in tqdm(loss_batches(ordered, batch_size, LOSS_TOKEN_BUDGET), desc=desc, unit="batch"):
             batch = {k: v.to(model.device) for k, v in pad_batch(batch_rows, pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shifted = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), shifted.flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((shifted != IGNORE_INDEX).sum())
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            total += summed_cross_entropy(logits, batch["labels"])
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            del logits
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-             desc: str) -> list[str]:
-    """Greedy completions of chat-rendered prompts, in order."""
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's generation config's eos_token_id (an int or a list: Gemma lists
+    <eos> and <end_of_turn>, Llama 3 <|end_of_text|>, <|eom_id|> and <|eot_id|>), then the tokenizer's end of
+    sequence, without repeats. The tokenizer's alone would let a Gemma answer run past its <end_of_turn>."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def halved_batch(batch_size: int, desc: str) -> int:
+    """The batch size to retry with after a CUDA out-of-memory error at `batch_size` (a warning says so), once the
+    failed batch's memory is back in the free pool; an error when one sequence alone does not fit."""
     import torch
 
-    tokenizer.padding_side = "left"   # decoder-only models continue from the right end
+    if batch_size <= 1:
+        raise PipelineError(f"{desc}: one sequence alone does not fit in the GPU's free memory. Free the GPU (other "
+                            f"processes may hold memory: nvidia-smi), or lower evaluate.max_new_tokens or "
+                            f"tokenize.max_seq_length.")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"warning: {desc}: out of GPU memory at a batch of {batch_size}; retrying with {batch_size // 2}",
+          file=sys.stderr)
+    return batch_size // 2
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
+    """Greedy answers to one batch of chat-rendered prompts, left-padded (decoder-only models continue from the
+    right end), each ending at the first of `stop_ids`."""
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = {k: v.to(model.device) for k, v in encoded.items()}
+    generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                               pad_token_id=tokenizer.pad_token_id)
+    new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+             desc: str) -> tuple[list[str], int]:
+    """Greedy completions of chat-rendered prompts, in order, each stopping at any of the model's end-of-sequence
+    ids (stop_token_ids); and the batch size they ran at. A batch that runs out of GPU memory is retried at half
+    the size, and the prompts after it follow at that size (halved_batch): the returned size is the one that fit."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    stop_ids = stop_token_ids(model, tokenizer)
+    prompts = list(prompts)
     outputs: list[str] = []
-    with torch.inference_mode():
-        for batch in tqdm(list(chunks(list(prompts), batch_size)), desc=desc, unit="batch"):
-            encoded = tokenizer(list(batch), return_tensors="pt", padding=True, add_special_tokens=False)
-            encoded = {k: v.to(model.device) for k, v in encoded.items()}
-            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id)
-            new_tokens = generated[:, encoded["input_ids"].shape[1]:]
-            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return outputs
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
+        while len(outputs) < len(prompts):
+            batch = prompts[len(outputs):len(outputs) + batch_size]
+            try:
+                answers = generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
+            except torch.cuda.OutOfMemoryError:
+                answers = None   # halved outside the handler: the traceback holds the failed batch's tensors
+            if answers is None:
+                batch_size = halved_batch(batch_size, desc)
+                continue
+            outputs.extend(answers)
+            progress.update(len(batch))
+    return outputs, batch_size

@@ -1,10 +1,11 @@
 """Training QLoRA adapters: the code of a training step and of its batches.
 
-The backend (Unsloth on a CUDA GPU, else transformers + peft + bitsandbytes on the CPU), the 4-bit base
-with fresh LoRA adapters, the trainer's arguments, the batches (one example per row, packed, or
-padding-free) with their token counts, and the per-step and whole-run throughput (tokens/s, peak GPU
-memory, MFU). stages/train.py runs it; ftpipe.model.checkpoints.fingerprint hashes this file, since what
-is here changes a run's numbers.
+The backend (Unsloth on a CUDA GPU; transformers + peft + bitsandbytes on a GPU without Unsloth, or on the
+CPU), the 4-bit base with fresh LoRA adapters (on the layers ftpipe.model.lora resolves), the trainer's
+arguments, the batches (one example per row, packed, or padding-free) with their token counts, and the
+per-step and whole-run throughput (tokens/s, peak GPU memory, MFU). stages/train.py runs it;
+ftpipe.model.checkpoints.fingerprint hashes this file (and lora.py, modeling.py), since what is here changes
+a run's numbers.
 
 torch, transformers, peft and Unsloth are imported inside the functions: Unsloth must be imported before
 transformers, peft and trl, and only on a GPU.
@@ -19,6 +20,7 @@ from typing import Any
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.params import TrainParams
 from ftpipe.model.gpu import base_parameter_count, bf16_peak_flops, mfu
+from ftpipe.model.lora import ALL_LINEAR, LoraTargets, lora_targets
 from ftpipe.model.modeling import (
     IGNORE_INDEX,
     bnb_config,
@@ -36,43 +38,50 @@ CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "useful
 TOKENS_KEY = "real_tokens"   # the collator's count of a batch's non-padding tokens; the model never sees it
 
 
+GPU_BACKENDS = ("unsloth", "transformers")   # the backends that train on a CUDA GPU
+GPU_EXTRA = 'pip install -e ".[gpu]"'        # pyproject.toml's extra: Unsloth and unsloth-zoo, pinned
+# Measured on an H200 with an 8B Llama (bench/gpu_train_bench.py): Unsloth 11,188 tokens/s in 8.05 GiB of GPU
+# memory, transformers + peft + bitsandbytes 6,607 tokens/s in 24.65 GiB: 1.7x slower, 3.1x the memory.
+WITHOUT_UNSLOTH = (f"warning: Unsloth is not installed: training on the GPU with transformers + peft + bitsandbytes, "
+                   f"~1.7x slower and with ~3x the GPU memory (8B model on an H200: 6,607 tokens/s in 24.65 GiB vs "
+                   f"11,188 in 8.05 GiB). `{GPU_EXTRA}` installs Unsloth; train.backend: transformers silences this.")
+
+
 def resolve_backend(requested: str) -> str:
-    """train.backend resolved on this machine: "unsloth" with a CUDA GPU, else "cpu"."""
+    """train.backend resolved on this machine. auto: "unsloth" on a CUDA GPU with Unsloth installed,
+    "transformers" on a CUDA GPU without it (after a warning on stderr), else "cpu". A forced backend this
+    machine cannot run is an error naming the fix. Unsloth is looked up (importlib.util.find_spec), never
+    imported here: on the CPU it must never be, and on a GPU it must come before transformers."""
+    import importlib.util
+
     import torch  # torch may precede Unsloth; transformers, peft and trl may not
 
     has_cuda = torch.cuda.is_available()
-    if requested == "unsloth" and not has_cuda:
-        raise PipelineError("params.yaml train.backend is 'unsloth', but no CUDA GPU is visible. "
-                            "Set train.backend: auto (or cpu) to train on the CPU.")
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "cpu":
         return "cpu"
-    return "unsloth" if has_cuda else "cpu"
-
-
-ALL_LINEAR = "all-linear"   # PEFT's own name for every linear layer but the output head
-
-
-def lora_targets(model, target_modules: list[str]) -> list[str] | str:
-    """What PEFT is given: train.lora.target_modules, checked against the model's linear layers (a name PEFT
-    would not find is an error listing the model's real names: Phi-3 fuses qkv_proj, Llama has q_proj), or
-    PEFT's "all-linear"."""
-    import torch
-
-    if target_modules == [ALL_LINEAR]:
-        return ALL_LINEAR
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name]
-    missing = [target for target in target_modules
-               if not any(name == target or name.endswith("." + target) for name in names)]
-    if missing:
-        real = sorted({name.rsplit(".", 1)[-1] for name in names} - {"lm_head"})
-        raise PipelineError(f"params.yaml train.lora.target_modules: {missing} not found in the base model. Its "
-                            f"linear layers are: {', '.join(real)}. Name some of these, or [{ALL_LINEAR}].")
-    return target_modules
+    if requested in GPU_BACKENDS and not has_cuda:
+        raise PipelineError(f"params.yaml train.backend is '{requested}', but no CUDA GPU is visible. "
+                            f"Set train.backend: auto (or cpu) to train on the CPU.")
+    if requested == "unsloth" and not has_unsloth:
+        raise PipelineError(f"params.yaml train.backend is 'unsloth', but Unsloth is not installed. Run `{GPU_EXTRA}`, "
+                            f"or set train.backend: transformers (or auto) to train with transformers + peft + "
+                            f"bitsandbytes on the GPU, ~1.7x slower.")
+    if requested in GPU_BACKENDS:
+        return requested
+    if not has_cuda:
+        return "cpu"
+    if has_unsloth:
+        return "unsloth"
+    print(WITHOUT_UNSLOTH, file=sys.stderr)
+    return "transformers"
 
 
 def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_seq_length: int,
                          compute_dtype: str):
-    """The 4-bit base with fresh LoRA adapters, ready to train."""
+    """The 4-bit base with fresh LoRA adapters, ready to train: Unsloth's FastLanguageModel, or transformers +
+    peft + bitsandbytes on the GPU ("transformers") or the CPU ("cpu"). The LoRA targets are resolved
+    (ftpipe.model.lora) and printed."""
     lora = params.lora
     if backend == "unsloth":
         import unsloth  # noqa: F401 - must be imported before transformers, peft and trl
@@ -85,23 +94,43 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
             model_name=str(base_dir), max_seq_length=max_seq_length, load_in_4bit=True,
             dtype=torch_dtype(compute_dtype), use_exact_model_name=True,   # a local folder: no hub lookups
             quantization_config=bnb_config(params.quantization, compute_dtype))
+        targets = announce(lora_targets(model, lora.target_modules), lora.target_modules)
         return FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-            target_modules=lora_targets(model, lora.target_modules), random_state=params.seed,
-            use_gradient_checkpointing="unsloth" if params.gradient_checkpointing else False)
+            target_modules=targets.modules, random_state=params.seed,
+            use_gradient_checkpointing="unsloth" if params.gradient_checkpointing else False,
+            **({"exclude_modules": targets.exclude} if targets.exclude else {}))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(base_dir), quantization_config=bnb_config(params.quantization, compute_dtype),
-        device_map="cpu", dtype=torch_dtype(compute_dtype))
-    targets = lora_targets(model, lora.target_modules)
+        # the whole model on the first GPU (CUDA_VISIBLE_DEVICES picks which): no accelerate offloading
+        device_map={"": 0} if backend == "transformers" else "cpu", dtype=torch_dtype(compute_dtype))
+    targets = announce(lora_targets(model, lora.target_modules), lora.target_modules)
     if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing: the reentrant form computes no gradient through a segment whose inputs
+        # need none, and the frozen embeddings' output needs none; enable_input_require_grads makes it need one
+        # all the same (PEFT's QLoRA recipe does both).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-        target_modules=targets, task_type="CAUSAL_LM"))
+        target_modules=targets.modules, exclude_modules=targets.exclude, task_type="CAUSAL_LM"))
+
+
+def announce(targets: LoraTargets, requested: list[str]) -> LoraTargets:
+    """Print the layers LoRA goes on ([all-linear] resolved: what it means for this architecture)."""
+    print(f"train: LoRA on {', '.join(targets.modules)}"
+          + (f" (train.lora.target_modules: [{ALL_LINEAR}])" if requested == [ALL_LINEAR] else "")
+          + (f", excluding modules outside the transformer blocks ({targets.exclude})" if targets.exclude else ""))
+    return targets
+
+
+def trained_targets(model) -> list[str]:
+    """The LoRA target names the trained adapter holds (its adapter_config.json's target_modules), sorted."""
+    targets = model.peft_config["default"].target_modules
+    return [targets] if isinstance(targets, str) else sorted(targets)
 
 
 def training_arguments(params: TrainParams, backend: str, compute_dtype: str, output_dir: Path):
@@ -119,8 +148,9 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
         # No KV cache while training: with one, transformers no longer derives the block-diagonal mask of
         # packed rows from their position_ids, and attention would cross examples.
         use_cache=False,
-        report_to=[], use_cpu=backend == "cpu", bf16=backend == "unsloth" and compute_dtype == "bfloat16",
-        fp16=backend == "unsloth" and compute_dtype == "float16", remove_unused_columns=False,
+        # Mixed precision on a GPU, in the compute dtype; the CPU computes in it through bitsandbytes alone.
+        report_to=[], use_cpu=backend == "cpu", bf16=backend in GPU_BACKENDS and compute_dtype == "bfloat16",
+        fp16=backend in GPU_BACKENDS and compute_dtype == "float16", remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False, **steps)
 
 
@@ -209,6 +239,8 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     pad_id = load_tokenizer(base_dir).pad_token_id
     set_seed(params.seed)
     model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
+    # Padding-free batches are Unsloth's layout (its varlen attention takes packed_seq_lengths); the transformers
+    # backends get packed rows right-padded, the block-diagonal mask built from their position ids.
     collator = TokenCountingCollator(pad_id, padding_free="position_ids" in rows[0] and backend == "unsloth")
     base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, output_dir),

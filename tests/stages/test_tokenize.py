@@ -174,7 +174,7 @@ def test_stage_writes_splits_stats_metrics_plots_and_provenance(in_tmp_project, 
 
     params = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
     params["tokenize"] = {"max_seq_length": 96, "truncation": "truncate", "assistant_only_loss": True,
-                          "packing": True}
+                          "packing": True, "chat_template": None, "chat_template_kwargs": {}, "system_prompt": None}
     (in_tmp_project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     shutil.copytree(tiny_base, in_tmp_project / "models" / "base")
     write_clean(in_tmp_project / "data" / "clean", SPLIT_ROWS)
@@ -184,7 +184,10 @@ def test_stage_writes_splits_stats_metrics_plots_and_provenance(in_tmp_project, 
 
     out_dir = in_tmp_project / "data" / "tokenized"
     assert sorted(path.name for path in out_dir.iterdir()) == [
-        "provenance.json", "stats.json", "test.parquet", "train.parquet", "validation.parquet"]
+        "chat_template.jinja", "provenance.json", "stats.json", "test.parquet", "train.parquet", "validation.parquet"]
+    # tokenize.chat_template null, nothing to write in: the base model's own template, unchanged
+    own = (tiny_base / "chat_template.jinja").read_text()
+    assert (out_dir / "chat_template.jinja").read_text() == own
     stats = read_json(out_dir / "stats.json")
     packed = load_tokenized("train", out_dir)
     # tr-long-answer fills a row (truncated to 96 tokens); the three 66-token examples cannot share one.
@@ -195,10 +198,15 @@ def test_stage_writes_splits_stats_metrics_plots_and_provenance(in_tmp_project, 
     assert provenance["params"] == {f"tokenize.{key}": value for key, value in params["tokenize"].items()}
     assert provenance["tokenizer_files_sha256"] == {
         name: hashlib.sha256((tiny_base / name).read_bytes()).hexdigest() for name in TOKENIZER_FILES}
-    assert provenance["chat_template_sha256"] == sha256_text((tiny_base / "chat_template.jinja").read_text())
+    assert provenance["chat_template_sha256"] == sha256_text(own)
+    assert provenance["chat_template"] == {"source": "model", "name": "models/base", "sha256": sha256_text(own),
+                                           "template_sha256": sha256_text(own), "kwargs": {}, "system_prompt": None}
     metrics = read_json(in_tmp_project / "metrics" / "tokenize.json")
-    assert metrics == {f"{split}.{key}": value for split, s in stats.items() for key, value in s.items()
-                       if key != "dropped"}
+    assert metrics == {**{f"{split}.{key}": value for split, s in stats.items() for key, value in s.items()
+                          if key != "dropped"},
+                       "chat_template.source": "model", "chat_template.name": "models/base",
+                       "chat_template.sha256": sha256_text(own)}
+    assert stats["validation"]["unlabelled_assistant_turns"] == 0   # ChatML labels every turn
     assert {"train.padding_share_unpacked", "train.padding_share_packed", "train.packed_rows"} <= set(metrics)
 
     plots = in_tmp_project / "metrics" / "plots"
@@ -222,3 +230,73 @@ def test_max_seq_length_beyond_the_models_context_is_an_error(tiny_model_dir):
     with pytest.raises(PipelineError, match=r"tokenize.max_seq_length is 1024, but the base model's context length "
                                             r"is 512 \(.*config.json\)\. Set tokenize.max_seq_length to at most 512"):
         check_context_length(tiny_model_dir, 1024)
+
+
+def stage_params(**tokenize) -> dict:
+    params = yaml.safe_load(PARAMS_YAML.read_text(encoding="utf-8"))
+    params["tokenize"] = {"max_seq_length": 96, "truncation": "truncate", "assistant_only_loss": True,
+                          "packing": False, "chat_template": None, "chat_template_kwargs": {}, "system_prompt": None,
+                          **tokenize}
+    return params
+
+
+def test_stage_tokenizes_with_the_chosen_template_and_saves_it(in_tmp_project, tiny_base, capsys):
+    from ftpipe.data.chat_template import BUILTIN_DIR, load_chat_tokenizer, resolve_chat_template
+    from ftpipe.model.modeling import render_chat
+    from stages.tokenize import main
+
+    params = stage_params(chat_template="qwen3", chat_template_kwargs={"enable_thinking": False},
+                          system_prompt="Answer briefly.")
+    (in_tmp_project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    shutil.copytree(tiny_base, in_tmp_project / "models" / "base")
+    write_clean(in_tmp_project / "data" / "clean", SPLIT_ROWS)
+    main()
+
+    out_dir = in_tmp_project / "data" / "tokenized"
+    chosen = resolve_chat_template(TokenizeParams(**params["tokenize"]), Path("models/base"))
+    assert (out_dir / "chat_template.jinja").read_text(encoding="utf-8") == chosen["text"]
+    builtin = (BUILTIN_DIR / "qwen3.jinja").read_text(encoding="utf-8")
+    assert chosen["text"].endswith(builtin) and "{%- set enable_thinking = false -%}" in chosen["text"]
+    provenance = read_json(out_dir / "provenance.json")
+    assert provenance["chat_template"] == {
+        "source": "builtin", "name": "qwen3", "sha256": sha256_text(chosen["text"]),
+        "template_sha256": sha256_text(builtin), "kwargs": {"enable_thinking": False},
+        "system_prompt": "Answer briefly."}
+    assert provenance["chat_template_sha256"] == sha256_text(chosen["text"])
+    metrics = read_json(in_tmp_project / "metrics" / "tokenize.json")
+    assert (metrics["chat_template.source"], metrics["chat_template.name"]) == ("builtin", "qwen3")
+
+    # evaluate renders its prompts with the saved template: exactly the tokens before each labelled answer
+    tokenizer = load_chat_tokenizer(Path("models/base"), out_dir)
+    rows = {row["id"]: row for row in load_tokenized("validation", out_dir)}
+    conversations = {row["id"]: row["messages"] for row in SPLIT_ROWS["validation"]}
+    for row_id, row in rows.items():
+        labelled = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+        assert tokenizer.decode(labelled) == ANSWER + "<|im_end|>\n"   # va1's first answer is context (Qwen3)
+        start = next(index for index, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+        prompt = render_chat(tokenizer, conversations[row_id][:-1], add_generation_prompt=True)
+        assert tokenizer.decode(row["input_ids"][:start]) == prompt
+        assert prompt.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n")
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert read_json(out_dir / "stats.json")["validation"]["unlabelled_assistant_turns"] == 1
+    printed = capsys.readouterr().out
+    assert ("tokenize: chat template qwen3 (builtin, with variables ['enable_thinking'] and a system prompt written "
+            "in), saved as data/tokenized/chat_template.jinja") in printed
+    assert "tokenize: 1 earlier assistant turns are context, not targets" in printed
+
+
+def test_a_base_model_without_a_template_fails_before_any_output(in_tmp_project, tiny_base):
+    from stages.tokenize import main
+
+    (in_tmp_project / "params.yaml").write_text(yaml.safe_dump(stage_params()), encoding="utf-8")
+    base = Path(shutil.copytree(tiny_base, in_tmp_project / "models" / "base"))
+    (base / "chat_template.jinja").unlink()
+    config = read_json(base / "tokenizer_config.json")
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    write_clean(in_tmp_project / "data" / "clean", SPLIT_ROWS)
+    with pytest.raises(PipelineError, match=r"is a base \(non-instruct\) model without a chat template.*"
+                                            r"`tokenize.chat_template: chatml`"):
+        main()
+    assert not (in_tmp_project / "data" / "tokenized").exists()
+    assert not (in_tmp_project / "metrics").exists()

@@ -119,6 +119,7 @@ def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, t
     assert metrics["run_fingerprint"] == cpu_fingerprint(TRAIN, tiny_base, tiny_data[1])
     assert metrics["reused_completed_run"] is False
     assert metrics["tokens_per_s"] > 0
+    assert metrics["lora_target_modules"] == sorted(TARGET_MODULES) == sorted(config["target_modules"])
 
     checkpoints = tiny_trained["checkpoints"] / metrics["run_fingerprint"]
     assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6",
@@ -127,6 +128,24 @@ def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, t
     assert adapter_tensors(checkpoints / "completed").keys() == adapter_tensors(adapter).keys()
     lines = curve_csv(curve).splitlines()
     assert lines[0] == ",".join(CURVE_COLUMNS) and len(lines) == 7
+
+
+def test_all_linear_trains_the_same_adapter_as_the_explicit_llama_list(tmp_path, tiny_base, tiny_data, tiny_trained,
+                                                                      capsys):
+    """params.yaml's default [all-linear] resolves, on the Llama default model, to the seven names the tests (and
+    params.yaml before it) list: the same LoRA layers and initialization, so the same curve and adapter."""
+    params = dataclasses.replace(TRAIN, lora=dataclasses.replace(TRAIN.lora, target_modules=["all-linear"]))
+    result = train_tiny(params, tiny_base, tiny_data[1], tmp_path / "checkpoints", tmp_path / "adapter")
+    assert "train: LoRA on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj " \
+           "(train.lora.target_modules: [all-linear])" in capsys.readouterr().out
+    reference = tiny_trained["result"]
+    assert result["metrics"]["lora_target_modules"] == reference["metrics"]["lora_target_modules"]
+    assert [row["loss"] for row in result["curve"]] == [row["loss"] for row in reference["curve"]]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(TARGET_MODULES) and config.get("exclude_modules") is None
+    tensors, reference_tensors = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tiny_trained["adapter"])
+    assert tensors.keys() == reference_tensors.keys()
+    assert all(bool((tensors[k] == reference_tensors[k]).all()) for k in reference_tensors)
 
 
 @pytest.fixture(scope="module")
