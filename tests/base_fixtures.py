@@ -69,14 +69,11 @@ def gguf_base(model_dir: Path, folder: Path) -> Path:
 
     from ftpipe.gguf.export import convert
     from ftpipe.model.tokenizer_files import copy_tokenizer_files
+    from tests.model_fixtures import scale_up_blocks
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    scale_up_blocks(model)
     with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                weight.mul_(100)
-            elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                weight.mul_(4)
         model.model.norm.weight.mul_(40)
     hf_folder = folder / "hf"
     model.save_pretrained(hf_folder)

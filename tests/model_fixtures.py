@@ -136,6 +136,18 @@ def train_tiny(params: TrainParams, base_dir: Path, tokenized_dir: Path, checkpo
                          callbacks)
 
 
+def scale_up_blocks(model) -> None:
+    """Attention and MLP outputs x100, queries and keys x4, in place: each block of a random model then counts."""
+    import torch
+
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weight.mul_(100)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(4)
+
+
 def lively_copy(source: Path, target: Path) -> Path:
     """A copy of a tiny random model whose answers depend on the conversation. The fixtures' own random weights
     (std 0.02, embeddings tied to the output) make every greedy answer a run of newlines, the prompt's last token
@@ -145,12 +157,7 @@ def lively_copy(source: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                weight.mul_(100)
-            elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                weight.mul_(4)
+    scale_up_blocks(model)
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return target

@@ -135,3 +135,29 @@ def test_stage_publishes_nothing_on_failure_and_everything_on_success(in_tmp_pro
     metrics = read_json(in_tmp_project / "metrics" / "merge.json")
     assert metrics == provenance["metrics"] and metrics["gap_vs_adapter"] < 0.005
     assert sorted(path.name for path in (in_tmp_project / "models").iterdir()) == ["adapter", "base", "merged"]
+
+
+def test_merged_model_carries_the_tokenize_stage_template_and_the_base_tokenizer_files(tmp_path, tiny_base, tiny_data,
+                                                                                       tiny_trained):
+    """The template the tokenize stage trained with (here a built-in with a baked system prompt, not the base's own)
+    is the merged model's, where transformers and llama.cpp's converter read it; the other tokenizer files are the
+    base's, byte for byte."""
+    from ftpipe.data.chat_template import BUILTIN_DIR, TEMPLATE_FILE, bake
+    from ftpipe.model.modeling import render_chat
+    from stages.merge import merge_adapter
+    from tests.model_fixtures import BASE_DTYPE
+
+    tokenized = tmp_path / "tokenized"
+    shutil.copytree(tiny_data[1], tokenized)
+    chosen = bake((BUILTIN_DIR / "chatml.jinja").read_text(), {}, "Answer in one line.")
+    (tokenized / TEMPLATE_FILE).write_text(chosen)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    merge_adapter(tiny_base, tiny_trained["adapter"], BASE_DTYPE, merged, tokenized)
+
+    assert (merged / TEMPLATE_FILE).read_text() == chosen
+    assert json.loads((merged / "tokenizer_config.json").read_text())["chat_template"] == chosen
+    assert load_tokenizer(merged).chat_template == chosen
+    assert render_chat(load_tokenizer(merged), [{"role": "user", "content": "Hi"}]).startswith(
+        "<|im_start|>system\nAnswer in one line.<|im_end|>")
+    assert (merged / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
