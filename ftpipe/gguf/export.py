@@ -100,15 +100,17 @@ def converter_view(merged_dir: Path, scratch: Path) -> Path:
     return scratch
 
 
-def convert(merged_dir: Path, gguf_type: str, out_file: Path) -> None:
-    """The converter's GGUF of `merged_dir` in one of CONVERTER_TYPES."""
+def convert(merged_dir: Path, gguf_type: str, out_file: Path, vocab_only: bool = False) -> None:
+    """The converter's GGUF of `merged_dir` in one of CONVERTER_TYPES; with `vocab_only`, its tokenizer and metadata
+    alone (no tensors: seconds, for checking a base model's tokenizer before training)."""
     import tempfile
 
     env = {key: value for key, value in os.environ.items() if key != "NO_LOCAL_GGUF"}   # its own gguf-py, always
     with tempfile.TemporaryDirectory(prefix="ftpipe-convert-") as scratch:
         source = converter_view(Path(merged_dir), Path(scratch) / Path(merged_dir).name)
         done = subprocess.run([*converter_command(), str(source), "--outfile", str(out_file),
-                               "--outtype", gguf_type], capture_output=True, text=True, env=env)
+                               "--outtype", gguf_type, *(["--vocab-only"] if vocab_only else [])],
+                              capture_output=True, text=True, env=env)
     if done.returncode != 0 or not out_file.exists():
         raise PipelineError(f"llama.cpp's GGUF converter cannot convert {merged_dir} to {gguf_type} (exit "
                             f"{done.returncode}): {converter_error(done.stderr)}")

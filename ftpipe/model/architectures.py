@@ -14,6 +14,13 @@ The parts, and how each is asked (none converts, loads weights or trains):
 - llama.cpp's runtime (the llama-cpp-python build): asked by the runtime itself: a GGUF holding nothing but
   `general.architecture` is loaded vocabulary-only; llama.cpp stops at "unknown model architecture" for an
   architecture it does not implement, and only later (at the missing vocabulary) for one it does;
+- llama.cpp's tokenizer: the converter writes a vocabulary-only GGUF of the base (its tokenizer and metadata, no
+  tensors: seconds), llama.cpp loads it, and a few fixed texts, rendered as chats in the base's own template, must
+  become the same token ids as with the base's tokenizer in transformers, as the quantize stage requires of every
+  GGUF.
+  It catches what the architecture alone does not: a pre-tokenizer the converter does not recognise, or a
+  vocabulary transformers reads differently (transformers 5 forces its own tokenizer class for some model types,
+  e.g. a Qwen2-architecture model shipped with another family's tokenizer);
 - Unsloth (train.backend unsloth, on a CUDA GPU; not importable on a CPU machine, so a table, not a probe):
   UNSLOTH_OPTIMIZED, read from Unsloth 2026.10.9's `FastLanguageModel.from_pretrained` (unsloth/models/loader.py):
   these model types get Unsloth's own hand-written implementation; every other model type goes through its
@@ -38,6 +45,13 @@ UNSLOTH_OPTIMIZED = {"llama": "FastLlamaModel", "mistral": "FastMistralModel", "
                      "gemma2": "FastGemma2Model", "qwen2": "FastQwen2Model", "qwen3": "FastQwen3Model"}
 
 CONVERTER_PART, RUNTIME_PART, UNSLOTH_PART = "llama.cpp's GGUF converter", "llama.cpp's runtime", "Unsloth"
+TOKENIZER_PART = "llama.cpp's tokenizer"
+# What the tokenizer part encodes in both runtimes: words, digits, code, whitespace runs, non-ASCII text.
+TOKENIZER_TEXTS = ("The capital of France is Paris, and 2 + 2 = 4.",
+                   "def area(r):\n    return 3.14159 * r ** 2  # 1,000,000 cm²",
+                   "  two leading spaces,\ttabs\n\nand blank lines",
+                   "Ünïcödé: café, naïve, 東京, Ελληνικά, emoji 🙂.")
+
 
 
 @dataclass(frozen=True)
@@ -214,6 +228,49 @@ def runtime_support(gguf_arch: str | None) -> PartSupport:
                                             f"architecture {gguf_arch!r}")
 
 
+# --- llama.cpp's tokenizer, asked itself ---------------------------------------------------------------------
+
+def probe_texts(tokenizer) -> list[str]:
+    """TOKENIZER_TEXTS as the pipeline tokenizes text: inside a chat, here the base's own template (a question and
+    its answer); without one, each after a special token, where any template puts it. Text alone is not asked: a
+    SentencePiece GGUF has one add_space_prefix flag, set for text after a special token (align_space_prefix), so
+    llama.cpp may start a bare text differently, which no chat-rendered text ever is."""
+    from ftpipe.model.modeling import render_chat
+
+    if tokenizer.chat_template:
+        return [render_chat(tokenizer, [{"role": "user", "content": text}, {"role": "assistant", "content": text}])
+                for text in TOKENIZER_TEXTS]
+    marker = tokenizer.eos_token or tokenizer.bos_token or ""
+    return [f"{marker}{text}" for text in TOKENIZER_TEXTS]
+
+
+def tokenizer_support(model_dir: Path) -> PartSupport:
+    """Does llama.cpp, given the converter's vocabulary-only GGUF of `model_dir`, tokenize as transformers does?"""
+    from ftpipe.gguf.export import align_space_prefix, convert
+    from ftpipe.gguf.parity import tokenizer_mismatches
+    from ftpipe.gguf.runtime import llama_cpp
+    from ftpipe.model.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    texts = probe_texts(tokenizer)
+    with tempfile.TemporaryDirectory(prefix="ftpipe-vocab-probe-") as folder:
+        path = Path(folder) / "vocab.gguf"
+        try:
+            convert(model_dir, "f16", path, vocab_only=True)
+        except PipelineError as err:
+            return PartSupport(TOKENIZER_PART, False, f"the converter cannot write its vocabulary: {err}")
+        align_space_prefix(model_dir, [path])   # as the quantize stage does for SentencePiece vocabularies
+        llm = llama_cpp().Llama(model_path=str(path), vocab_only=True, verbose=False)
+        try:
+            differ = tokenizer_mismatches(llm, tokenizer, texts)
+        finally:
+            llm.close()
+    if differ:
+        return PartSupport(TOKENIZER_PART, False, f"{len(differ)} of {len(texts)} probe texts become other tokens in "
+                                                  f"llama.cpp than in transformers, first {differ[0]!r}")
+    return PartSupport(TOKENIZER_PART, True, f"{len(texts)} probe texts become the same tokens in both")
+
+
 # --- Unsloth, from its table -------------------------------------------------------------------------------------
 
 def unsloth_support(model_type: str) -> PartSupport:
@@ -237,8 +294,11 @@ def architecture_support(model_dir: Path, converter_dir: Path | None = None) -> 
         raise PipelineError(f"{model_dir}: no config.json, so its architecture is unknown")
     architecture, model_type = model_architecture(json.loads(config_path.read_text()))
     converter, gguf_arch = converter_support(architecture, Path(converter_dir or LLAMA_CPP_CONVERTER_DIR))
-    return ArchitectureSupport(architecture, model_type, gguf_arch,
-                               [converter, runtime_support(gguf_arch), unsloth_support(model_type)])
+    runtime = runtime_support(gguf_arch)
+    parts = [converter, runtime]
+    if converter_dir is None and converter.supported and runtime.supported:   # the installed converter, a known arch
+        parts.append(tokenizer_support(Path(model_dir)))
+    return ArchitectureSupport(architecture, model_type, gguf_arch, [*parts, unsloth_support(model_type)])
 
 
 def require_supported_architecture(model_dir: Path, converter_dir: Path | None = None) -> ArchitectureSupport:
@@ -249,6 +309,6 @@ def require_supported_architecture(model_dir: Path, converter_dir: Path | None =
             f"the base model's architecture {report.architecture} (model type {report.model_type!r}) cannot go "
             "through this pipeline: " + "; ".join(f"{part.part}: {part.detail}" for part in report.unsupported)
             + ". The quantize stage exports every trained model to GGUF with these (quantize.types), so it would fail "
-              "after training. Choose a base model of an architecture they support (base.model), or a llama.cpp "
+              "after training. Choose a base model they support (base.model), or a llama.cpp "
               "build that supports this one (tools/build_llama_cpp.py).")
     return report

@@ -123,3 +123,39 @@ def test_the_train_stage_checks_the_architecture_before_anything_else(in_tmp_pro
     model_dir(in_tmp_project / "models" / "base", "NoSuchForCausalLM", "nosuch")   # no params.yaml, no data
     with pytest.raises(PipelineError, match="llama.cpp's GGUF converter: NoSuchForCausalLM is not among"):
         train.main()
+
+
+def test_the_base_tokenizer_is_asked_of_llama_cpp_through_a_vocabulary_only_gguf(tiny_model_dir):
+    """The tiny Llama with SmolLM2's tokenizer: the converter's vocabulary, in llama.cpp, splits the probe texts and
+    a chat in the model's template as transformers does."""
+    report = require_supported_architecture(tiny_model_dir)
+    assert [(part.part, part.supported) for part in report.parts] == [
+        ("llama.cpp's GGUF converter", True), ("llama.cpp's runtime", True), ("llama.cpp's tokenizer", True),
+        ("Unsloth", True)]
+    assert report.parts[2].detail == "4 probe texts become the same tokens in both"
+
+
+def test_a_tokenizer_llama_cpp_cannot_take_fails_before_training(tmp_path, smollm2_tokenizer):
+    """A Qwen2-architecture model shipped with another family's tokenizer (as DeepSeek-R1-Distill-Qwen is): its
+    architecture is fine, but transformers 5 reads the vocabulary with Qwen2's tokenizer class and the converter
+    does not recognise the pre-tokenizer. Found before training, naming the part."""
+    import copy
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    folder = tmp_path / "qwen2-with-another-tokenizer"
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    copy.deepcopy(smollm2_tokenizer).save_pretrained(folder)
+    report = architecture_support(folder)
+    assert [(part.part, part.supported) for part in report.parts][:2] == [
+        ("llama.cpp's GGUF converter", True), ("llama.cpp's runtime", True)]
+    tokenizer_part = report.parts[2]
+    assert tokenizer_part.part == "llama.cpp's tokenizer" and tokenizer_part.supported is False
+    assert "BPE pre-tokenizer was not recognized" in tokenizer_part.detail   # the converter's own words
+    with pytest.raises(PipelineError, match=r"cannot go through this pipeline: llama\.cpp's tokenizer: the converter "
+                                            r"cannot write its vocabulary"):
+        require_supported_architecture(folder)
