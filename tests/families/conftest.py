@@ -4,6 +4,7 @@ every test that needs it, with its own error."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from tests.model_fixtures import TOKENIZE, TRAIN, chat_row, row_id
 # 8 training rows = 2 steps of 4; validation and test rows include a system prompt (every third) and a second
 # turn (every fifth): 9, 10, 12 and 15 (both)
 SPLIT_ROWS = {"train": range(0, 8), "validation": range(8, 14), "test": range(14, 18)}
+# FTPIPE_FAMILIES_BACKEND picks train.backend: cpu here and in CI; unsloth or transformers on a CUDA machine, where
+# bench/gpu_families.py runs this whole suite (evaluate and merge then run on the GPU too)
 FAMILY_TRAIN = dataclasses.replace(TRAIN, max_steps=2, checkpoint_every=2,
+                                   backend=os.environ.get("FTPIPE_FAMILIES_BACKEND", "cpu"),
                                    lora=dataclasses.replace(TRAIN.lora, target_modules=["all-linear"]))
 EVALUATE = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2)
 MERGE = MergeParams(max_loss_gap_vs_adapter=0.01, max_loss_gap_vs_trained=0.5)
