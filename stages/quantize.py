@@ -25,18 +25,10 @@ from ftpipe.gguf import parity
 from ftpipe.gguf.contents import tensor_type_mix
 from ftpipe.gguf.export import converter_info, export_all
 from ftpipe.gguf.runtime import build_info, open_gguf
-from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer, mean_loss
+from ftpipe.model.modeling import end_of_turn_ids, inference_dtype, load_model, load_tokenizer, mean_loss
 
 LOSS_BATCH = 16
 SCRATCH_F16 = ".model-f16.scratch.gguf"   # the f16 GGUF K-quants and greedy answers use when f16 is not published
-
-
-def end_of_turn_ids(model, tokenizer) -> list[int]:
-    """The tokens the merged model stops generating at (generation_config, else the tokenizer's eos)."""
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured if configured is not None
-                                                           else tokenizer.eos_token_id]
-    return [int(token) for token in ids]
 
 
 def greedy_prompts(rows: list[dict], conversations: dict[str, list[dict]], count: int) -> list[tuple[list, list]]:

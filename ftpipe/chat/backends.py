@@ -33,17 +33,9 @@ def load(spec: ModelSpec, n_ctx: int = DEFAULT_N_CTX):
     return LlamaCppChat(spec, n_ctx) if spec.runtime == "llama.cpp" else TransformersChat(spec)
 
 
-def end_of_turn_ids(model, tokenizer) -> list[int]:
-    """The tokens generation stops at: generation_config's eos_token_id (an int or a list), else the tokenizer's."""
-    configured = model.generation_config.eos_token_id
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    return [int(token) for token in (configured if isinstance(configured, list) else [configured])]
-
-
 class TransformersChat:
     def __init__(self, spec: ModelSpec):
-        from ftpipe.model.modeling import inference_dtype, load_model, load_tokenizer
+        from ftpipe.model.modeling import end_of_turn_ids, inference_dtype, load_model, load_tokenizer
 
         dtype = inference_dtype()
         self.tokenizer = load_tokenizer(spec.path)

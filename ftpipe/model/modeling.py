@@ -232,12 +232,21 @@ def mean_loss(model, rows: Sequence[dict], pad_id: int, batch_size: int, desc: s
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends an answer: the model's generation config's eos_token_id (an int or a list: Gemma lists
-    <eos> and <end_of_turn>, Llama 3 <|end_of_text|>, <|eom_id|> and <|eot_id|>), then the tokenizer's end of
-    sequence, without repeats. The tokenizer's alone would let a Gemma answer run past its <end_of_turn>."""
+def end_of_turn_ids(model, tokenizer) -> list[int]:
+    """The ids the model's generation config ends an answer at (eos_token_id: an int or a list: Gemma lists <eos> and
+    <end_of_turn>, Llama 3 <|end_of_text|>, <|eom_id|> and <|eot_id|>); the tokenizer's end of sequence when it
+    names none. The quantize stage's stop-token check and the chat command stop at these."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    return [int(token) for token in (configured if isinstance(configured, list) else [configured])
+            if token is not None]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer in evaluation: end_of_turn_ids, then the tokenizer's end of sequence, without
+    repeats. The tokenizer's alone would let a Gemma answer run past its <end_of_turn>."""
+    ids = end_of_turn_ids(model, tokenizer)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(ids))
