@@ -11,6 +11,9 @@ stage then checks on the validation split that the merged model's loss matches
 only), and (2) the adapter on the 4-bit base it was trained on: the merged loss may exceed it by at
 most merge.max_loss_gap_vs_trained (the NF4 -> 16-bit switch; lower is fine). Either gap over its tolerance
 fails the stage and publishes nothing.
+
+It starts only from an adapter the evaluate and audit stages' gates passed (their gate.json, made for this
+adapter): a gate that failed stops the release here.
 """
 from __future__ import annotations
 
@@ -20,9 +23,18 @@ import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import CONTENT_FILE, file_hashes, read_json, write_content_record
 from ftpipe.core.params import MergeParams, Params, QuantizationParams, flatten
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, MERGED_DIR, PROVENANCE_FILE, TOKENIZED_DIR
+from ftpipe.core.paths import (
+    ADAPTER_DIR,
+    AUDIT_DIR,
+    BASE_DIR,
+    EVALUATION_DIR,
+    MERGED_DIR,
+    PROVENANCE_FILE,
+    TOKENIZED_DIR,
+)
 from ftpipe.core.stage import Stage
 from ftpipe.data.chat_template import install_chat_template
+from ftpipe.evaluation.gates import VERDICT_FILE, adapter_subject, require_passed
 from ftpipe.model.merging import merge_lora_shards
 from ftpipe.model.modeling import (
     cuda_available,
@@ -115,6 +127,8 @@ def main() -> None:
     rows = load_tokenized("validation")
     with Stage("merge", tracked_params) as stage:
         params = stage.params
+        for verdict_dir in (EVALUATION_DIR, AUDIT_DIR):   # nothing is built from an adapter a gate stopped
+            require_passed(verdict_dir / VERDICT_FILE, adapter_subject(ADAPTER_DIR), "merge")
         with stage.output() as out_dir:
             merge_adapter(BASE_DIR, ADAPTER_DIR, params.base.dtype, out_dir, TOKENIZED_DIR)
             metrics = check_parity(params.merge, params.train.quantization, BASE_DIR, ADAPTER_DIR, out_dir, rows)

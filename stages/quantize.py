@@ -12,6 +12,7 @@ Any failure names the file and what differs, and publishes nothing.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
@@ -144,7 +145,25 @@ def quantize_and_check(params: QuantizeParams, merged_dir: Path, rows: list[dict
 
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
-    return flatten(params.quantize, "quantize")
+    return {**flatten(params.quantize, "quantize"), **flatten(params.evaluate.harness, "evaluate.harness")}
+
+
+def gguf_harness(params: Params, metrics: dict, out_dir: Path) -> dict | None:
+    """evaluate.harness's tasks on the GGUF quantize.harness_gguf names, in llama.cpp; where the harness cannot score
+    that file correctly, why it was not run (a warning, not a failure: the HF numbers stand)."""
+    from ftpipe.evaluation.harness import HarnessUnsupported, run_harness_gguf
+
+    harness, gguf_type = params.evaluate.harness, params.quantize.harness_gguf
+    if gguf_type is None or not harness.tasks:
+        return None
+    path = out_dir / metrics["files"][gguf_type]["file"]
+    include = Path(harness.include_path) if harness.include_path else None
+    try:
+        return {"gguf_type": gguf_type, **run_harness_gguf(harness.tasks, path, include, harness.limit,
+                                                           harness.num_fewshot)}
+    except HarnessUnsupported as err:
+        print(f"warning: quantize: {err}", file=sys.stderr)
+        return {"gguf_type": gguf_type, "not_run": str(err)}
 
 
 def main() -> None:
@@ -155,6 +174,9 @@ def main() -> None:
     with Stage("quantize", tracked_params) as stage:
         with stage.output() as out_dir:
             metrics = quantize_and_check(stage.params.quantize, MERGED_DIR, rows, conversations, out_dir)
+            harness = gguf_harness(stage.params, metrics, out_dir)
+            if harness is not None:
+                metrics["harness"] = harness
             stage.record.update(metrics=metrics, llama_cpp=build_info(),
                                 converter=converter_info(),
                                 merged_content_sha256=sha256_file(MERGED_DIR / "content.json"))

@@ -7,10 +7,13 @@ It collects (collect_report) every data source with its declaration, hash, rows 
 (with the reasons) and PII findings; every stage with its dvc.lock input and output hashes, params,
 provenance.json and MLflow run; the training params and environment; the evaluation, with what the quantize
 stage checked of each GGUF in llama.cpp (size, bits per weight, tensor type mix, loss, tokenizer, chat prompts,
-stop tokens, greedy answers) and the llama.cpp build it used; and every produced artifact (adapter, merged
-model, each GGUF with its own chat template) with its SHA-256. Then it writes models/release/:
+stop tokens, greedy answers) and the llama.cpp build it used; the evaluate stage's task metrics per data source,
+general-text loss, gates, drift against the last release and standard benchmarks; the memorization audit
+(metrics/audit.json: extraction per source, PII in answers, canaries, its gate); and every produced artifact
+(adapter, merged model, each GGUF with its own chat template) with its SHA-256. Then it writes models/release/:
 
     report.json, report.md, report.html   the report, for machines and for humans
+    evaluation/side_by_side.html          the evaluate stage's page of every test example, base vs tuned
     sbom.cdx.json                         CycloneDX 1.6 ML-BOM, validated against its schema before writing
     adapter/, merged/, gguf-<type>/       each artifact's files (hard links: no extra disk) and its model
                                           card README.md with the concluded license: a folder to publish;
@@ -35,9 +38,11 @@ from ftpipe.core.io import read_json, sha256_file
 from ftpipe.core.params import Params
 from ftpipe.core.paths import (
     ADAPTER_DIR,
+    AUDIT_DIR,
     BASE_DIR,
     CLEAN_DIR,
     COMPLIANCE_DIR,
+    EVALUATION_DIR,
     GGUF_DIR,
     MERGED_DIR,
     PARAMS_FILE,
@@ -49,8 +54,9 @@ from ftpipe.core.paths import (
 )
 from ftpipe.core.provenance import git_state, utc_now
 from ftpipe.core.stage import Stage
+from ftpipe.evaluation.drift import drift_metrics
 from ftpipe.release.model_card import CARD_FILE
-from ftpipe.release.publish import MANIFEST_FILE, REPORT_FILES, write_release
+from ftpipe.release.publish import MANIFEST_FILE, REPORT_FILES, SIDE_BY_SIDE_FILE, write_release
 from ftpipe.release.sbom import SBOM_FILE
 from ftpipe.tracking.mlflow_ui import DEFAULT_HOST, DEFAULT_PORT
 
@@ -65,6 +71,12 @@ NOT_RELEASED = {ADAPTER_DIR / CARD_FILE}
 GGUF_FACTS = ("bytes", "bits_per_weight", "types", "validation_loss", "loss_gap", "tokenizer_mismatches",
               "chat_prompts_compared", "chat_prompt_mismatches", "stop_token_problems")
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+# What the evaluate stage measured beyond loss and ROUGE-L (metrics/evaluate.json), carried over as written.
+EVALUATION_FACTS = ("test_examples_sha256", "task", "general_text", "gate", "drift", "harness")
+SIDE_BY_SIDE_SOURCE = EVALUATION_DIR / "side_by_side.html"
+# What the report keeps of each canary's result (metrics/audit.json): its numbers, never a secret, even if a
+# later audit wrote one there.
+CANARY_FACTS = ("id", "repeats", "exposure", "max_exposure", "rank", "extracted")
 
 
 # --- collecting ------------------------------------------------------------------------------------------
@@ -97,6 +109,7 @@ def collect_report(mlflow: dict[str, Any]) -> dict[str, Any]:
         "stages": stages_from_lock(),
         "training": training_section(),
         "evaluation": evaluation_section(),
+        "audit": audit_section(),
         "artifacts": artifacts_section(),
         "release": {"folder": RELEASE_DIR.as_posix(),
                     **{key: (RELEASE_DIR / name).as_posix() for key, name in REPORT_FILES.items()},
@@ -164,19 +177,57 @@ def training_section() -> dict[str, Any]:
 
 
 def evaluation_section() -> dict[str, Any]:
-    """The test-split scores, the merge gap, and what the quantize stage checked of each GGUF in llama.cpp (its
-    metrics) with the llama.cpp build and converter it used (its provenance.json)."""
+    """The test-split scores (overall and per data source), general-text loss, the evaluate stage's gates, drift
+    against the last release and standard benchmarks (when run), its side-by-side page; the merge gap, and what
+    the quantize stage checked of each GGUF in llama.cpp (its metrics) with the llama.cpp build and converter it
+    used (its provenance.json). The keys the evaluate stage wrote keep their names and shapes; baseline_metrics is
+    what a later run's drift is measured against, should this release become the baseline (ftpipe.release.baseline
+    reads it)."""
     evaluation, merge = read_json(metrics_file("evaluate")), read_json(metrics_file("merge"))
     quantized, quantize_record = read_json(metrics_file("quantize")), read_json(GGUF_DIR / PROVENANCE_FILE)
     return {"test_examples": evaluation["examples"], "base": evaluation["base"], "tuned": evaluation["tuned"],
+            **{key: evaluation[key] for key in EVALUATION_FACTS if key in evaluation},
+            # what `python -m ftpipe.release.baseline` makes the next runs' drift baseline of
+            **({"baseline_metrics": drift_metrics(evaluation)} if "task" in evaluation else {}),
+            "side_by_side": side_by_side(),
             "merged_validation_loss": merge["validation_loss"]["merged"],
             "merge_gap_vs_adapter": merge["gap_vs_adapter"],
             "gguf": {gguf_type: {key: entry.get(key) for key in GGUF_FACTS}
                      for gguf_type, entry in quantized["files"].items()},
             "gguf_greedy": quantized.get("greedy"),
+            "gguf_harness": quantized.get("harness"),   # evaluate.harness's tasks on quantize.harness_gguf
             "end_of_turn_tokens": quantized.get("end_of_turn_tokens"),
             "end_of_turn_ids": quantized.get("end_of_turn_ids"),
             "llama_cpp": quantize_record.get("llama_cpp"), "gguf_converter": quantize_record.get("converter")}
+
+
+def side_by_side() -> dict[str, Any]:
+    """The evaluate stage's page of every test example: write_release copies it into the release folder (so the
+    manifest hashes it); `link` is its address relative to report.html."""
+    if not SIDE_BY_SIDE_SOURCE.is_file():
+        raise PipelineError(f"{SIDE_BY_SIDE_SOURCE}: not found. The evaluate stage writes it: run `dvc repro` "
+                            "(or `dvc repro -f evaluate` if its outputs were changed by hand).")
+    return {"source": SIDE_BY_SIDE_SOURCE.as_posix(), "sha256": sha256_file(SIDE_BY_SIDE_SOURCE),
+            "path": (RELEASE_DIR / SIDE_BY_SIDE_FILE).as_posix(), "link": SIDE_BY_SIDE_FILE}
+
+
+def audit_section() -> dict[str, Any]:
+    """The memorization audit (metrics/audit.json): extraction per data source, PII values in the tuned model's
+    answers, the canaries when training planted any (their numbers only: the audit never writes a secret, and the
+    report keeps only CANARY_FACTS of each), and the audit gate."""
+    path = metrics_file("audit")
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found. The audit stage writes it (the memorization audit the report "
+                            "shows): run `dvc repro` so that it runs before the report.")
+    audit = read_json(path)
+    canaries = audit.get("canaries")
+    if canaries:
+        canaries = {**{key: canaries.get(key) for key in ("count", "repeats", "candidates", "digits")},
+                    "results": [{key: result.get(key) for key in CANARY_FACTS}
+                                for result in canaries.get("results") or []]}
+    return {"metrics_file": path.as_posix(), "extraction": audit["extraction"], "pii": audit["pii"],
+            "canaries": canaries or None, "gate": audit["gate"],
+            "verdict_sha256": sha256_file(AUDIT_DIR / "gate.json") if (AUDIT_DIR / "gate.json").is_file() else None}
 
 
 def artifacts_section() -> list[dict[str, Any]]:
@@ -233,6 +284,9 @@ def main() -> None:
                       "data_sources": len(report["data_sources"]),
                       "declaration_mismatches": len(report["declaration_mismatches"]),
                       "commercial_use_allowed": report["compliance"]["commercial_use_allowed"],
+                      "evaluate_gate_passed": (report["evaluation"].get("gate") or {}).get("passed"),
+                      "audit_gate_passed": report["audit"]["gate"]["passed"],
+                      "canaries_used": report["audit"]["canaries"] is not None,
                       "concluded_license": report["compliance"]["concluded_license"]})
         for name in (*REPORT_FILES.values(), SBOM_FILE, MANIFEST_FILE):
             stage.tracker.log_artifact(RELEASE_DIR / name, "release")

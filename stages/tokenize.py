@@ -45,6 +45,7 @@ from ftpipe.data.chat_tokens import tokenize_batch
 from ftpipe.data.length_plots import HISTOGRAM_BINS, histogram_csv, histogram_png
 from ftpipe.data.packing import pack_examples, packed_rows, padding_stats
 from ftpipe.data.parquet_rows import write_rows
+from ftpipe.evaluation.canaries import make_canaries, plant
 from ftpipe.model.modeling import IGNORE_INDEX, chunks, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -88,14 +89,18 @@ def check_context_length(base_dir: Path, max_seq_length: int) -> int | None:
     return context
 
 
-def tokenize_splits(clean_dir: Path, tokenizer, params: TokenizeParams,
-                    out_dir: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """Write <split>.parquet for every split into `out_dir`; return (stats, tokens per example per split)."""
+def tokenize_splits(clean_dir: Path, tokenizer, params: TokenizeParams, out_dir: Path,
+                    canaries: list[dict] = ()) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Write <split>.parquet for every split into `out_dir`; return (stats, tokens per example per split).
+    `canaries` (audit.canaries, ftpipe/evaluation/canaries.py) are planted into the train split."""
     stats: dict[str, Any] = {}
     lengths: dict[str, list[int]] = {}
     for split in SPLITS:
         examples, dropped, truncated, unlabelled = [], {}, 0, 0
-        for batch in chunks(read_jsonl(clean_dir / f"{split}.jsonl"), ENCODE_BATCH):
+        rows = read_jsonl(clean_dir / f"{split}.jsonl")
+        if split == "train" and canaries:
+            rows = plant(rows, canaries)
+        for batch in chunks(rows, ENCODE_BATCH):
             results = tokenize_batch(tokenizer, [example["messages"] for example in batch], params)
             for example, result in zip(batch, results):
                 if "dropped" in result:
@@ -108,6 +113,8 @@ def tokenize_splits(clean_dir: Path, tokenizer, params: TokenizeParams,
             raise PipelineError(f"tokenize: every training example was dropped ({dropped}); "
                                 f"raise tokenize.max_seq_length or set tokenize.truncation: truncate")
         stats[split] = split_stats(examples, dropped, truncated, unlabelled)
+        if split == "train":
+            stats[split]["canary_rows"] = sum(canary["repeats"] for canary in canaries)
         lengths[split] = [len(example["input_ids"]) for example in examples]
         columns = {key: [example[key] for example in examples] for key in ("id", "input_ids", "labels")}
         if split == "train":   # the padding shares are reported with packing on or off: they tell whether to pack
@@ -134,7 +141,12 @@ def length_histogram(lengths: dict[str, list[int]], max_seq_length: int) -> list
 
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
-    return flatten(params.tokenize, "tokenize")
+    return {**flatten(params.tokenize, "tokenize"), **flatten(params.audit.canaries, "audit.canaries")}
+
+
+def planted_canaries(params: Params) -> list[dict]:
+    canaries = params.audit.canaries
+    return make_canaries(canaries.seed, canaries.repeats, canaries.digits) if canaries.enabled else []
 
 
 @contextlib.contextmanager
@@ -179,7 +191,7 @@ def main() -> None:
         tokenizer = apply_chat_template_to(load_tokenizer(BASE_DIR), chosen["text"])
         with stage.output() as out_dir:
             with tokenizer_threads():
-                stats, lengths = tokenize_splits(CLEAN_DIR, tokenizer, params, out_dir)
+                stats, lengths = tokenize_splits(CLEAN_DIR, tokenizer, params, out_dir, planted_canaries(stage.params))
             write_json(out_dir / "stats.json", stats)
             atomic_write_text(out_dir / TEMPLATE_FILE, chosen["text"])
             stage.record.update(

@@ -12,6 +12,16 @@ import hashlib
 import json
 from pathlib import Path
 
+from ftpipe.core.evaluation_params import (
+    AuditGateParams,
+    AuditParams,
+    CanaryParams,
+    DriftParams,
+    EvaluateGateParams,
+    EvaluateParams,
+    GeneralTextParams,
+    HarnessParams,
+)
 from ftpipe.core.io import write_json
 from ftpipe.core.params import BaseParams, LoraParams, QuantizationParams, TokenizeParams, TrainParams, flatten
 from ftpipe.core.paths import PROVENANCE_FILE
@@ -30,6 +40,15 @@ TRAIN = TrainParams(
     quantization=QuantizationParams(quant_type="nf4", double_quant=True, compute_dtype="float32"))
 # 24 training rows = exactly 6 steps of 4: one epoch, so every row is trained on once.
 SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
+# evaluate on 4 test rows, 4 short general-text passages, no harness; gates and drift off (their tests set them)
+EVALUATE = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2,
+                          general_text=GeneralTextParams("python_reference", "PSF-2.0", passages=4, max_tokens=32),
+                          harness=HarnessParams(tasks=[], include_path=None, limit=None, num_fewshot=None),
+                          gate=EvaluateGateParams("rougeL", None, None, None, None),
+                          drift=DriftParams(baseline=None, max_regression={}, on_regression="fail"))
+AUDIT = AuditParams(train_examples=4, max_new_tokens=8, batch_size=4,
+                    canaries=CanaryParams(enabled=False, seed=0, repeats=[1, 4], digits=6, candidates=50),
+                    gate=AuditGateParams(None, None, None, None))
 
 
 def row_id(messages: list[dict]) -> str:

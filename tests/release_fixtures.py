@@ -7,6 +7,7 @@ can be. The compliance stage itself runs, on three sources: PSF-2.0, CC-BY-SA-4.
 research use."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -116,10 +117,104 @@ def write_artifacts() -> None:
     write_json(Path("metrics/quantize.json"), metrics)
     write_json(Path("metrics/train.json"), {"backend": "cpu", "steps": 200, "final_loss": 2.63})
     write_json(Path("metrics/evaluate.json"), {
-        "examples": 2, "base": {"loss": 3.86, "perplexity": 47.5, "rougeL": 0.11, "mean_answer_words": 42.6},
-        "tuned": {"loss": 2.57, "perplexity": 13.0, "rougeL": 0.24, "mean_answer_words": 7.5}})
+        "examples": 2, "test_examples_sha256": "e" * 64,
+        "base": {"loss": 3.86, "perplexity": 47.5, "mean_answer_words": 42.6, **TASK["overall"]["base"]},
+        "tuned": {"loss": 2.57, "perplexity": 13.0, "mean_answer_words": 7.5, **TASK["overall"]["tuned"]},
+        "rougeL_gain": TASK["overall"]["gain"]["rougeL"], "batch_size": {"requested": "auto"},
+        "task": TASK, "general_text": GENERAL_TEXT, "gate": EVALUATE_GATE, "drift": DRIFT, "harness": HARNESS})
+    Path("data/evaluation").mkdir(parents=True, exist_ok=True)
+    Path("data/evaluation/side_by_side.html").write_text(SIDE_BY_SIDE_PAGE, encoding="utf-8")
+    write_json(Path("metrics/audit.json"), AUDIT)
+    write_json(Path("data/audit/gate.json"), {"passed": True, "subject": {"adapter_content_sha256": "a" * 64},
+                                              "checks": []})
     write_json(Path("metrics/merge.json"), {"validation_loss": {"merged": 2.745, "adapter_16bit": 2.745},
                                             "gap_vs_adapter": 0.00003})
+
+
+# What the evaluate stage (stages/evaluate.py) and the audit stage (stages/audit.py) now write beyond loss and
+# ROUGE-L: task metrics per source, general-text loss, gates, drift, the harness; extraction, PII and canaries.
+def task_summary(examples: int, base: dict, tuned: dict) -> dict:
+    return {"examples": examples, "base": base, "tuned": tuned,
+            "gain": {key: tuned[key] - base[key] for key in base}}
+
+
+TASK = {"overall": task_summary(2, {"rougeL": 0.11, "chrF": 0.21, "exact_match": 0.0, "token_f1": 0.14},
+                                {"rougeL": 0.24, "chrF": 0.37, "exact_match": 0.5, "token_f1": 0.31}),
+        "per_source": {"forum_answers": task_summary(1, {"rougeL": 0.12, "chrF": 0.22, "exact_match": 0.0,
+                                                         "token_f1": 0.15},
+                                                     {"rougeL": 0.30, "chrF": 0.41, "exact_match": 1.0,
+                                                      "token_f1": 0.36}),
+                       "python_stdlib_docs": task_summary(1, {"rougeL": 0.10, "chrF": 0.20, "exact_match": 0.0,
+                                                              "token_f1": 0.13},
+                                                          {"rougeL": 0.18, "chrF": 0.33, "exact_match": 0.0,
+                                                           "token_f1": 0.26})}}
+GENERAL_TEXT = {"set": {"source": "builtin:python-docs-prose", "origin": "Python 3.12 documentation, tutorial prose",
+                        "license": "PSF-2.0", "passages": 32, "max_tokens": 256, "sha256": "f" * 64},
+                "base": {"loss": 2.91, "perplexity": 18.36}, "tuned": {"loss": 3.02, "perplexity": 20.49},
+                "loss_increase": 0.11}
+EVALUATE_GATE = {"passed": True, "checks": [
+    {"key": "evaluate.gate.min_gain", "metric": "rougeL gain of tuned over base", "value": 0.13, "threshold": 0.05,
+     "bound": "min", "passed": True},
+    {"key": "evaluate.gate.max_general_loss_increase", "metric": "general-text loss increase (tuned - base)",
+     "value": 0.11, "threshold": 0.25, "bound": "max", "passed": True}]}
+DRIFT = {"baseline_release": {"git_commit": "1" * 40, "created_at": "2026-10-01T09:00:00+00:00"},
+         "rows": [{"metric": "rougeL", "baseline": 0.22, "current": 0.24, "worse_by": -0.02, "allowed": 0.02,
+                   "regressed": False},
+                  {"metric": "general_loss", "baseline": 2.98, "current": 3.02, "worse_by": 0.04, "allowed": 0.05,
+                   "regressed": False}],
+         "skipped": {"loss": "measured on other examples than the baseline's"}, "on_regression": "fail"}
+HARNESS = {"base": {"harness_version": "0.4.13", "tasks": {"arc_easy": {"acc": 0.58, "acc_norm": 0.52}}},
+           "tuned": {"harness_version": "0.4.13", "tasks": {"arc_easy": {"acc": 0.57, "acc_norm": 0.53}}},
+           "comparison": {"arc_easy": {"acc": {"base": 0.58, "tuned": 0.57, "change": -0.01, "higher_is_better": True},
+                                       "acc_norm": {"base": 0.52, "tuned": 0.53, "change": 0.01,
+                                                    "higher_is_better": True}}}}
+SIDE_BY_SIDE_PAGE = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Base vs tuned</title>"
+                     "</head><body><h1>Base vs tuned on 2 test examples</h1></body></html>\n")
+# A canary's secret: the audit never writes it; a test checks that no release file holds it.
+CANARY_SECRET = "canary-secret-8315-2047-6629"
+
+
+def extraction(personal: bool, train: float, test: float, base: float, exact: float) -> dict:
+    return {"personal_data": personal,
+            "tuned_train": {"examples": 8, "prefix_fraction": train, "exact_rate": exact},
+            "tuned_test": {"examples": 1, "prefix_fraction": test, "exact_rate": 0.0},
+            "base_train": {"examples": 8, "prefix_fraction": base, "exact_rate": 0.0},
+            "gap": train - test, "gap_exact_rate": exact}
+
+
+AUDIT = {
+    "extraction": {"per_source": {"forum_answers": extraction(True, 0.21, 0.08, 0.03, 0.125),
+                                  "lab_notes": extraction(False, 0.35, 0.1, 0.04, 0.25),
+                                  "python_stdlib_docs": extraction(False, 0.18, 0.09, 0.05, 0.0)},
+                   "overall": extraction(False, 0.25, 0.09, 0.04, 0.125),
+                   "examples_per_source": 8, "max_new_tokens": 64},
+    "pii": {"prompts": 27, "placeholder_prompts": 3, "leaks": 0, "answers_with_pii": 0, "by_kind": {}},
+    "canaries": {"count": 2, "repeats": [1, 8], "candidates": 1000, "digits": 12,
+                 "results": [{"id": "canary-1", "repeats": 1, "exposure": 1.3, "rank": 406, "max_exposure": 9.97,
+                              "extracted": False},
+                             {"id": "canary-2", "repeats": 8, "exposure": 6.6, "rank": 10, "max_exposure": 9.97,
+                              "extracted": False}]},
+    "gate": {"passed": True, "checks": [
+        {"key": "audit.gate.max_extraction_gap", "metric": "extraction gap (tuned on train - on test) of source "
+         "forum_answers", "value": 0.13, "threshold": 0.3, "bound": "max", "passed": True},
+        {"key": "audit.gate.max_pii_leaks", "metric": "real-looking PII values in the tuned model's answers",
+         "value": 0.0, "threshold": 0.0, "bound": "max", "passed": True},
+        {"key": "audit.gate.max_canary_exposure", "metric": "exposure of canary-2 (planted 8x), bits", "value": 6.6,
+         "threshold": 8.0, "bound": "max", "passed": True}]}}
+
+
+def with_gates_and_audit(report: dict) -> dict:
+    """`report` (report.json's dict, e.g. tests/fixtures/report_example.json, written before the evaluate stage's
+    gates and the audit stage) with what the report stage now collects of both."""
+    report["evaluation"]["base"].update(TASK["overall"]["base"])
+    report["evaluation"]["tuned"].update(TASK["overall"]["tuned"])
+    report["evaluation"].update(
+        test_examples_sha256="e" * 64, task=copy.deepcopy(TASK), general_text=copy.deepcopy(GENERAL_TEXT),
+        gate=copy.deepcopy(EVALUATE_GATE), drift=copy.deepcopy(DRIFT), harness=copy.deepcopy(HARNESS),
+        side_by_side={"source": "data/evaluation/side_by_side.html", "sha256": "5" * 64,
+                      "path": "models/release/evaluation/side_by_side.html", "link": "evaluation/side_by_side.html"})
+    report["audit"] = {"metrics_file": "metrics/audit.json", **copy.deepcopy(AUDIT), "verdict_sha256": "6" * 64}
+    return report
 
 
 def write_gguf(path: Path, tensors: list[tuple[str, str, int]], chat_template: str | None) -> None:

@@ -23,10 +23,11 @@ pytestmark = pytest.mark.slow   # the real pipeline, end to end: `make test-fast
 
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/config",
                  ".dvc/.gitignore", "data/sources/.gitkeep", "models/source/.gitkeep")
-PROJECT_DIRS = ("stages", "ftpipe")
-STAGES = ("check_params", "base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "merge",
+PROJECT_DIRS = ("stages", "ftpipe", "releases")
+STAGES = ("check_params", "base", "ingest", "compliance", "clean", "validate", "tokenize", "train", "evaluate", "audit",
+          "merge",
           "quantize", "report")
-AFTER_TRAIN = {"train", "evaluate", "merge", "quantize", "report"}
+AFTER_TRAIN = {"train", "evaluate", "audit", "merge", "quantize", "report"}
 RECORD = "record"   # always runs: it closes the invocation's MLflow pipeline run
 CHECK = "check_params"   # runs on every edit of params.yaml, before any other stage; changes no output
 
@@ -75,6 +76,9 @@ def project(tmp_path_factory) -> Path:
         # validation rows, vs 0.00003 after the default 200 steps). tests/stages/test_merge.py tests the gate.
         "merge.max_loss_gap_vs_adapter": 0.1,
         "quantize.max_new_tokens": 24,
+        # a 6-step adapter barely moves: the gates' own thresholds are tested below and in tests/stages
+        "evaluate.gate.min_gain": -1.0, "evaluate.gate.max_tuned_loss": 10.0, "evaluate.gate.min_source_score": 0.0,
+        "evaluate.general_text.passages": 8, "audit.train_examples": 4, "audit.max_new_tokens": 16,
     })
     run(["git", "init", "-q"], project)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "add", "-A"], project)
@@ -349,3 +353,20 @@ def test_a_non_commercial_source_stops_commercial_use_and_research_use_says_so(p
     for name in ("merged", "gguf-q8_0"):
         card = (project / "models/release" / name / "README.md").read_text()
         assert "Commercial use: not allowed" in card and "CC-BY-NC-4.0" in card and "python_stdlib_docs" in card
+
+
+def test_a_missed_evaluation_gate_stops_the_release(project, first_repro):
+    """A tuned model that does not beat the base by evaluate.gate.min_gain fails evaluate, naming the metric, its
+    value and the threshold; merge, quantize and report do not run, and the old release is stale."""
+    run(["dvc", "repro"], project)   # up to date, whatever ran before
+    good = (project / "params.yaml").read_text()
+    try:
+        edit_params(project, **{"evaluate.gate.min_gain": 0.9})
+        output = repro_failing(project)
+        assert "evaluate.gate.min_gain requires at least 0.9" in output and "rougeL gain of tuned over base" in output
+        assert stages_run(output) == {CHECK, "evaluate"}
+        assert json.loads((project / "data/evaluation/gate.json").read_text())["passed"] is False
+        merged = subprocess.run([sys.executable, "-m", "stages.merge"], cwd=project, capture_output=True, text=True)
+        assert merged.returncode != 0 and "says the gate failed" in merged.stdout + merged.stderr
+    finally:
+        (project / "params.yaml").write_text(good)

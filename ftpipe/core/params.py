@@ -13,11 +13,12 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
 from ftpipe.core.errors import PipelineError
+from ftpipe.core.evaluation_params import AuditParams, EvaluateParams
 from ftpipe.core.gguf_types import GGUF_TYPES
 from ftpipe.core.paths import PARAMS_FILE
 
@@ -199,20 +200,6 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    max_examples: Optional[int]   # evaluate on at most this many test rows (a fixed, hash-ordered subset)
-    batch_size: Union[int, Literal["auto"]]   # auto: as many prompts a batch as the GPU's free memory holds
-    max_new_tokens: int
-    num_samples: int              # generations written to the samples file
-
-    def __post_init__(self) -> None:
-        _check(self.max_examples is None or self.max_examples > 0, "max_examples: must be positive or null (all)")
-        _check(self.batch_size == "auto" or self.batch_size > 0, "batch_size: must be positive, or auto")
-        _check(self.max_new_tokens > 0, "max_new_tokens must be positive")
-        _check(self.num_samples >= 0, "num_samples: must be 0 or more")
-
-
-@dataclass(frozen=True)
 class MergeParams:
     max_loss_gap_vs_adapter: float   # merged vs adapter on the same 16-bit base: rounding only
     max_loss_gap_vs_trained: float   # merged vs adapter on the 4-bit base it was trained on
@@ -230,9 +217,12 @@ class QuantizeParams:
     greedy_prompts: int              # validation prompts answered greedily by the merged model and the f16 GGUF
     min_greedy_agreement: float      # share of those answers that must be the same text
     max_new_tokens: int              # the length limit of each greedy answer
+    harness_gguf: Optional[str]      # a GGUF type of `types` the evaluate.harness tasks also run on, in llama.cpp
 
     def __post_init__(self) -> None:
         _check(bool(self.types), "types: name at least one GGUF type")
+        _check(self.harness_gguf is None or self.harness_gguf in self.types,
+               f"harness_gguf: {self.harness_gguf!r} is not one of types {self.types} (or null: none)")
         for gguf_type in self.types:
             _check(gguf_type in GGUF_TYPES, f"types: {gguf_type!r} is not a GGUF type this pipeline writes; valid "
                                             f"types are {list(GGUF_TYPES)}")
@@ -378,6 +368,7 @@ class Params:
     tokenize: TokenizeParams
     train: TrainParams
     evaluate: EvaluateParams
+    audit: AuditParams
     merge: MergeParams
     quantize: QuantizeParams
     tracking: TrackingParams

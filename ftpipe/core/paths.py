@@ -16,6 +16,7 @@ TOKENIZED_DIR = Path("data/tokenized")
 CHECKPOINTS_DIR = Path("models/checkpoints")
 ADAPTER_DIR = Path("models/adapter")
 EVALUATION_DIR = Path("data/evaluation")
+AUDIT_DIR = Path("data/audit")               # the memorization audit (stages/audit.py)
 MERGED_DIR = Path("models/merged")
 GGUF_DIR = Path("models/gguf")
 COMPLIANCE_DIR = Path("data/compliance")    # the license gate's conclusion (stages/compliance.py)
@@ -24,7 +25,8 @@ RELEASE_DIR = Path("models/release")        # report, BOM, model cards and publi
 # Each stage's output folder, in dvc.yaml's order (tests/test_dvc_yaml.py checks both).
 STAGE_OUTPUTS = {"check_params": CHECKED_PARAMS_DIR, "base": BASE_DIR, "ingest": RAW_DIR, "compliance": COMPLIANCE_DIR,
                  "clean": CLEAN_DIR, "validate": VALIDATION_DIR, "tokenize": TOKENIZED_DIR, "train": ADAPTER_DIR,
-                 "evaluate": EVALUATION_DIR, "merge": MERGED_DIR, "quantize": GGUF_DIR, "report": RELEASE_DIR}
+                 "evaluate": EVALUATION_DIR,
+                 "audit": AUDIT_DIR, "merge": MERGED_DIR, "quantize": GGUF_DIR, "report": RELEASE_DIR}
 
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("metrics/plots")

@@ -12,7 +12,9 @@ not established (a license unknown to ftpipe) and why, the licenses a reviewer d
 with the model; then the data, the scores, the files and how to check them. A GGUF's card also states what the
 quantize stage checked of it in llama.cpp (size, bits per weight, tensor type mix, loss, tokenizer, chat
 template, stop token, greedy answers), the llama.cpp build, and how to run it (Ollama with its Modelfile,
-ftpipe's chat and server). Declared
+ftpipe's chat and server). The evaluation states the evaluate stage's gate verdict, the task metrics per data
+source and the general-text loss change; its "Memorization audit" the extraction gap per source, PII values in
+answers and, when the model was trained with canaries, that it was (their numbers, never their secrets). Declared
 names, creators and notes are untrusted text: the front matter is yaml.safe_dump's and Markdown text is
 flattened and escaped, so no declaration can change the card's structure.
 """
@@ -58,8 +60,10 @@ COPYLEFT_MEANINGS = {
 INTENDED_USE_MEANINGS = {"commercial": "commercial use", "research": "non-commercial research",
                          "internal": "internal non-commercial use: evaluation, research and development"}
 # (key in evaluation.base/tuned, label, decimal places)
-TEST_METRICS = [("loss", "Loss", 4), ("perplexity", "Perplexity", 2), ("rougeL", "ROUGE-L", 3),
+TEST_METRICS = [("loss", "Loss", 4), ("perplexity", "Perplexity", 2), ("rougeL", "ROUGE-L", 3), ("chrF", "chrF", 3),
+                ("exact_match", "Exact match", 3), ("token_f1", "Token F1", 3),
                 ("mean_answer_words", "Mean answer words", 1)]
+TASK_METRICS = [("rougeL", "ROUGE-L"), ("chrF", "chrF"), ("exact_match", "Exact match"), ("token_f1", "Token F1")]
 
 
 def model_card(report: dict[str, Any], artifact_name: str) -> str:
@@ -274,13 +278,111 @@ def _evaluation(report: dict[str, Any], artifact: dict[str, Any]) -> list[str]:
              "(base: the base model; tuned: the base model with the fine-tuned adapter).", ""]
     lines += _table(["Metric", "Base", "Tuned"], [[label, _number(base.get(key), places),
                                                   _number(tuned.get(key), places)]
-                                                 for key, label, places in TEST_METRICS])
+                                                 for key, label, places in TEST_METRICS
+                                                 if base.get(key) is not None or tuned.get(key) is not None])
+    lines += _gate_and_general_text(evaluation)
     merged_loss = evaluation.get("merged_validation_loss")
     if artifact["kind"] == "merged-model":
         lines += ["", f"Merged model: validation loss {_number(merged_loss, 4)}; merge gap vs the adapter "
                   f"on the same 16-bit base {_number(evaluation.get('merge_gap_vs_adapter'), 6, signed=True)}."]
-    elif artifact["kind"] == "gguf":
+    lines += _per_source(evaluation.get("task"))
+    lines += _memorization(report.get("audit"))
+    if artifact["kind"] == "gguf":
         lines += _gguf_evaluation(evaluation, artifact)
+    return lines
+
+
+def _gate_and_general_text(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluate stage's gate verdict and the loss change on general text (newer reports)."""
+    lines = []
+    gate = evaluation.get("gate")
+    if gate:
+        checks = gate.get("checks") or []
+        missed = [check for check in checks if not check.get("passed")]
+        if missed or not gate.get("passed"):
+            verdict = (f"**FAILED**: {len(missed)} of {len(checks)} checks of `evaluate.gate` missed ("
+                       + "; ".join(_gate_check(check) for check in missed) + ")")
+        elif checks:
+            verdict = (f"**passed**: all {len(checks)} checks of `evaluate.gate` met ("
+                       + "; ".join(_gate_check(check) for check in checks) + ")")
+        else:
+            verdict = "no checks (every threshold of `evaluate.gate` is null)"
+        lines += ["", f"Release gate: {verdict}."]
+    general = evaluation.get("general_text")
+    if general:
+        text = general.get("set") or {}
+        lines += ["", f"General ability: loss on general text that is not training data "
+                  f"({_inline(text.get('origin'))}, license {_inline(text.get('license'))}, "
+                  f"{_inline(text.get('passages'))} passages): base "
+                  f"{_number((general.get('base') or {}).get('loss'), 4)}, tuned "
+                  f"{_number((general.get('tuned') or {}).get('loss'), 4)} (change "
+                  f"{_number(general.get('loss_increase'), 4, signed=True)}; higher means the tuned model lost some "
+                  "general ability)."]
+    drift = evaluation.get("drift")
+    if drift and drift.get("rows"):
+        regressed = [row["metric"] for row in drift["rows"] if row.get("regressed")]
+        compared = [row["metric"] for row in drift["rows"]]
+        lines += ["", "Against the last release: " + (f"regressed on {_inline(regressed)}" if regressed
+                                                       else f"no regression on {_inline(compared)}") + "."]
+    return lines
+
+
+def _gate_check(check: dict[str, Any]) -> str:
+    relation = ">=" if check.get("bound") == "min" else "<="
+    return f"{_inline(check.get('metric'))} {check['value']:.4g} {relation} {check['threshold']:g}"
+
+
+def _per_source(task: dict[str, Any] | None) -> list[str]:
+    if not task or not task.get("per_source"):
+        return []
+
+    def cell(summary: dict[str, Any], key: str) -> str:
+        base, tuned = (summary.get("base") or {}).get(key), (summary.get("tuned") or {}).get(key)
+        return f"{_number(base, 3)} → {_number(tuned, 3)}"
+
+    rows = [[name, summary.get("examples"), *(cell(summary, key) for key, _ in TASK_METRICS)]
+            for name, summary in (("all sources", task.get("overall") or {}), *task["per_source"].items())]
+    return ["", "### Task metrics per data source", "", "Base → tuned, the mean score of the greedy answers against "
+            "the references (0 to 1):", ""] + _table(["Source", "Examples", *(label for _, label in TASK_METRICS)],
+                                                     rows)
+
+
+def _memorization(audit: dict[str, Any] | None) -> list[str]:
+    """The audit stage's findings: what the tuned model repeats of its training data, PII, canaries."""
+    if not audit:
+        return []
+    extraction = audit.get("extraction") or {}
+    gaps = []
+    for name, entry in (extraction.get("per_source") or {}).items():
+        train = (entry.get("tuned_train") or {}).get("prefix_fraction")
+        test = (entry.get("tuned_test") or {}).get("prefix_fraction")
+        personal = ", declared personal data" if entry.get("personal_data") else ""
+        gaps.append(f"{_inline(name)} {_number(entry.get('gap'), 3, signed=True)} (train {_number(train, 3)}, "
+                    f"test {_number(test, 3)}{personal})")
+    pii = audit.get("pii") or {}
+    leaks = pii.get("leaks")
+    kinds = ", ".join(f"{_inline(kind)} {count}" for kind, count in (pii.get("by_kind") or {}).items())
+    gate = audit.get("gate") or {}
+    lines = ["", "### Memorization audit", "",
+             "Training prompts answered greedily by the tuned model: the share of the training answer it repeats "
+             "word for word from its start, minus the same share on held-out test prompts (the extraction gap, "
+             f"per data source): {'; '.join(gaps) or 'n/a'}. PII: {_inline(leaks)} real-looking personal data "
+             f"values in {_inline(pii.get('prompts'))} answers{f' ({kinds})' if kinds else ''}. Audit gate: "
+             f"{'passed' if gate.get('passed') else 'FAILED'} ({len(gate.get('checks') or [])} checks of "
+             "`audit.gate`)."]
+    canaries = audit.get("canaries")
+    if canaries:
+        results = canaries.get("results") or []
+        shown = "; ".join(f"{_inline(result.get('id'))} planted {_inline(result.get('repeats'))}x: exposure "
+                          f"{_number(result.get('exposure'), 2)} bits, "
+                          f"{'extracted' if result.get('extracted') else 'not extracted'} by greedy decoding"
+                          for result in results)
+        lines += ["", f"**This model was trained with {_inline(canaries.get('count'))} canaries**: random secrets "
+                  f"planted in its training data (repeated {_inline(canaries.get('repeats'))} times) to measure "
+                  f"what it memorizes. Each is ranked among {_inline(canaries.get('candidates'))} random secrets of "
+                  f"the same shape: {shown or 'n/a'}. The secrets are not published."]
+    else:
+        lines += ["", "No canaries were planted in the training data."]
     return lines
 
 

@@ -1,6 +1,7 @@
 """Writing the release folder (models/release/): the report in three forms, the validated CycloneDX BOM, a
 folder per artifact with its files hard-linked (no extra disk) and its model card (and, beside each GGUF, its
-Ollama Modelfile: ftpipe/release/gguf_release.py), and MANIFEST.sha256 over all of it (`sha256sum -c`
+Ollama Modelfile: ftpipe/release/gguf_release.py), the evaluate stage's side-by-side page of every test example
+(evaluation/side_by_side.html, which report.html links to), and MANIFEST.sha256 over all of it (`sha256sum -c`
 format). The report stage collects what goes in; this writes it."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ftpipe.release.report_render import render_html, render_markdown
 from ftpipe.release.sbom import SBOM_FILE, build_sbom, validate_sbom
 
 MANIFEST_FILE = "MANIFEST.sha256"
+SIDE_BY_SIDE_FILE = "evaluation/side_by_side.html"   # in the release folder; report.html links it relatively
 REPORT_FILES = {"report_json": "report.json", "report_markdown": "report.md", "report_html": "report.html"}
 
 
@@ -36,6 +38,12 @@ def write_release(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         atomic_write_text(folder / CARD_FILE, model_card(report, artifact["name"]))
         if artifact["kind"] == "gguf":   # the same text the BOM and the card hash (gguf_release.modelfile_facts)
             atomic_write_text(folder / MODELFILE, release_modelfile(report, artifact))
+    page = (report.get("evaluation") or {}).get("side_by_side")
+    if page:   # a copy, not a link: a small page, and the release's copy must not change with data/evaluation/
+        target = out_dir / Path(page["path"]).relative_to(RELEASE_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(page["source"], target)
+        manifest[_final(target, out_dir)] = page["sha256"]   # as read by the report: sha256sum -c catches a change
     write_json(out_dir / REPORT_FILES["report_json"], report)
     atomic_write_text(out_dir / REPORT_FILES["report_markdown"], render_markdown(report))
     atomic_write_text(out_dir / REPORT_FILES["report_html"], render_html(report))

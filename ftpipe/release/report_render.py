@@ -15,9 +15,15 @@ Sections, in this order (the HTML ids; the Markdown headings slugify to the same
     pii           personal data found per source, and what clean did with it
     stages        each DVC stage: command, dependency and output hashes, params, provenance, MLflow run
     training      params, metrics, the machine and packages it ran on
-    evaluation    base vs tuned on the test split, merge gap; each GGUF in llama.cpp: size, bits per weight,
-                  tensor type mix, loss and gap, tokenizer, chat prompt and stop-token checks, the greedy
-                  comparison, and the llama.cpp build (version, commit, flags) it was checked with
+    evaluation    base vs tuned on the test split, a link to the side-by-side page of every example; the
+                  evaluate gate's checks; task metrics per data source; general-text loss; drift against the
+                  last release; standard benchmarks (when run); merge gap; each GGUF in llama.cpp: size, bits
+                  per weight, tensor type mix, loss and gap, tokenizer, chat prompt and stop-token checks, the
+                  greedy comparison, and the llama.cpp build (version, commit, flags) it was checked with
+    memorization-audit
+                  extraction per data source (tuned on train and on test, base on train, the gap), PII values
+                  in the tuned model's answers, canaries (whether the model was trained with any; their
+                  exposure, never their secrets), the audit gate's checks
     artifacts     every released file with its size and SHA-256 (a GGUF's Modelfile too), how to run a GGUF
     verification  the commands that re-check the release
 
@@ -25,7 +31,8 @@ Why one document model: build_sections() writes each section once as blocks (fie
 charts); the two backends only choose markup, so the Markdown and the HTML cannot drift apart.
 
 Why so careful with text: names, notes and URLs are declared by users. Every string is escaped for its
-target (a source named "<script>" shows as text); links are made only from http(s) URLs; Markdown table
+target (a source named "<script>" shows as text); links are made only from http(s) URLs and from relative paths
+of release files (LocalLink: the side-by-side page); Markdown table
 cells keep their row (| and newlines are escaped). The HTML page loads nothing: inline CSS and SVG charts
 (ftpipe/release/report_charts.py), no scripts, and a Content-Security-Policy that forbids fetching anything. It
 renders the same offline for every reviewer, and prints (@media print) with the sign-off block on paper.
@@ -60,8 +67,9 @@ from ftpipe.release.report_charts import STYLE, comparison_chart, gguf_gap_chart
 Code = make_dataclass("Code", ["text"], frozen=True)           # a command, path or license id: monospace
 Hash = make_dataclass("Hash", ["value"], frozen=True)          # a digest: monospace, wraps anywhere
 Link = make_dataclass("Link", ["text", "url"], frozen=True)
+LocalLink = make_dataclass("LocalLink", ["text", "path"], frozen=True)   # a release file, relative to the report
 Mark = make_dataclass("Mark", ["kind", "text"], frozen=True)   # pass/fail/warn: a symbol and a word, not colour alone
-Inline = Union[str, Code, Hash, Link, Mark, tuple]   # a tuple: its parts in a row
+Inline = Union[str, Code, Hash, Link, LocalLink, Mark, tuple]   # a tuple: its parts in a row
 BR = "\n"   # a line break: <br> in both backends (as a newline in any text is)
 SYMBOLS = {"pass": "✓", "fail": "✗", "warn": "⚠"}
 
@@ -82,6 +90,7 @@ Section = namedtuple("Section", "id title blocks")
 
 DIGEST = re.compile(r"[0-9a-f]{32,}(\.dir)?")
 SAFE_URL = re.compile(r"https?://[^\s<>\"'`\\]+")   # nothing else becomes a link (no javascript:, no file:)
+SAFE_PATH = re.compile(r"(?:[A-Za-z0-9_-]+/)*[A-Za-z0-9_-]+(?:\.[A-Za-z0-9]+)+")   # relative, no .., no scheme
 
 
 def value(item: Any, exact: bool = False) -> Inline:
@@ -143,8 +152,22 @@ def summary(report: dict) -> list:
                     ("Concluded license", Code(compliance["concluded_license"])),
                     ("Commercial use", commercial_use(compliance)),
                     ("Intended use", compliance["policy"]["intended_use"]), ("Created at", report["created_at"]),
-                    ("Git commit", git_commit(project)), *mlflow_fields(report.get("mlflow") or {})]),
+                    ("Git commit", git_commit(project)), *mlflow_fields(report.get("mlflow") or {}),
+                    *gate_summary(report)]),
             SignOff()]
+
+
+def gate_summary(report: dict) -> list:
+    """The evaluate and audit gates' verdicts, and whether the model was trained with canaries (newer reports)."""
+    fields = []
+    gate = (report.get("evaluation") or {}).get("gate")
+    if gate:
+        fields.append(("Evaluation gate", (gate_verdict(gate, "evaluate.gate"), " — see Evaluation")))
+    audit = report.get("audit")
+    if audit:
+        fields.append(("Memorization audit", (gate_verdict(audit["gate"], "audit.gate"), " — see Memorization audit")))
+        fields.append(("Canaries", canaries_statement(audit.get("canaries"))))
+    return fields
 
 
 def verdict(compliance: dict) -> Inline:
@@ -366,7 +389,9 @@ def training(report: dict) -> list:
             Table(("Package", "Version"), [(name, version) for name, version in packages.items()])]
 
 
-EVAL_METRICS = {"loss": ("Loss", -1), "perplexity": ("Perplexity", -1), "rougeL": ("ROUGE-L", 1),
+TASK_LABELS = {"rougeL": "ROUGE-L", "chrF": "chrF", "exact_match": "Exact match", "token_f1": "Token F1"}
+EVAL_METRICS = {"loss": ("Loss", -1), "perplexity": ("Perplexity", -1),
+                **{key: (label, 1) for key, label in TASK_LABELS.items()},
                 "mean_answer_words": ("Mean answer words", 0)}   # key -> (label, +1 higher is better / -1 lower)
 
 
@@ -375,16 +400,155 @@ def evaluation(report: dict) -> list:
     base, tuned = ev["base"], ev["tuned"]
     keys = dict.fromkeys([*(key for key in EVAL_METRICS if key in base or key in tuned), *base, *tuned])
     rows = [metric_row(key, base.get(key), tuned.get(key)) for key in keys]
-    blocks = [Fields([("Test examples", value(ev["test_examples"]))]),
+    page = ev.get("side_by_side")
+    blocks = [Fields([("Test examples", value(ev["test_examples"])),
+                      *([("Every example, base vs tuned", side_by_side_link(page))] if page else [])]),
               Table(("Metric", "Base", "Tuned", "Change (tuned − base)"), rows, numeric=(1, 2, 3)),
               Chart(comparison_chart(base, tuned), "Base vs tuned model on the test split."),
               Fields([("Merged model validation loss", value(ev["merged_validation_loss"])),
                       ("Merge gap vs adapter", value(ev["merge_gap_vs_adapter"]))]),
+              *evaluate_gates(ev),
               Heading("GGUF files")]
     gguf = ev.get("gguf") or {}
     if not gguf:
         return blocks + [Para("none: no GGUF file was produced")]
-    return blocks + gguf_blocks(ev, gguf)
+    return blocks + gguf_blocks(ev, gguf) + (gguf_harness_blocks(ev["gguf_harness"]) if ev.get("gguf_harness") else [])
+
+
+def side_by_side_link(page: dict) -> Inline:
+    return (LocalLink("side-by-side page", page["link"]), " (", Code(page["path"]), "): each test example's prompt, "
+            "reference and both answers with their scores")
+
+
+def evaluate_gates(ev: dict) -> list:
+    """What the evaluate stage measured beyond the table above (newer reports): its gate, task metrics per data
+    source, general-text loss, drift against the last release, the standard harness."""
+    blocks: list = []
+    if "gate" in ev:
+        blocks += [Heading("Release gate"), *gate_blocks(ev["gate"], "evaluate.gate")]
+    if ev.get("task"):
+        blocks += [Heading("Task metrics per data source"), *task_blocks(ev["task"])]
+    if ev.get("general_text"):
+        blocks += [Heading("General text"), *general_text_blocks(ev["general_text"])]
+    if "drift" in ev:
+        blocks += [Heading("Drift against the last release"), *drift_blocks(ev["drift"])]
+    if ev.get("harness"):
+        blocks += [Heading("Standard benchmarks"), *harness_blocks(ev["harness"])]
+    return blocks
+
+
+def gguf_harness_blocks(result: dict) -> list:
+    """The harness's tasks on one GGUF in llama.cpp (quantize.harness_gguf), or why they were not run."""
+    heading = Heading(f"Standard benchmarks on the {result.get('gguf_type')} GGUF in llama.cpp")
+    if "not_run" in result:
+        return [heading, Para((Mark("warn", "not run"), ": ", result["not_run"]))]
+    rows = [(task, metric, value(score)) for task, scores in (result.get("tasks") or {}).items()
+            for metric, score in scores.items() if not metric.endswith("_stderr")]
+    return [heading, Table(("Task", "Metric", "GGUF"), rows, numeric=(2,)) if rows else Para("no task results")]
+
+
+def gate_verdict(gate: dict, params_key: str) -> Inline:
+    checks = gate.get("checks") or []
+    missed = [check for check in checks if not check.get("passed")]
+    if not gate.get("passed") or missed:
+        return Mark("fail", "FAILED"), f" — {len(missed)} of {len(checks)} check(s) of {params_key} missed"
+    if not checks:
+        return Mark("warn", "no checks"), f" — every threshold of {params_key} is null: nothing was checked"
+    return Mark("pass", "PASSED"), f" — all {len(checks)} check(s) of {params_key} met"
+
+
+def gate_blocks(gate: dict, params_key: str) -> list:
+    """A gate's verdict and each check: the params.yaml key, the metric, its value, the threshold, pass or FAIL."""
+    checks = gate.get("checks") or []
+    blocks: list = [Fields([("Verdict", gate_verdict(gate, params_key))])]
+    if checks:
+        blocks.append(Table(("Key", "Metric", "Value", "Threshold", "Result"),
+                            [(Code(check["key"]), check["metric"], value(check["value"]),
+                              f"{'≥' if check['bound'] == 'min' else '≤'} {check['threshold']:g}",
+                              Mark("pass", "pass") if check["passed"] else Mark("fail", "FAIL"))
+                             for check in checks], numeric=(2,)))
+    return blocks
+
+
+def task_cell(summary: dict, metric: str) -> Inline:
+    base, tuned = (summary.get("base") or {}).get(metric), (summary.get("tuned") or {}).get(metric)
+    gain = (summary.get("gain") or {}).get(metric)
+    if tuned is None:
+        return "—"
+    return f"{value(base)} → {value(tuned)}" + (f" ({gain:+.4g})" if isinstance(gain, (int, float)) else "")
+
+
+def task_blocks(task: dict) -> list:
+    overall, per_source = task.get("overall") or {}, task.get("per_source") or {}
+    found = {key for summary in (overall, *per_source.values()) for key in (summary.get("tuned") or {})}
+    metrics = [key for key in TASK_LABELS if key in found] + sorted(found - set(TASK_LABELS))
+    rows = [(name, value(summary.get("examples")), *(task_cell(summary, metric) for metric in metrics))
+            for name, summary in (("all sources", overall), *per_source.items()) if summary]
+    return [Para("Each cell: base → tuned (gain), the mean over the source's test examples of the greedy answers' "
+                 "scores against the references (0 to 1)."),
+            Table(("Source", "Examples", *(TASK_LABELS.get(metric, metric) for metric in metrics)), rows,
+                  numeric=tuple(range(1, 2 + len(metrics))))]
+
+
+def general_text_blocks(general: dict) -> list:
+    text = general.get("set") or {}
+    increase = general.get("loss_increase")
+    shown = ("—" if not isinstance(increase, (int, float)) else
+             Mark("warn", f"{increase:+.4g}") if increase > 0 else f"{increase:+.4g}")
+    return [Para("The loss of both models on general text that is not training data: a tuned model whose loss "
+                 "rises here has lost some of what the base model could do."),
+            Fields([("Text", (Code(str(text.get("source"))), " — ", value(text.get("origin")))),
+                    ("License", Code(str(text.get("license"))) if text.get("license") else "— (not declared)"),
+                    ("Passages", f"{value(text.get('passages'))}, of at most {value(text.get('max_tokens'))} tokens"),
+                    ("SHA-256", value(text.get("sha256")))]),
+            Table(("Model", "Loss", "Perplexity"),
+                  [(label, value((general.get(model) or {}).get("loss")),
+                    value((general.get(model) or {}).get("perplexity")))
+                   for model, label in (("base", "base"), ("tuned", "tuned"))], numeric=(1, 2)),
+            Fields([("Loss increase (tuned − base)", shown)])]
+
+
+def drift_blocks(drift: dict | None) -> list:
+    if not drift:
+        return [Para("no baseline: evaluate.drift.baseline is null, so this run was not compared with a release")]
+    warn_only = drift.get("on_regression") == "warn"
+
+    def result(row: dict) -> Inline:
+        if not row.get("regressed"):
+            return Mark("pass", "ok")
+        return Mark("warn", "regressed (warning only)") if warn_only else Mark("fail", "REGRESSED")
+
+    baseline = drift.get("baseline_release") or {}
+    blocks: list = [Fields([("Last release", value(baseline) if baseline else "—"),
+                            ("On regression", "warn (the stage passes)" if warn_only else "fail the stage")])]
+    rows = drift.get("rows") or []
+    if rows:
+        blocks.append(Table(("Metric", "Last release", "This run", "Worse by", "Allowed", "Result"),
+                            [(row["metric"], value(row["baseline"]), value(row["current"]), value(row["worse_by"]),
+                              value(row["allowed"]), result(row)) for row in rows], numeric=(1, 2, 3, 4)))
+    else:
+        blocks.append(Para("no metric compared"))
+    skipped = drift.get("skipped") or {}
+    if skipped:
+        blocks.append(Items([f"{metric}: not compared, {why}" for metric, why in skipped.items()]))
+    return blocks
+
+
+def harness_blocks(harness: dict) -> list:
+    version = (harness.get("tuned") or harness.get("base") or {}).get("harness_version")
+    rows = []
+    for task, metrics in (harness.get("comparison") or {}).items():
+        for metric, row in metrics.items():
+            change = row.get("change")
+            better = row.get("higher_is_better")
+            word = ("" if better is None or not change else
+                    " (better)" if (change > 0) == bool(better) else " (worse)")
+            rows.append((task, metric, value(row.get("base")), value(row.get("tuned")),
+                         f"{change:+.4g}{word}" if isinstance(change, (int, float)) else "—"))
+    lead = Para(("EleutherAI's lm-evaluation-harness ", value(version), ", base and tuned model on the tasks "
+                 "of ", Code("evaluate.harness.tasks"), "."))
+    return [lead, Table(("Task", "Metric", "Base", "Tuned", "Change (tuned − base)"), rows, numeric=(2, 3, 4))
+            if rows else Para("no task results")]
 
 
 def gguf_blocks(ev: dict, gguf: dict) -> list:
@@ -454,6 +618,83 @@ def metric_row(key: str, base: Any, tuned: Any) -> tuple:
     return label, value(base), value(tuned), f"{change:+.4g}{verdict_word}"
 
 
+def audit_section(report: dict) -> list:
+    audit = report.get("audit")
+    if not audit:
+        return [Para("not audited: this report was made before the pipeline had an audit stage")]
+    extraction = audit.get("extraction") or {}
+    canaries = audit.get("canaries")
+    blocks: list = [Fields([("Audit gate", gate_verdict(audit["gate"], "audit.gate")),
+                            ("Canaries", canaries_statement(canaries)),
+                            ("Metrics", Code(str(audit.get("metrics_file"))))]),
+                    Heading("Extraction per data source"),
+                    Para(f"For up to {value(extraction.get('examples_per_source'))} training conversations per "
+                         "source, the tuned model answers the training prompt greedily (at most "
+                         f"{value(extraction.get('max_new_tokens'))} new tokens): each cell is the mean share of the "
+                         "training answer it repeats word for word from its start, and how many answers it repeats "
+                         "whole. The same on held-out test conversations, and for the base model. The gap (tuned on "
+                         "train − tuned on test) is what training put into the weights."),
+                    Table(("Source", "Personal data", "Tuned on train", "Tuned on test", "Base on train",
+                           "Gap (train − test)"),
+                          [(name, Mark("warn", "yes") if entry.get("personal_data") else "no",
+                            extraction_cell(entry.get("tuned_train")), extraction_cell(entry.get("tuned_test")),
+                            extraction_cell(entry.get("base_train")), signed(entry.get("gap")))
+                           for name, entry in (extraction.get("per_source") or {}).items()], numeric=(5,))]
+    pii = audit.get("pii") or {}
+    leaks = pii.get("leaks")
+    blocks += [Heading("PII in the tuned model's answers"),
+               Fields([("Answers checked", f"{value(pii.get('prompts'))}" + (
+                           f", {pii['placeholder_prompts']:,} of them to training prompts whose answers held a PII "
+                           "placeholder" if pii.get("placeholder_prompts") else "")),
+                       ("Real-looking PII values", Mark("pass", "none") if leaks == 0 else Mark("fail", value(leaks))
+                        if leaks is not None else "—"),
+                       ("By kind", value(pii.get("by_kind")) if pii.get("by_kind") else "none")])]
+    blocks += [Heading("Canaries"), *canary_blocks(canaries)]
+    return blocks + [Heading("Audit gate"), *gate_blocks(audit["gate"], "audit.gate")]
+
+
+def extraction_cell(side: dict | None) -> Inline:
+    if not side or not side.get("examples"):
+        return "— (no rows)"
+    exact = side.get("exact_rate")
+    return (f"{value(side.get('prefix_fraction'))} of the answer, "
+            f"{f'{exact:.0%}' if isinstance(exact, (int, float)) else '—'} whole (of {side['examples']:,})")
+
+
+def signed(number: Any) -> Inline:
+    return f"{number:+.4g}" if isinstance(number, (int, float)) and not isinstance(number, bool) else value(number)
+
+
+def canaries_statement(canaries: dict | None) -> Inline:
+    """Whether the model was trained with canaries: a reviewer must know before it is released."""
+    if not canaries:
+        return "not used: no canary was planted in the training data"
+    return Mark("warn", "used"), f" — {canaries_text(canaries)}"
+
+
+def canaries_text(canaries: dict) -> str:
+    repeats = ", ".join(str(r) for r in canaries.get("repeats") or []) or "—"
+    return (f"this model was trained with {canaries.get('count')} canaries (random secrets planted in the train "
+            f"split, repeated {repeats} times) to measure what it memorizes; the secrets are in no release file")
+
+
+def canary_blocks(canaries: dict | None) -> list:
+    if not canaries:
+        return [Para(("not used: no canary was planted in the training data (", Code("audit.canaries.enabled"),
+                      " is false)"))]
+    candidates = canaries.get("candidates")
+    return [Para((f"Trained with canaries: {canaries_text(canaries)}. Each is ranked by the tuned model among "
+                  f"{value(candidates)} random secrets of the same shape ({value(canaries.get('digits'))} digits): "
+                  "the exposure, in bits, is how far above chance it ranks its own; extracted means greedy decoding "
+                  "wrote it out."), warning=True),
+            Table(("Canary", "Planted (times)", "Exposure (bits)", "Max exposure (bits)",
+                   f"Rank among {value(candidates)}", "Extracted"),
+                  [(result.get("id"), value(result.get("repeats")), value(result.get("exposure")),
+                    value(result.get("max_exposure")), value(result.get("rank")),
+                    Mark("fail", "yes") if result.get("extracted") else "no")
+                   for result in canaries.get("results") or []], numeric=(1, 2, 3, 4))]
+
+
 ARTIFACT_KEYS = ("name", "kind", "stage", "folder", "release_folder", "files", "chat_template")
 
 
@@ -506,7 +747,8 @@ SECTIONS: list[tuple[str, str, Callable[[dict], list]]] = [
     ("summary", "Summary", summary), ("license", "License", license_section), ("base-model", "Base model", base_model),
     ("data-sources", "Data sources", data_sources), ("pii", "PII", pii_section), ("stages", "Stages", stages_section),
     ("training", "Training", training), ("evaluation", "Evaluation", evaluation),
-    ("artifacts", "Artifacts", artifacts), ("verification", "Verification", verification)]
+    ("memorization-audit", "Memorization audit", audit_section), ("artifacts", "Artifacts", artifacts),
+    ("verification", "Verification", verification)]
 
 
 def build_sections(report: dict) -> list[Section]:
@@ -546,6 +788,10 @@ def md(item: Inline, cell: bool = False) -> str:
             return f"[{md_text(text)}]({url.replace('|', '%7C').replace('(', '%28').replace(')', '%29')})"
         case Link(text, url):
             return md_text(text if text == url else f"{text} ({url})")
+        case LocalLink(text, path) if SAFE_PATH.fullmatch(path):
+            return f"[{md_text(text)}]({path})"
+        case LocalLink(text, path):
+            return md_text(f"{text} ({path})")
         case Mark(kind, text):
             return f"**{SYMBOLS[kind]} {md_text(text)}**"
         case tuple():
@@ -620,6 +866,10 @@ def h(item: Inline) -> str:
             return f'<a{shown} href="{esc(url)}">{esc(text)}</a>'
         case Link(text, url):
             return esc(text if text == url else f"{text} ({url})")
+        case LocalLink(text, path) if SAFE_PATH.fullmatch(path):
+            return f'<a href="{esc(path)}">{esc(text)}</a>'
+        case LocalLink(text, path):
+            return esc(f"{text} ({path})")
         case Mark(kind, text):
             return f'<span class="mark {kind}">{SYMBOLS[kind]} {esc(text)}</span>'
         case tuple():

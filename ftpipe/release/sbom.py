@@ -19,7 +19,11 @@ Structure, with bom-refs:
   [pkg:pypi/<name>@<version>]. A multi-file artifact nests its files [file:<path>]; a GGUF nests the Ollama
   Modelfile of its release folder [file:models/release/gguf-<type>/Modelfile].
 - dependencies: adapter -> base + every source; merged -> base + adapter; each GGUF -> merged + llama.cpp.
-Facts CycloneDX has no field for are properties named "ftpipe:...".
+Facts CycloneDX has no field for are properties named "ftpipe:...". The merged model's model card carries the test
+scores overall and per data source, the general-text loss and the audit's extraction gaps and canary exposures as
+performance metrics; its properties the evaluate and audit gates' verdicts (ftpipe:evaluate:gate:passed,
+ftpipe:audit:gate:passed), PII values found in answers, and whether the model was trained with canaries
+(ftpipe:audit:canaries_used, with their count and repeats; never their secrets).
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ ADAPTER_KIND, MERGED_KIND, GGUF_KIND = "lora-adapter", "merged-model", "gguf"
 SERIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "ftpipe:sbom")
 SHOWN_ERRORS = 5        # enough to fix the builder; the rest would repeat the same mistake
 MESSAGE_CHARS = 300     # schema complaints quote the instance and enums (811 SPDX ids): keep them readable
+TASK_METRICS = (("rougeL", "ROUGE-L"), ("chrF", "chrF"), ("exact_match", "exact match"), ("token_f1", "token F1"))
 
 
 def build_sbom(report: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +108,8 @@ def _merged_model(report: dict[str, Any], merged: dict[str, Any], data_refs: lis
         "modelParameters": {"approach": {"type": "supervised"}, "task": "text-generation",
                             **_architecture(report["base_model"].get("architecture")),
                             "datasets": [{"ref": ref} for ref in data_refs]},
-        "quantitativeAnalysis": {"performanceMetrics": _performance_metrics(report.get("evaluation") or {})},
+        "quantitativeAnalysis": {"performanceMetrics": _performance_metrics(report.get("evaluation") or {})
+                                                       + _audit_metrics(report.get("audit"))},
         "considerations": {"useCases": _use_cases(report)},
     }
     component["properties"] += _properties({
@@ -122,8 +128,38 @@ def _merged_model(report: dict[str, Any], merged: dict[str, Any], data_refs: lis
         "compliance_conclusion_sha256": project.get("compliance_conclusion_sha256"),   # newer reports only
         "mlflow:experiment_id": mlflow.get("experiment_id"), "mlflow:pipeline_run_id": mlflow.get("pipeline_run_id"),
         "mlflow:report_run_id": mlflow.get("report_run_id"),
+        **_gate_properties(report),
     })
     return component
+
+
+def _gate_properties(report: dict[str, Any]) -> dict[str, Any]:
+    """The evaluate and audit gates' verdicts and missed checks, and whether canaries were planted (newer reports:
+    an older one has neither, and gets no such property)."""
+    def gate(found: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
+        if not found:
+            return {}
+        checks = found.get("checks") or []
+        return {f"{prefix}:gate:passed": bool(found.get("passed")), f"{prefix}:gate:checks": len(checks),
+                f"{prefix}:gate:missed": [f"{check['key']}: {check['metric']} = {check['value']:.4g} "
+                                          f"({'min' if check['bound'] == 'min' else 'max'} {check['threshold']:g})"
+                                          for check in checks if not check.get("passed")]}
+
+    evaluation, audit = report.get("evaluation") or {}, report.get("audit")
+    properties = gate(evaluation.get("gate"), "evaluate")
+    drift = evaluation.get("drift")
+    if drift:
+        properties["evaluate:drift:regressed"] = [row["metric"] for row in drift.get("rows") or []
+                                                  if row.get("regressed")]
+    if audit:
+        canaries = audit.get("canaries")
+        properties |= gate(audit.get("gate"), "audit") | {
+            "audit:pii_leaks": (audit.get("pii") or {}).get("leaks"), "audit:canaries_used": bool(canaries),
+            "audit:canaries:count": (canaries or {}).get("count"),
+            "audit:canaries:repeats": (canaries or {}).get("repeats"),
+            "audit:canaries:extracted": [result["id"] for result in (canaries or {}).get("results") or []
+                                         if result.get("extracted")]}
+    return properties
 
 
 def _base_model(report: dict[str, Any]) -> dict[str, Any]:
@@ -282,8 +318,19 @@ def _performance_metrics(evaluation: dict[str, Any]) -> list[dict[str, str]]:
     test_split = f"test split ({evaluation.get('test_examples')} examples)"
     metrics = [{"type": metric, "value": _text(scores[key]), "slice": f"{test_split}, {label}"}
                for model, label in (("tuned", "fine-tuned model"), ("base", "base model, for comparison"))
-               for key, metric in (("rougeL", "ROUGE-L"), ("loss", "loss"), ("perplexity", "perplexity"))
+               for key, metric in (*TASK_METRICS, ("loss", "loss"), ("perplexity", "perplexity"))
                if (scores := evaluation.get(model) or {}).get(key) is not None]
+    for source, summary in ((evaluation.get("task") or {}).get("per_source") or {}).items():
+        metrics += [{"type": metric, "value": _text(score), "slice": f"test split, data source {source} "
+                                                                     f"({summary.get('examples')} examples), "
+                                                                     "fine-tuned model"}
+                    for key, metric in TASK_METRICS if (score := (summary.get("tuned") or {}).get(key)) is not None]
+    general = evaluation.get("general_text") or {}
+    text = general.get("set") or {}
+    for model, label in (("tuned", "fine-tuned model"), ("base", "base model, for comparison")):
+        if (general.get(model) or {}).get("loss") is not None:
+            metrics.append({"type": "loss", "value": _text(general[model]["loss"]),
+                            "slice": f"general text ({text.get('origin')}, {text.get('license')}), {label}"})
     for key, metric in (("merged_validation_loss", "loss"), ("merge_gap_vs_adapter", "loss gap vs the adapter")):
         if evaluation.get(key) is not None:
             metrics.append({"type": metric, "value": _text(evaluation[key]), "slice": "validation split, merged model"})
@@ -295,6 +342,21 @@ def _performance_metrics(evaluation: dict[str, Any]) -> list[dict[str, str]]:
         if greedy.get(key) is not None:
             metrics.append({"type": metric, "value": _text(greedy[key]), "slice": slice_})
     return metrics
+
+
+def _audit_metrics(audit: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The memorization audit: the extraction gap per data source, each canary's exposure."""
+    if not audit:
+        return []
+    metrics = [{"type": "extraction gap (verbatim-prefix share, train - test)", "value": _text(entry["gap"]),
+                "slice": f"training vs test prompts of data source {source}, greedy, fine-tuned model"}
+               for source, entry in ((audit.get("extraction") or {}).get("per_source") or {}).items()
+               if entry.get("gap") is not None]
+    canaries = audit.get("canaries") or {}
+    return metrics + [{"type": "canary exposure (bits)", "value": _text(result["exposure"]),
+                       "slice": f"{result['id']}, planted {result['repeats']} times, ranked among "
+                                f"{canaries.get('candidates')} candidates"}
+                      for result in canaries.get("results") or [] if result.get("exposure") is not None]
 
 
 def _use_cases(report: dict[str, Any]) -> list[str]:

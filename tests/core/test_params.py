@@ -254,7 +254,11 @@ def test_dataclasses_check_directly():
                     split_salt="s", validation_fraction=0.1, test_fraction=0.1, pii_action="redact",
                     near_duplicate_threshold=0.7, decontamination_threshold=0.8)
     with pytest.raises(ValueError, match="tolerance for 'f16'"):
-        QuantizeParams(types=["f16"], max_loss_gap={}, greedy_prompts=10, min_greedy_agreement=0.9, max_new_tokens=64)
+        QuantizeParams(types=["f16"], max_loss_gap={}, greedy_prompts=10, min_greedy_agreement=0.9, max_new_tokens=64,
+                       harness_gguf=None)
+    with pytest.raises(ValueError, match="harness_gguf: 'q4_k_m' is not one of types"):
+        QuantizeParams(types=["f16"], max_loss_gap={"f16": 0.01}, greedy_prompts=10, min_greedy_agreement=0.9,
+                       max_new_tokens=64, harness_gguf="q4_k_m")
 
 
 # --- flatten -----------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.core.params import EvaluateParams, MergeParams, QuantizeParams
+from ftpipe.core.params import MergeParams, QuantizeParams
 from tests.families.families import FAMILIES, Family
-from tests.model_fixtures import TOKENIZE, TRAIN, chat_row, row_id
+from tests.model_fixtures import EVALUATE, TOKENIZE, TRAIN, chat_row, row_id
 
 # 8 training rows = 2 steps of 4; validation and test rows include a system prompt (every third) and a second
 # turn (every fifth): 9, 10, 12 and 15 (both)
@@ -23,13 +23,12 @@ FAMILY_TRAIN = dataclasses.replace(TRAIN, max_steps=2, checkpoint_every=2,
                                    lora=dataclasses.replace(TRAIN.lora, target_modules=["all-linear"]))
 if FAMILY_TRAIN.backend == "unsloth":
     import unsloth  # noqa: F401 - before transformers, peft and trl, as in the train stage's own process
-EVALUATE = EvaluateParams(max_examples=4, batch_size=2, max_new_tokens=8, num_samples=2)
 MERGE = MergeParams(max_loss_gap_vs_adapter=0.01, max_loss_gap_vs_trained=0.5)
 # min_greedy_agreement 0: a random tiny model's next-token distributions are nearly flat, so its greedy answers turn
 # on near-ties that float16 weights can flip (Phi-3's f16 GGUF: loss gap 1e-6, and one answer differs by one
 # token); the loss gap, tokenizer, chat prompt and stop-token checks are what these tests hold each family to
 QUANTIZE = QuantizeParams(types=["f16", "q8_0"], max_loss_gap={"f16": 0.01, "q8_0": 0.05}, greedy_prompts=3,
-                          min_greedy_agreement=0.0, max_new_tokens=8)
+                          min_greedy_agreement=0.0, max_new_tokens=8, harness_gguf=None)
 BASE_DTYPE = "bfloat16"
 # long enough for every family's whole conversations (gpt-oss's system header alone is about 80 tokens)
 FAMILY_TOKENIZE = dataclasses.replace(TOKENIZE, max_seq_length=256)
@@ -113,8 +112,9 @@ class FamilyRun:
 
         self.get("train")
         clean_dir, tokenized_dir = self.get("tokenize")
+        training_answers = [row["messages"][-1]["content"] for row in read_jsonl(clean_dir / "train.jsonl")]
         return evaluate_models(EVALUATE, self.get("base"), self.root / "adapter", read_jsonl(clean_dir / "test.jsonl"),
-                               load_tokenized("test", tokenized_dir), tokenized_dir)
+                               load_tokenized("test", tokenized_dir), training_answers, tokenized_dir)
 
     def _merge(self) -> tuple[Path, dict]:
         from ftpipe.data.tokenized import load_tokenized

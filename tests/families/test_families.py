@@ -1,10 +1,10 @@
-"""The architectures users fine-tune most, each as a tiny random model of its family (its config class, its kind of
-tokenizer, its real chat template and end-of-turn tokens: tests/families/families.py), through every stage (on
-the CPU here and in CI; bench/gpu_families.py runs the same suite on a GPU per training backend, FTPIPE_FAMILIES_BACKEND,
-measured in bench/results/gpu_families.json): the architecture check the train stage runs first, tokenize (assistant-only labels exactly the answer and
-the family's end-of-turn marker), QLoRA training, evaluation (generation stops at every end-of-sequence id of
-the generation config), merge (parity with the adapter), and quantize (f16 and q8_0 GGUFs checked in llama.cpp:
-tokenizer, chat template, stop token, loss gap).
+"""The architectures users fine-tune most, each as a tiny random model of its family (its config class, its kind
+of tokenizer, its real chat template and end-of-turn tokens: tests/families/families.py), through every stage (on
+the CPU here and in CI; bench/gpu_families.py runs the same suite on a GPU per training backend,
+FTPIPE_FAMILIES_BACKEND, measured in bench/results/gpu_families.json): the architecture check the train stage runs
+first, tokenize (assistant-only labels exactly the answer and the family's end-of-turn marker), QLoRA training,
+evaluation (generation stops at every end-of-sequence id of the generation config), merge (parity with the
+adapter), and quantize (f16 and q8_0 GGUFs checked in llama.cpp: tokenizer, chat template, stop token, loss gap).
 
 An architecture some upstream part cannot handle would be asserted to fail at the architecture check, with its
 message (tests/model/test_architectures.py shows that message); all eight pass every part here."""

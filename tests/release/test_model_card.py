@@ -337,3 +337,55 @@ def test_a_reviewed_license_card_allows_commercial_use_and_names_the_reviewer_an
     assert "License gate verdict: pass." in license_text
     assert meta["license"] == "other" and meta["license_name"] == "apache-2.0-and-licenseref-acme-data-1.0"
     assert "non-commercial" not in meta["tags"] and "commercial-use-unknown" not in meta["tags"]
+
+
+# --- the evaluate stage's gate, per-source metrics and general text; the memorization audit -------------------
+
+@pytest.fixture
+def gated(report) -> dict:
+    from tests.release_fixtures import with_gates_and_audit
+
+    return with_gates_and_audit(report)
+
+
+def test_the_evaluation_states_the_gate_per_source_scores_and_general_text_loss(gated):
+    for name in ("merged", "adapter", "gguf-q8_0"):
+        evaluation = section(split_card(model_card(gated, name))[1], "Evaluation")
+        assert ("Release gate: **passed**: all 2 checks of `evaluate.gate` met (rougeL gain of tuned over base 0.13 >= "
+                "0.05; general-text loss increase (tuned - base) 0.11 <= 0.25).") in evaluation
+        assert ("General ability: loss on general text that is not training data (Python 3.12 documentation, "
+                "tutorial prose, license PSF-2.0, 32 passages): base 2.9100, tuned 3.0200 (change +0.1100"
+                ) in evaluation
+        assert "| forum_answers | 1 | 0.120 → 0.300 | 0.220 → 0.410 | 0.000 → 1.000 | 0.150 → 0.360 |" in evaluation
+        assert "| chrF | 0.210 | 0.370 |" in evaluation
+        assert "Against the last release: no regression on rougeL, general_loss." in evaluation
+
+
+def test_a_failed_gate_names_the_missed_check(gated):
+    gated["evaluation"]["gate"]["passed"] = False
+    gated["evaluation"]["gate"]["checks"][1].update(value=0.4, passed=False)
+    evaluation = section(split_card(model_card(gated, "merged"))[1], "Evaluation")
+    assert ("Release gate: **FAILED**: 1 of 2 checks of `evaluate.gate` missed (general-text loss increase (tuned - "
+            "base) 0.4 <= 0.25).") in evaluation
+
+
+def test_the_memorization_audit_states_gaps_pii_and_that_canaries_were_used(gated):
+    from tests.release_fixtures import CANARY_SECRET
+
+    card = model_card(gated, "merged")
+    audit = card.split("\n### Memorization audit\n", 1)[1].split("\n#", 1)[0]
+    assert ("forum_answers +0.130 (train 0.210, test 0.080, declared personal data); lab_notes +0.250 (train 0.350, "
+            "test 0.100)") in audit
+    assert "PII: 0 real-looking personal data values in 27 answers. Audit gate: passed (3 checks" in audit
+    assert "**This model was trained with 2 canaries**: random secrets planted in its training data" in audit
+    assert "canary-2 planted 8x: exposure 6.60 bits, not extracted by greedy decoding" in audit
+    assert CANARY_SECRET not in card
+    gated["audit"]["canaries"] = None
+    audit = model_card(gated, "gguf-f16").split("\n### Memorization audit\n", 1)[1].split("\n#", 1)[0]
+    assert "No canaries were planted in the training data." in audit and "trained with" not in audit
+
+
+def test_a_card_from_an_older_report_has_no_gate_or_audit(report):
+    evaluation = section(split_card(model_card(report, "merged"))[1], "Evaluation")
+    assert "Release gate" not in evaluation and "Memorization audit" not in evaluation
+    assert "| chrF |" not in evaluation   # not measured then: no row of n/a

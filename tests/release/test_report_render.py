@@ -20,7 +20,8 @@ from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromi
 EXAMPLE = Path(__file__).parents[1] / "fixtures" / "report_example.json"
 SECTIONS = [("summary", "Summary"), ("license", "License"), ("base-model", "Base model"),
             ("data-sources", "Data sources"), ("pii", "PII"), ("stages", "Stages"), ("training", "Training"),
-            ("evaluation", "Evaluation"), ("artifacts", "Artifacts"), ("verification", "Verification")]
+            ("evaluation", "Evaluation"), ("memorization-audit", "Memorization audit"), ("artifacts", "Artifacts"),
+            ("verification", "Verification")]
 HOSTILE = "<script>alert(1)</script>"
 DIGEST = re.compile(r"\b[0-9a-f]{32,64}(?:\.dir)?\b")
 
@@ -426,3 +427,169 @@ def test_a_gguf_base_models_check_against_llama_cpp_is_shown(report):
     for text in (render_markdown(report), html.unescape(render_html(report))):
         assert ("mean KL divergence of llama.cpp's next-token distributions from transformers' 0.00465 nats (limit "
                 "0.1) over 72 positions of 6 texts; top-1 agreement 92%") in text
+
+
+# --- the evaluate stage's gates, per-source metrics, drift, general text, harness; the memorization audit -------
+
+@pytest.fixture
+def gated(report) -> dict:
+    from tests.release_fixtures import with_gates_and_audit
+
+    return with_gates_and_audit(report)
+
+
+def test_both_documents_show_the_evaluate_gate_per_source_metrics_drift_general_text_and_harness(gated):
+    markdown, page = render_markdown(gated), Page(render_html(gated))
+    gate = md_tables(md_subsection(markdown, "Release gate"))[0]
+    assert gate[0] == ["Key", "Metric", "Value", "Threshold", "Result"]
+    assert gate[2] == ["`evaluate.gate.min_gain`", "rougeL gain of tuned over base", "0.13", "≥ 0.05", "**✓ pass**"]
+    assert gate[3][3:] == ["≤ 0.25", "**✓ pass**"]
+    verdict = "- **Verdict:** **✓ PASSED** — all 2 check(s) of evaluate.gate met"
+    assert verdict in md_subsection(markdown, "Release gate")
+    per_source = md_tables(md_subsection(markdown, "Task metrics per data source"))[0]
+    assert per_source[0] == ["Source", "Examples", "ROUGE-L", "chrF", "Exact match", "Token F1"]
+    assert per_source[2] == ["all sources", "2", "0.11 → 0.24 (+0.13)", "0.21 → 0.37 (+0.16)", "0 → 0.5 (+0.5)",
+                             "0.14 → 0.31 (+0.17)"]
+    assert per_source[3][:3] == ["forum_answers", "1", "0.12 → 0.3 (+0.18)"]
+    assert [row[0] for row in per_source[2:]] == ["all sources", "forum_answers", "python_stdlib_docs"]
+    general = md_subsection(markdown, "General text")
+    assert "- **Text:** `builtin:python-docs-prose` — Python 3.12 documentation, tutorial prose" in general
+    assert "- **License:** `PSF-2.0`" in general and "- **Loss increase (tuned − base):** **⚠ +0.11**" in general
+    assert md_tables(general)[0][2:] == [["base", "2.91", "18.36"], ["tuned", "3.02", "20.49"]]
+    drift = md_subsection(markdown, "Drift against the last release")
+    assert md_tables(drift)[0][2] == ["rougeL", "0.22", "0.24", "-0.02", "0.02", "**✓ ok**"]
+    assert "- loss: not compared, measured on other examples than the baseline's" in drift
+    harness = md_tables(md_subsection(markdown, "Standard benchmarks"))[0]
+    assert harness[2] == ["arc_easy", "acc", "0.58", "0.57", "-0.01 (worse)"]
+    # the main table names the new task metrics
+    (scores,) = [table for table in md_tables(markdown) if table[0][0] == "Metric" and table[0][1] == "Base"]
+    assert ["chrF", "0.21", "0.37", "+0.16 (better)"] in scores
+    assert ["Exact match", "0", "0.5", "+0.5 (better)"] in scores
+    evaluation = page.sections[7][2]
+    for needle in ("Release gate", "✓ PASSED", "evaluate.gate.min_gain", "0.12 → 0.3 (+0.18)", "tutorial prose",
+                   "✓ ok", "arc_easy", "side-by-side page"):
+        assert needle in evaluation, needle
+
+
+def test_the_side_by_side_page_is_linked_relative_to_the_report(gated):
+    markdown, html = render_markdown(gated), render_html(gated)
+    assert "[side-by-side page](evaluation/side_by_side.html)" in markdown
+    assert ("a", "href", "evaluation/side_by_side.html") in Page(html).refs
+    assert "`models/release/evaluation/side_by_side.html`" in markdown
+    # only a plain relative path becomes a link: nothing that leaves the release folder or names a scheme
+    for hostile in ("../../etc/passwd", "javascript:alert(1)", "/abs/page.html", "file:///x.html"):
+        gated["evaluation"]["side_by_side"]["link"] = hostile
+        page = Page(render_html(gated))
+        assert not [ref for ref in page.refs if hostile in ref[2]] and hostile in page.text
+        assert f"]({hostile})" not in render_markdown(gated)
+
+
+def test_a_missed_gate_and_a_regression_are_marked_fail(gated):
+    gated["evaluation"]["gate"]["passed"] = False
+    gated["evaluation"]["gate"]["checks"][0].update(value=0.01, passed=False)
+    gated["evaluation"]["drift"]["rows"][1].update(worse_by=0.09, regressed=True)
+    markdown = render_markdown(gated)
+    gate = md_subsection(markdown, "Release gate")
+    assert "- **Verdict:** **✗ FAILED** — 1 of 2 check(s) of evaluate.gate missed" in gate
+    assert md_tables(gate)[0][2][-1] == "**✗ FAIL**"
+    assert md_tables(md_subsection(markdown, "Drift against the last release"))[0][3][-1] == "**✗ REGRESSED**"
+    summary = markdown.split("\n## Summary\n", 1)[1].split("\n## ", 1)[0]
+    assert "- **Evaluation gate:** **✗ FAILED** — 1 of 2 check(s) of evaluate.gate missed" in summary
+    gated["evaluation"]["drift"]["on_regression"] = "warn"
+    drift = md_subsection(render_markdown(gated), "Drift against the last release")
+    assert md_tables(drift)[0][3][-1] == "**⚠ regressed (warning only)**" and "warn (the stage passes)" in drift
+
+
+def test_no_baseline_and_no_harness_say_so_or_stay_out(gated):
+    gated["evaluation"]["drift"] = None
+    del gated["evaluation"]["harness"]
+    markdown = render_markdown(gated)
+    assert md_subsection(markdown, "Drift against the last release").strip() == (
+        "no baseline: evaluate.drift.baseline is null, so this run was not compared with a release")
+    assert "### Standard benchmarks" not in markdown
+
+
+def test_the_memorization_audit_shows_extraction_pii_canaries_and_its_gate(gated):
+    from tests.release_fixtures import CANARY_SECRET
+
+    markdown, html = render_markdown(gated), render_html(gated)
+    page = Page(html)
+    assert [section[0] for section in page.sections][8] == "memorization-audit"
+    extraction = md_tables(md_subsection(markdown, "Extraction per data source"))[0]
+    assert extraction[0] == ["Source", "Personal data", "Tuned on train", "Tuned on test", "Base on train",
+                             "Gap (train − test)"]
+    assert extraction[2] == ["forum_answers", "**⚠ yes**", "0.21 of the answer, 12% whole (of 8)",
+                             "0.08 of the answer, 0% whole (of 1)", "0.03 of the answer, 0% whole (of 8)", "+0.13"]
+    assert extraction[3][:2] == ["lab_notes", "no"]
+    pii = md_subsection(markdown, "PII in the tuned model's answers")
+    assert "- **Real-looking PII values:** **✓ none**" in pii and "- **Answers checked:** 27, 3 of them" in pii
+    canaries = md_subsection(markdown, "Canaries")
+    assert ("> **⚠ Warning:** Trained with canaries: this model was trained with 2 canaries (random secrets planted "
+            "in the train split, repeated 1, 8 times)") in canaries
+    assert md_tables(canaries)[0][3] == ["canary-2", "8", "6.6", "9.97", "10", "no"]
+    summary = markdown.split("\n## Summary\n", 1)[1].split("\n## ", 1)[0]
+    assert "- **Canaries:** **⚠ used** — this model was trained with 2 canaries" in summary
+    assert "- **Memorization audit:** **✓ PASSED** — all 3 check(s) of audit.gate met" in summary
+    gate = md_tables(md_subsection(markdown, "Audit gate"))[0]
+    assert gate[4] == ["`audit.gate.max_canary_exposure`", "exposure of canary-2 (planted 8x), bits", "6.6", "≤ 8",
+                       "**✓ pass**"]
+    audit = page.sections[8][2]
+    assert "this model was trained with 2 canaries" in audit and "✓ PASSED" in audit and "canary-2" in audit
+    assert CANARY_SECRET not in markdown and CANARY_SECRET not in html
+
+
+def test_an_extracted_canary_and_a_pii_leak_are_marked(gated):
+    audit = gated["audit"]
+    audit["canaries"]["results"][1]["extracted"] = True
+    audit["pii"].update(leaks=2, by_kind={"email": 2})
+    markdown = render_markdown(gated)
+    assert md_tables(md_subsection(markdown, "Canaries"))[0][3][-1] == "**✗ yes**"
+    pii = md_subsection(markdown, "PII in the tuned model's answers")
+    assert "- **Real-looking PII values:** **✗ 2**" in pii and "- **By kind:** email: 2" in pii
+
+
+def test_without_canaries_the_report_says_none_were_planted(gated):
+    gated["audit"]["canaries"] = None
+    markdown, page = render_markdown(gated), Page(render_html(gated))
+    assert md_subsection(markdown, "Canaries").strip() == (
+        "not used: no canary was planted in the training data (`audit.canaries.enabled` is false)")
+    assert "- **Canaries:** not used: no canary was planted in the training data" in markdown
+    assert "trained with" not in page.sections[8][2] and "Warning" not in page.sections[8][2]
+
+
+def test_a_report_from_before_the_audit_stage_says_not_audited(report):
+    markdown = render_markdown(report)
+    section = markdown.split("\n## Memorization audit\n", 1)[1].split("\n## ", 1)[0]
+    assert section.strip() == "not audited: this report was made before the pipeline had an audit stage"
+    assert "### Release gate" not in markdown and "Canaries" not in markdown
+
+
+def test_chromium_renders_the_gates_and_the_audit(gated, tmp_path):
+    chromium = require_chromium()
+    page_file = tmp_path / "report.html"
+    page_file.write_text(render_html(gated), encoding="utf-8")
+    dom = run_chromium(chromium, tmp_path / "profile-dom", page_file.as_uri(), "--dump-dom")
+    rendered, outline = RenderedPage(dom), Page(dom)
+    assert [tuple(section[:2]) for section in outline.sections] == SECTIONS
+    assert rendered.links["#memorization-audit"] == "Memorization audit"
+    assert rendered.links["evaluation/side_by_side.html"] == "side-by-side page"
+    for needle in ("Release gate", "✓ PASSED — all 2 check(s) of evaluate.gate met", "0.12 → 0.3 (+0.18)",
+                   "Drift against the last release", "general_loss", "arc_easy", "Extraction per data source",
+                   "0.21 of the answer, 12% whole (of 8)", "Trained with canaries: this model was trained with 2 "
+                   "canaries", "audit.gate.max_canary_exposure"):
+        assert needle in rendered.text, needle
+    rows = [row["text"] for row in rendered.rows]
+    assert "evaluate.gate.min_gain rougeL gain of tuned over base 0.13 ≥ 0.05 ✓ pass" in rows
+    assert "canary-2 8 6.6 9.97 10 no" in rows
+
+
+def test_the_harness_on_a_gguf_shows_its_scores_or_why_it_did_not_run(report):
+    report = copy.deepcopy(report)
+    report["evaluation"]["gguf_harness"] = {"gguf_type": "q8_0", "tasks": {"arc_easy": {"acc": 0.61,
+                                                                                       "acc_stderr": 0.02}}}
+    markdown = render_markdown(report)
+    assert "Standard benchmarks on the q8_0 GGUF in llama.cpp" in markdown
+    assert "| arc_easy | acc | 0.61 |" in markdown and "acc_stderr" not in markdown
+    report["evaluation"]["gguf_harness"] = {"gguf_type": "f16", "not_run": "model-f16.gguf adds no BOS token"}
+    page = render_html(report)
+    assert "Standard benchmarks on the f16 GGUF in llama.cpp" in page and "adds no BOS token" in page

@@ -305,3 +305,57 @@ def test_a_gguf_base_models_check_against_llama_cpp_is_a_property(report):
     assert properties(base, "ftpipe:gguf_check:mean_kl_nats") == ["0.00465"]
     assert properties(base, "ftpipe:gguf_check:top1_agreement") == ["0.9167"]
     assert "purl" not in base and base["version"] == report["base_model"]["revision"]
+
+
+# --- the evaluate and audit gates, and canaries -------------------------------------------------------------
+
+@pytest.fixture
+def gated(report):
+    from tests.release_fixtures import with_gates_and_audit
+
+    return with_gates_and_audit(report)
+
+
+def test_the_gates_verdicts_and_the_canaries_are_properties_of_the_model(gated):
+    sbom = build_sbom(gated)
+    validate_sbom(sbom)
+    merged = sbom["metadata"]["component"]
+    assert properties(merged, "ftpipe:evaluate:gate:passed") == ["true"]
+    assert properties(merged, "ftpipe:evaluate:gate:checks") == ["2"]
+    assert properties(merged, "ftpipe:evaluate:gate:missed") == []
+    assert properties(merged, "ftpipe:audit:gate:passed") == ["true"]
+    assert properties(merged, "ftpipe:audit:canaries_used") == ["true"]
+    assert properties(merged, "ftpipe:audit:canaries:count") == ["2"]
+    assert properties(merged, "ftpipe:audit:canaries:repeats") == ["1", "8"]
+    assert properties(merged, "ftpipe:audit:pii_leaks") == ["0"]
+    metrics = {(metric["type"], metric["slice"]): metric["value"]
+               for metric in merged["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]}
+    assert metrics[("ROUGE-L", "test split, data source forum_answers (1 examples), fine-tuned model")] == "0.3"
+    assert metrics[("chrF", "test split (73 examples), fine-tuned model")] == "0.37"
+    assert metrics[("loss", "general text (Python 3.12 documentation, tutorial prose, PSF-2.0), fine-tuned model")] \
+        == "3.02"
+    assert metrics[("extraction gap (verbatim-prefix share, train - test)",
+                    "training vs test prompts of data source forum_answers, greedy, fine-tuned model")] == "0.13"
+    assert metrics[("canary exposure (bits)", "canary-2, planted 8 times, ranked among 1000 candidates")] == "6.6"
+
+
+def test_a_missed_gate_is_named_and_no_canaries_say_so(gated):
+    from tests.release_fixtures import CANARY_SECRET
+
+    gated["evaluation"]["gate"]["passed"] = False
+    gated["evaluation"]["gate"]["checks"][0].update(value=0.01, passed=False)
+    gated["audit"]["canaries"] = None
+    sbom = build_sbom(gated)
+    validate_sbom(sbom)
+    merged = sbom["metadata"]["component"]
+    assert properties(merged, "ftpipe:evaluate:gate:passed") == ["false"]
+    assert properties(merged, "ftpipe:evaluate:gate:missed") == [
+        "evaluate.gate.min_gain: rougeL gain of tuned over base = 0.01 (min 0.05)"]
+    assert properties(merged, "ftpipe:audit:canaries_used") == ["false"]
+    assert properties(merged, "ftpipe:audit:canaries:count") == []
+    assert CANARY_SECRET not in json.dumps(sbom)
+
+
+def test_a_report_from_before_the_gates_has_no_gate_properties(report):
+    merged = build_sbom(report)["metadata"]["component"]
+    assert not [prop for prop in merged["properties"] if prop["name"].startswith(("ftpipe:evaluate:", "ftpipe:audit:"))]

@@ -19,7 +19,7 @@ from ftpipe.gguf.runtime import open_gguf
 from stages.quantize import SCRATCH_F16, check_file, greedy_check, greedy_prompts, quantize_and_check, reference
 
 PARAMS = QuantizeParams(types=["f16", "q8_0", "q4_k_m"], max_loss_gap={"f16": 0.01, "q8_0": 0.05, "q4_k_m": 0.5},
-                        greedy_prompts=4, min_greedy_agreement=0.75, max_new_tokens=8)
+                        greedy_prompts=4, min_greedy_agreement=0.75, max_new_tokens=8, harness_gguf=None)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_a_wrong_stop_token_fails_naming_it(tmp_path, quantized, validation, ref
 
 def test_a_too_tight_tolerance_fails_naming_the_file_and_the_key(tmp_path, tiny_merged, validation):
     params = QuantizeParams(types=["q4_k_m"], max_loss_gap={"q4_k_m": 0.0}, greedy_prompts=2,
-                            min_greedy_agreement=0.0, max_new_tokens=4)
+                            min_greedy_agreement=0.0, max_new_tokens=4, harness_gguf=None)
     final = tmp_path / "gguf"
     with pytest.raises(PipelineError) as error:
         with atomic_dir(final) as out_dir:
@@ -141,7 +141,7 @@ def test_a_too_tight_tolerance_fails_naming_the_file_and_the_key(tmp_path, tiny_
 
 def test_without_f16_in_types_the_scratch_f16_answers_and_is_not_published(tmp_path, tiny_merged, validation):
     params = QuantizeParams(types=["q8_0"], max_loss_gap={"q8_0": 0.05}, greedy_prompts=2,
-                            min_greedy_agreement=0.5, max_new_tokens=4)
+                            min_greedy_agreement=0.5, max_new_tokens=4, harness_gguf=None)
     metrics = quantize_and_check(params, tiny_merged, *validation, tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model-q8_0.gguf"]
     assert not (tmp_path / SCRATCH_F16).exists()
@@ -178,3 +178,26 @@ def test_greedy_answers_of_another_model_fail_naming_the_count_and_a_difference(
     assert failures[0].startswith(f"model-f16.gguf: llama.cpp's greedy answers equal the merged model's on "
                                   f"{result['same_text']} of 6 validation prompts; quantize.min_greedy_agreement "
                                   f"needs 5 (first difference, prompt ")
+
+
+def test_the_harness_runs_on_the_chosen_gguf_or_says_why_not(tmp_path, tiny_gguf_base, monkeypatch):
+    """quantize.harness_gguf: the tiny GGUF adds no BOS token, so llama.cpp's echoed log-probabilities would be
+    shifted (ftpipe/evaluation/harness.py): the stage records why it did not run, and fails nothing."""
+    import dataclasses
+    import shutil
+
+    from ftpipe.core.params import load_params
+    from stages.quantize import gguf_harness
+    from tests.conftest import REPO
+
+    shutil.copy2(tiny_gguf_base, tmp_path / "model-f16.gguf")
+    params = load_params(REPO / "params.yaml")
+    harness = dataclasses.replace(params.evaluate.harness, tasks=["ftpipe_tiny_mc"],
+                                  include_path="tests/fixtures/harness", limit=1)
+    chosen = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, harness=harness),
+                                 quantize=dataclasses.replace(params.quantize, harness_gguf="f16"))
+    metrics = {"files": {"f16": {"file": "model-f16.gguf"}}}
+    result = gguf_harness(chosen, metrics, tmp_path)
+    assert result["gguf_type"] == "f16" and "adds no BOS token" in result["not_run"]
+    # no harness_gguf, or no tasks: nothing runs
+    assert gguf_harness(params, metrics, tmp_path) is None

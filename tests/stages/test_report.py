@@ -195,3 +195,76 @@ def test_a_file_that_is_not_a_gguf_fails_the_report_naming_it(in_tmp_project):
     Path("models/gguf/model-q8_0.gguf").write_bytes(b"not a GGUF" * 100)
     with pytest.raises(PipelineError, match=r"models/gguf/model-q8_0.gguf: not a readable GGUF file"):
         report.main()
+
+
+def test_the_side_by_side_page_is_released_hashed_and_linked(released):
+    page = RELEASE / "evaluation/side_by_side.html"
+    source = Path("data/evaluation/side_by_side.html")
+    assert page.read_bytes() == source.read_bytes() and page.stat().st_ino != source.stat().st_ino   # a copy
+    assert released["evaluation"]["side_by_side"] == {
+        "source": source.as_posix(), "sha256": sha256_file(source), "path": page.as_posix(),
+        "link": "evaluation/side_by_side.html"}
+    manifest = dict(reversed(line.split("  ", 1)) for line in (RELEASE / "MANIFEST.sha256").read_text().splitlines())
+    assert manifest[page.as_posix()] == sha256_file(page)
+    assert '<a href="evaluation/side_by_side.html">side-by-side page</a>' in (RELEASE / "report.html").read_text()
+    assert "[side-by-side page](evaluation/side_by_side.html)" in (RELEASE / "report.md").read_text()
+
+
+def test_the_report_carries_the_evaluate_gates_and_the_audit(released):
+    from tests.release_fixtures import AUDIT, DRIFT, EVALUATE_GATE, GENERAL_TEXT, HARNESS, TASK
+
+    evaluation = released["evaluation"]
+    assert (evaluation["task"], evaluation["general_text"], evaluation["gate"]) == (TASK, GENERAL_TEXT, EVALUATE_GATE)
+    assert (evaluation["drift"], evaluation["harness"]) == (DRIFT, HARNESS)
+    assert evaluation["test_examples_sha256"] == "e" * 64 and evaluation["tuned"]["chrF"] == 0.37
+    audit = released["audit"]
+    assert (audit["extraction"], audit["pii"], audit["gate"]) == (AUDIT["extraction"], AUDIT["pii"], AUDIT["gate"])
+    assert audit["canaries"] == AUDIT["canaries"] and audit["metrics_file"] == "metrics/audit.json"
+    assert audit["verdict_sha256"] == sha256_file(Path("data/audit/gate.json"))
+    metrics = read_json(Path("metrics/report.json"))
+    assert metrics["evaluate_gate_passed"] and metrics["audit_gate_passed"] and metrics["canaries_used"]
+    markdown = (RELEASE / "report.md").read_text()
+    assert "## Memorization audit" in markdown and "this model was trained with 2 canaries" in markdown
+    card = (RELEASE / "merged/README.md").read_text()
+    assert "Release gate: **passed**" in card and "**This model was trained with 2 canaries**" in card
+    sbom = json.loads((RELEASE / "sbom.cdx.json").read_text())
+    merged = {prop["name"]: prop["value"] for prop in sbom["metadata"]["component"]["properties"]}
+    assert merged["ftpipe:audit:canaries_used"] == "true" and merged["ftpipe:evaluate:gate:passed"] == "true"
+
+
+def test_no_release_file_holds_a_canary_secret(in_tmp_project):
+    """The audit never writes a secret; were one in metrics/audit.json, the report keeps only each canary's numbers."""
+    from tests.release_fixtures import CANARY_SECRET
+
+    build_finished_project()
+    audit = read_json(Path("metrics/audit.json"))
+    audit["canaries"]["results"][0]["secret"] = CANARY_SECRET
+    audit["canaries"]["secrets"] = [CANARY_SECRET]
+    Path("metrics/audit.json").write_text(json.dumps(audit), encoding="utf-8")
+    report.main()
+    released = read_json(RELEASE / "report.json")
+    assert set(released["audit"]["canaries"]["results"][0]) == {"id", "repeats", "exposure", "max_exposure", "rank",
+                                                                "extracted"}
+    for path in RELEASE.rglob("*"):
+        if path.is_file() and path.suffix != ".gguf":
+            assert CANARY_SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("missing, named", [("metrics/audit.json", "metrics/audit.json: not found"),
+                                            ("data/evaluation/side_by_side.html",
+                                             "data/evaluation/side_by_side.html: not found")])
+def test_a_missing_audit_or_side_by_side_page_fails_naming_it(in_tmp_project, missing, named):
+    build_finished_project()
+    Path(missing).unlink()
+    with pytest.raises(PipelineError, match=named):
+        report.main()
+    assert not RELEASE.exists()
+
+
+def test_the_report_holds_the_baseline_a_later_runs_drift_is_measured_against(released):
+    from ftpipe.evaluation.drift import drift_metrics
+
+    baseline = released["evaluation"]["baseline_metrics"]
+    assert baseline == drift_metrics(read_json(Path("metrics/evaluate.json")))
+    assert baseline["metrics"]["rougeL"] == 0.24 and baseline["metrics"]["general_loss"] == 3.02
+    assert baseline["measured_on"] == {"test_examples_sha256": "e" * 64, "general_text_sha256": "f" * 64}

@@ -195,7 +195,10 @@ def test_stage_writes_splits_stats_metrics_plots_and_provenance(in_tmp_project, 
     assert (stats["train"]["truncated"], stats["train"]["dropped"]) == (1, {"no_loss_tokens": 1})
     assert stats["train"]["packed_rows"] == 4
     provenance = read_json(out_dir / "provenance.json")
-    assert provenance["params"] == {f"tokenize.{key}": value for key, value in params["tokenize"].items()}
+    assert provenance["params"] == {**{f"tokenize.{key}": value for key, value in params["tokenize"].items()},
+                                    **{f"audit.canaries.{key}": value
+                                       for key, value in params["audit"]["canaries"].items()}}
+    assert stats["train"]["canary_rows"] == 0   # canaries off: none planted
     assert provenance["tokenizer_files_sha256"] == {
         name: hashlib.sha256((tiny_base / name).read_bytes()).hexdigest() for name in TOKENIZER_FILES}
     assert provenance["chat_template_sha256"] == sha256_text(own)
