@@ -5,6 +5,7 @@
     page = RenderedPage(dom)                            # .text, .links (href -> text), .rows (text and icon classes)
     run_chromium(chromium, tmp_path / "profile-shot", page.as_uri(), f"--screenshot={png}", "--window-size=1280,2000")
     width, height, shades = png_facts(png)              # shades > 50: something was drawn, not a blank page
+    assert_screenshot_drawn(chromium, tmp_path / "profile-shot", page.as_uri(), png, 1280, 2000)   # both in one
 
 No host name resolves in these runs, so nothing a page links from the network loads: a test sees what an
 offline reviewer sees. Used by tests/data/test_data_docs.py (GX Data Docs) and tests/release/test_report_render.py.
@@ -99,3 +100,11 @@ def png_facts(path: Path) -> tuple[int, int, int]:
         position += 12 + length
     width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
     return width, height, len(set(zlib.decompress(chunks[b"IDAT"])))
+
+
+def assert_screenshot_drawn(chromium: Path, profile: Path, url: str, png: Path, width: int, height: int) -> None:
+    """A screenshot of `url` at width x height is taken, and something was drawn on it (not a blank page)."""
+    run_chromium(chromium, profile, url, f"--screenshot={png}", f"--window-size={width},{height}")
+    got_width, got_height, shades = png_facts(png)
+    assert (got_width, got_height) == (width, height)
+    assert shades > 50, f"{png}: only {shades} distinct byte values: a blank page?"

@@ -53,7 +53,6 @@ import math
 import numbers
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import PipelineError
+from ftpipe.core.processes import stop_process_group
 
 HARNESS_VERSION = "0.4.13"
 SERVER_HOST = "127.0.0.1"
@@ -344,7 +344,7 @@ def llama_cpp_server(gguf_path: Path, timeout: float = SERVER_START_TIMEOUT_S):
             _wait_until_up(process, base_url, timeout, command, log)
             yield base_url
         finally:
-            _stop(process)
+            stop_process_group(process)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -370,13 +370,3 @@ def _wait_until_up(process: subprocess.Popen, base_url: str, timeout: float, com
     state = f"exited with {process.returncode}" if process.poll() is not None else f"not up after {timeout:.0f} s"
     raise PipelineError(f"harness on GGUF: llama-cpp-python's server {state}: {shlex.join(command)}\n"
                         f"its output ends:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()

@@ -16,17 +16,8 @@ import random
 from collections import defaultdict
 from typing import Sequence
 
+from ftpipe.core.sequences import common_prefix
 from ftpipe.model.modeling import generate, render_chats
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def compare(tokenizer, generated: str, reference: str, max_new_tokens: int) -> dict:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ftpipe.core.sequences import common_prefix
 from ftpipe.model.modeling import IGNORE_INDEX
 
 
@@ -119,23 +120,13 @@ def chat_prompt_mismatches(llm, rows: Sequence[dict], conversations: dict[str, l
             compared += 1
             match = next((turn for turn in remaining if prompt(turn) == expected), None)
             if match is None:   # no remaining turn has this prompt in llama.cpp: show the closest one's
-                match = max(remaining, key=lambda turn: _agreeing(prompt(turn), expected), default=None)
+                match = max(remaining, key=lambda turn: common_prefix(prompt(turn), expected), default=None)
                 if match is None:   # more labelled turns than assistant turns: not this conversation's tokens
                     mismatches.append(PromptMismatch(row["id"], len(assistant_turns), _detok(llm, expected), ""))
                     break
                 mismatches.append(PromptMismatch(row["id"], match, _detok(llm, expected), _detok(llm, prompt(match))))
             next_turn = match + 1
     return compared, mismatches
-
-
-def _agreeing(got: Sequence[int], expected: Sequence[int]) -> int:
-    """How many leading tokens two prompts share."""
-    count = 0
-    for a, b in zip(got, expected):
-        if a != b:
-            break
-        count += 1
-    return count
 
 
 def _detok(llm, tokens: Sequence[int]) -> str:

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import os
 import shlex
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftpipe import OFFLINE_ENV
+from ftpipe.core.processes import stop_process_group
 from ftpipe.tracking.runs import DEFAULT_EXPERIMENT, project_root, tracking_uri
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5000
@@ -99,7 +99,7 @@ def running_ui(log: Path, env: dict[str, str] | None = None, host: str = DEFAULT
         _wait_until_up(process, url, timeout, command, log)
         yield url
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
 def _wait_until_up(process: subprocess.Popen, url: str, timeout: float, command: list[str], log: Path) -> None:
@@ -114,18 +114,3 @@ def _wait_until_up(process: subprocess.Popen, url: str, timeout: float, command:
     state = f"exited with {process.returncode}" if process.poll() is not None else f"not up after {timeout:.0f} s"
     raise RuntimeError(f"MLflow UI {state} at {url}: {shlex.join(command)}\n"
                        f"its log ({log}) ends:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the group started above (mlflow forwards it to uvicorn), then SIGKILL to what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-    with contextlib.suppress(ProcessLookupError):   # a uvicorn child outliving its parent, or a hung server
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ from ftpipe.data.data_docs import (
     run_suites,
 )
 from ftpipe.data.expectations import REJECTIONS_SUITE_NAME, SUITE_NAME, example_frame, rejection_frame
-from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
+from tests.chromium import RenderedPage, assert_screenshot_drawn, require_chromium, run_chromium
 from tests.data.test_expectations import (
     CLEAN,
     GOOD_SOURCES,
@@ -120,9 +120,5 @@ def test_data_docs_render_in_a_browser_with_suites_descriptions_and_status(site,
                         "distinct answers / examples is at least validate.min_unique_answer_share = 0.9"):
         assert description in passing.text
 
-    screenshot = tmp_path / "rejections.png"
-    run_chromium(chromium, tmp_path / "profile-screenshot", results[REJECTIONS_SUITE_NAME].as_uri(),
-                 f"--screenshot={screenshot}", "--window-size=1280,2000")
-    width, height, shades = png_facts(screenshot)
-    assert (width, height) == (1280, 2000)
-    assert shades > 50, f"{screenshot}: only {shades} distinct byte values: a blank page?"
+    assert_screenshot_drawn(chromium, tmp_path / "profile-screenshot", results[REJECTIONS_SUITE_NAME].as_uri(),
+                            tmp_path / "rejections.png", 1280, 2000)

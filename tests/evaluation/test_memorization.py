@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ftpipe.core.sequences import common_prefix
 from ftpipe.evaluation.memorization import (
-    common_prefix,
     compare,
     extraction_scores,
     memorization_gap,

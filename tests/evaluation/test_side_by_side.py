@@ -10,7 +10,7 @@ import pytest
 
 from ftpipe.evaluation.side_by_side import render_side_by_side, write_side_by_side
 from ftpipe.evaluation.task_metrics import aggregate, score_answer
-from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
+from tests.chromium import RenderedPage, assert_screenshot_drawn, require_chromium, run_chromium
 
 HOSTILE = "<script>document.title='pwned'</script>"
 
@@ -124,9 +124,4 @@ def test_chromium_takes_order_and_filter_from_the_fragment(tmp_path, page_file, 
 
 def test_chromium_screenshot_is_not_blank(tmp_path, page_file):
     chromium = require_chromium()
-    screenshot = tmp_path / "page.png"
-    run_chromium(chromium, tmp_path / "shot", page_file.as_uri(), f"--screenshot={screenshot}",
-                 "--window-size=1280,1000")
-    width, height, shades = png_facts(screenshot)
-    assert (width, height) == (1280, 1000)
-    assert shades > 50, f"{screenshot}: only {shades} distinct byte values: a blank page?"
+    assert_screenshot_drawn(chromium, tmp_path / "shot", page_file.as_uri(), tmp_path / "page.png", 1280, 1000)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ftpipe.release.report_render import render_html, render_markdown
-from tests.chromium import RenderedPage, png_facts, require_chromium, run_chromium
+from tests.chromium import RenderedPage, assert_screenshot_drawn, require_chromium, run_chromium
 
 EXAMPLE = Path(__file__).parents[1] / "fixtures" / "report_example.json"
 SECTIONS = [("summary", "Summary"), ("license", "License"), ("base-model", "Base model"),
@@ -334,12 +334,17 @@ def test_minimal_report_renders_both_ways(report):
 
 # --- as a reviewer sees it: rendered by a real browser, offline ------------------------------------------------
 
-def test_chromium_renders_every_section_and_the_charts(report, tmp_path):
+def rendered_in_chromium(report: dict, tmp_path: Path) -> tuple:
+    """(chromium, the page file, its DOM after Chromium rendered it, RenderedPage, Page) of `report` as HTML."""
     chromium = require_chromium()
     page_file = tmp_path / "report.html"
     page_file.write_text(render_html(report), encoding="utf-8")
     dom = run_chromium(chromium, tmp_path / "profile-dom", page_file.as_uri(), "--dump-dom")
-    rendered, outline = RenderedPage(dom), Page(dom)
+    return chromium, page_file, dom, RenderedPage(dom), Page(dom)
+
+
+def test_chromium_renders_every_section_and_the_charts(report, tmp_path):
+    chromium, page_file, dom, rendered, outline = rendered_in_chromium(report, tmp_path)
     assert [tuple(section[:2]) for section in outline.sections] == SECTIONS
     for _, title in SECTIONS:
         assert title in rendered.text
@@ -347,12 +352,8 @@ def test_chromium_renders_every_section_and_the_charts(report, tmp_path):
     assert len(outline.charts) == 3 and dom.count("<rect") > 15
     assert rendered.links["#data-sources"] == "Data sources"
 
-    screenshot = tmp_path / "report.png"
-    run_chromium(chromium, tmp_path / "profile-screenshot", page_file.as_uri(), f"--screenshot={screenshot}",
-                 "--window-size=1280,2000")
-    width, height, shades = png_facts(screenshot)
-    assert (width, height) == (1280, 2000)
-    assert shades > 50, f"{screenshot}: only {shades} distinct byte values: a blank page?"
+    assert_screenshot_drawn(chromium, tmp_path / "profile-screenshot", page_file.as_uri(), tmp_path / "report.png",
+                            1280, 2000)
 
 
 # --- commercial use not established, and licenses a reviewer declared ------------------------------------------
@@ -565,11 +566,7 @@ def test_a_report_from_before_the_audit_stage_says_not_audited(report):
 
 
 def test_chromium_renders_the_gates_and_the_audit(gated, tmp_path):
-    chromium = require_chromium()
-    page_file = tmp_path / "report.html"
-    page_file.write_text(render_html(gated), encoding="utf-8")
-    dom = run_chromium(chromium, tmp_path / "profile-dom", page_file.as_uri(), "--dump-dom")
-    rendered, outline = RenderedPage(dom), Page(dom)
+    _, _, dom, rendered, outline = rendered_in_chromium(gated, tmp_path)
     assert [tuple(section[:2]) for section in outline.sections] == SECTIONS
     assert rendered.links["#memorization-audit"] == "Memorization audit"
     assert rendered.links["evaluation/side_by_side.html"] == "side-by-side page"
