@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ftpipe.core.errors import PipelineError
-from ftpipe.core.io import file_hashes, read_json, tree_digest
+from ftpipe.core.io import file_hashes, read_json, tree_digest, write_content_record
 from ftpipe.core.params import MergeParams
 from ftpipe.data.tokenized import load_tokenized
 from ftpipe.model.modeling import load_model, load_tokenizer, mean_loss
@@ -101,6 +101,29 @@ def write_project(root: Path, base: Path, adapter: Path, tokenized: Path, merge:
     shutil.copytree(base, root / "models" / "base")
     shutil.copytree(adapter, root / "models" / "adapter")
     shutil.copytree(tokenized, root / "data" / "tokenized")
+    if not (root / "models" / "adapter" / "content.json").exists():   # the train stage writes it
+        write_content_record(root / "models" / "adapter")
+    for stage_dir in ("data/evaluation", "data/audit"):   # both gates passed, for this adapter
+        write_verdict(root / stage_dir, True)
+
+
+def write_verdict(folder: Path, passed: bool) -> None:
+    from ftpipe.evaluation.gates import VERDICT_FILE, adapter_subject
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VERDICT_FILE).write_text(json.dumps({"passed": passed, "subject": adapter_subject(
+        folder.parents[1] / "models" / "adapter")}))
+
+
+def test_the_stage_refuses_an_adapter_a_gate_stopped(in_tmp_project, tiny_base, tiny_trained, tiny_data):
+    from stages.merge import main
+
+    write_project(in_tmp_project, tiny_base, tiny_trained["adapter"], tiny_data[1],
+                  {"max_loss_gap_vs_adapter": 0.02, "max_loss_gap_vs_trained": 0.05})
+    write_verdict(in_tmp_project / "data" / "audit", False)
+    with pytest.raises(PipelineError, match="data/audit/gate.json says the gate failed"):
+        main()
+    assert not (in_tmp_project / "models" / "merged").exists()
 
 
 def test_stage_publishes_nothing_on_failure_and_everything_on_success(in_tmp_project, tiny_base, tiny_trained,
@@ -131,7 +154,7 @@ def test_stage_publishes_nothing_on_failure_and_everything_on_success(in_tmp_pro
     # content.json: what quantize depends on (the same hashes, without the run's time stamps)
     assert read_json(previous / "content.json") == {"files_sha256": published, "digest": tree_digest(published)}
     assert provenance["merged_into"]["base_digest"] == read_json(tiny_base / "provenance.json")["digest"]
-    assert provenance["adapter_sha256"] == file_hashes(tiny_trained["adapter"])
+    assert provenance["adapter_sha256"] == file_hashes(in_tmp_project / "models" / "adapter")
     metrics = read_json(in_tmp_project / "metrics" / "merge.json")
     assert metrics == provenance["metrics"] and metrics["gap_vs_adapter"] < 0.005
     assert sorted(path.name for path in (in_tmp_project / "models").iterdir()) == ["adapter", "base", "merged"]
