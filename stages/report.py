@@ -55,6 +55,7 @@ from ftpipe.core.paths import (
 from ftpipe.core.provenance import git_state, utc_now
 from ftpipe.core.stage import Stage
 from ftpipe.evaluation.drift import drift_metrics
+from ftpipe.evaluation.gates import VERDICT_FILE
 from ftpipe.release.model_card import CARD_FILE
 from ftpipe.release.publish import MANIFEST_FILE, REPORT_FILES, SIDE_BY_SIDE_FILE, write_release
 from ftpipe.release.sbom import SBOM_FILE
@@ -219,7 +220,7 @@ def audit_section() -> dict[str, Any]:
     if not path.is_file():
         raise PipelineError(f"{path}: not found. The audit stage writes it (the memorization audit the report "
                             "shows): run `dvc repro` so that it runs before the report.")
-    audit = read_json(path)
+    audit, verdict = read_json(path), AUDIT_DIR / VERDICT_FILE
     canaries = audit.get("canaries")
     if canaries:
         canaries = {**{key: canaries.get(key) for key in ("count", "repeats", "candidates", "digits")},
@@ -227,7 +228,7 @@ def audit_section() -> dict[str, Any]:
                                 for result in canaries.get("results") or []]}
     return {"metrics_file": path.as_posix(), "extraction": audit["extraction"], "pii": audit["pii"],
             "canaries": canaries or None, "gate": audit["gate"],
-            "verdict_sha256": sha256_file(AUDIT_DIR / "gate.json") if (AUDIT_DIR / "gate.json").is_file() else None}
+            "verdict_sha256": sha256_file(verdict) if verdict.is_file() else None}
 
 
 def artifacts_section() -> list[dict[str, Any]]:
