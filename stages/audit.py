@@ -25,9 +25,9 @@ from pathlib import Path
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import run_stage
 from ftpipe.core.evaluation_params import AuditGateParams, AuditParams
-from ftpipe.core.io import read_jsonl, write_json, write_jsonl
+from ftpipe.core.io import read_json, read_jsonl, write_json, write_jsonl
 from ftpipe.core.params import Params, flatten
-from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, TOKENIZED_DIR
+from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CLEAN_DIR, PERSONAL_DATA_FILE, TOKENIZED_DIR
 from ftpipe.core.stage import Stage
 from ftpipe.data.chat_template import load_chat_tokenizer
 from ftpipe.evaluation.canaries import exposure, greedy_extracts, make_canaries
@@ -141,15 +141,15 @@ def gate_checks(gate: AuditGateParams, metrics: dict) -> list[Check]:
     return checks
 
 
-def personal_data_sources(params: Params) -> set[str]:
-    return {source.name for source in params.compliance.sources if source.personal_data}
+def personal_data_sources(path: Path = PERSONAL_DATA_FILE) -> set[str]:
+    """The sources declared personal data, as the compliance stage wrote them (not read from params.yaml, so
+    that a license change reruns no audit)."""
+    return set(read_json(path)["sources"])
 
 
 def tracked_params(params: Params) -> dict:
     """The params.yaml keys this stage reads: dvc.yaml lists the same (tests/test_dvc_yaml.py)."""
-    declared = {key: value for key, value in flatten(params.compliance.sources, "compliance.sources").items()
-                if key.endswith((".name", ".personal_data"))}
-    return {**flatten(params.audit, "audit"), **declared}
+    return flatten(params.audit, "audit")
 
 
 def main() -> None:
@@ -157,7 +157,7 @@ def main() -> None:
     with Stage("audit", tracked_params) as stage:
         params = stage.params.audit
         metrics, rows = audit_models(params, BASE_DIR, ADAPTER_DIR, train_rows, test_rows,
-                                     personal_data_sources(stage.params))
+                                     personal_data_sources())
         checks = gate_checks(params.gate, metrics)
         metrics["gate"] = {"passed": all(check.passed for check in checks), "checks": check_rows(checks)}
         with stage.output() as out_dir:

@@ -37,7 +37,7 @@ from ftpipe.compliance.licenses import (
 from ftpipe.core.errors import run_stage
 from ftpipe.core.io import CONTENT_FILE, read_json, write_json
 from ftpipe.core.params import ComplianceParams, Params, flatten
-from ftpipe.core.paths import BASE_DIR, COMPLIANCE_DIR, PROVENANCE_FILE, RAW_DIR
+from ftpipe.core.paths import BASE_DIR, COMPLIANCE_DIR, PERSONAL_DATA_FILE, PROVENANCE_FILE, RAW_DIR
 from ftpipe.core.stage import Stage
 
 CONCLUSION_FILE = "conclusion.json"
@@ -108,6 +108,12 @@ def gate_record(result: dict[str, Any]) -> dict[str, Any]:
     return {"verdict": result["conclusion"]["verdict"]}
 
 
+def personal_data_record(params: ComplianceParams) -> dict[str, Any]:
+    """What the audit depends on (its personal-data gate): the sources declared personal data, and nothing
+    of the licenses, so a license change reruns no audit."""
+    return {"sources": sorted(source.name for source in params.sources if source.personal_data)}
+
+
 def summary_metrics(conclusion: dict[str, Any]) -> dict[str, Any]:
     return {"passed": conclusion["verdict"] == "pass", "commercial_use_allowed": conclusion["commercial_use_allowed"],
             "commercial_use": conclusion["commercial_use"],
@@ -137,6 +143,7 @@ def main() -> None:
         with stage.output() as out_dir:
             write_json(out_dir / CONCLUSION_FILE, result)
             write_json(out_dir / GATE_FILE, gate_record(result))
+            write_json(out_dir / PERSONAL_DATA_FILE.name, personal_data_record(params.compliance))
         stage.finish(summary_metrics(conclusion))
     unknown = len(conclusion["unknown_licenses"])
     print(f"compliance: {conclusion['concluded_license']} for intended use {params.compliance.intended_use!r}: "

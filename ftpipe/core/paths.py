@@ -20,6 +20,9 @@ AUDIT_DIR = Path("data/audit")               # the memorization audit (stages/au
 MERGED_DIR = Path("models/merged")
 GGUF_DIR = Path("models/gguf")
 COMPLIANCE_DIR = Path("data/compliance")    # the license gate's conclusion (stages/compliance.py)
+# The sources declared personal data (compliance.sources[].personal_data), written by the compliance stage so
+# that the audit depends on this fact alone, not on every license declaration.
+PERSONAL_DATA_FILE = COMPLIANCE_DIR / "personal_data.json"
 RELEASE_DIR = Path("models/release")        # report, BOM, model cards and publishable folders (stages/report.py)
 
 # Each stage's output folder, in dvc.yaml's order (tests/test_dvc_yaml.py checks both).

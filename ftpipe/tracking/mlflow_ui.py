@@ -114,3 +114,7 @@ def _wait_until_up(process: subprocess.Popen, url: str, timeout: float, command:
     state = f"exited with {process.returncode}" if process.poll() is not None else f"not up after {timeout:.0f} s"
     raise RuntimeError(f"MLflow UI {state} at {url}: {shlex.join(command)}\n"
                        f"its log ({log}) ends:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+if __name__ == "__main__":
+    main()

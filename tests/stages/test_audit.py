@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from ftpipe.core.io import read_jsonl
+from ftpipe.core.io import read_jsonl, write_json
 from ftpipe.data.tokenized import load_tokenized
 from ftpipe.evaluation.canaries import canary_messages, make_canaries
 from ftpipe.evaluation.gates import GateFailed, enforce
-from stages.audit import audit_models, gate_checks
+from stages.audit import audit_models, gate_checks, personal_data_sources
 from tests.model_fixtures import AUDIT, TARGET_MODULES, TOKENIZE
 
 CANARIES = dataclasses.replace(AUDIT.canaries, enabled=True, repeats=[16, 1], digits=10, candidates=100)
@@ -112,3 +112,9 @@ def test_each_audit_gate_fails_on_a_planted_problem(audited, gate_key, plant, mi
     assert [check.metric for check in checks if not check.passed] == [missed_metric]
     with pytest.raises(GateFailed, match=f"audit.gate.{gate_key}"):
         enforce("audit", checks)
+
+
+def test_the_sources_declared_personal_data_come_from_the_compliance_stage(tmp_path):
+    """Read from data/compliance/personal_data.json (not params.yaml), so a license change reruns no audit."""
+    write_json(tmp_path / "personal_data.json", {"sources": ["lab_notes", "tickets"]})
+    assert personal_data_sources(tmp_path / "personal_data.json") == {"lab_notes", "tickets"}

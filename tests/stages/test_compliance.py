@@ -185,6 +185,24 @@ def test_a_license_change_that_still_passes_leaves_the_gate_byte_identical(in_tm
     assert json.loads(gate_before) == {"verdict": "pass"}
 
 
+def test_the_personal_data_declaration_changes_with_personal_data_and_not_with_licenses(in_tmp_project):
+    """The audit depends on personal_data.json (its personal-data gate): a license change must not rerun it,
+    a source newly declared personal data must."""
+    write_project({"docs": "PSF-2.0", "notes": "MIT"})
+    run_gate()
+    declared = Path("data/compliance/personal_data.json")
+    before = declared.read_bytes()
+    assert json.loads(before) == {"sources": []}
+    write_project({"docs": "MIT OR Apache-2.0", "notes": "MIT"})
+    run_gate()
+    assert declared.read_bytes() == before
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    params["compliance"]["sources"][1].update(personal_data=True, personal_data_legal_basis="GDPR Art. 6(1)(f)")
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    run_gate()
+    assert read_json(declared) == {"sources": ["notes"]}
+
+
 def test_a_new_empty_source_leaves_the_gate_byte_identical(in_tmp_project):
     """A source with no rows (or whose rows clean rejects) changes what compliance checked, not what train
     trains on: gate.json, train's dependency, stays the same bytes, so nothing is retrained."""
