@@ -87,6 +87,8 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
              if resume_from else ""))
     trainer, base_parameters = build_trainer(params, backend, compute_dtype, base_dir, max_seq_length, rows,
                                              checkpoint_dir, callbacks or [])
+    planner = trainer.planner
+    print(f"train: plan: {planner.plan.describe(params.batch_size)} ({planner.history[0]['reason']})")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.model.save_pretrained(str(out_dir))
@@ -105,6 +107,10 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         "trainable_parameters": trainable, "base_parameters": base_parameters, "reused_completed_run": False,
         # the layers LoRA adapted, by leaf name ([all-linear] resolved): adapter_config.json's target_modules
         "lora_target_modules": trained_targets(trainer.model),
+        # how the steps ran (changes no result): the plan at the end, and every plan taken with why
+        "training_plan": {"final": planner.plan.as_dict(params.batch_size),
+                          "description": planner.plan.describe(params.batch_size), "history": planner.history,
+                          "memory_probe": getattr(planner, "probe", None)},
     }
     result = {"metrics": metrics, "curve": curve, "start": start}
     save_completed(checkpoint_dir, out_dir, result)
@@ -195,6 +201,13 @@ def main() -> None:
                                             f"(double quant: {quantization.double_quant}) of {BASE_DIR}"},
                 data_sha256=file_hashes(TOKENIZED_DIR))
         start, metrics = result["start"], result["metrics"]
+        plan = metrics["training_plan"]
+        # how the steps ran: the plan and why (the memory probe, each fallback), beside the run's numbers
+        tracker.set_tags({"train.plan": plan["description"],
+                          "train.plan.micro_batch_size": str(plan["final"]["micro_batch_size"]),
+                          "train.plan.recomputed_layers": str(plan["final"]["recomputed"]),
+                          "train.plan.offloaded_layers": str(plan["final"]["offloaded"])})
+        tracker.log_dict(plan, "train/training_plan.json")
         tracker.set_tags({"ftpipe.run_fingerprint": metrics["run_fingerprint"],
                           "ftpipe.resumed": str(bool(start.get("resumed_from_checkpoint"))).lower(),
                           "ftpipe.reused_completed_run": str(metrics["reused_completed_run"]).lower()})

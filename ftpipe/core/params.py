@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -174,14 +174,19 @@ class TrainParams:
     seed: int
     max_steps: Optional[int]
     num_epochs: Optional[float]
-    batch_size: int
-    gradient_accumulation_steps: int
+    batch_size: int              # rows per optimizer step: the numbers of a run (effective batch)
+    # Rows per forward/backward pass (the batch is split into micro-batches, their gradients summed, so that
+    # the step is the same whatever the split), or auto: the largest that fits (ftpipe/model/training_plan.py)
+    micro_batch_size: Union[int, Literal["auto"]]
     learning_rate: float
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
     warmup_steps: int
     weight_decay: float
     max_grad_norm: float
-    gradient_checkpointing: bool
+    # auto: the fastest plan the GPU's memory allows (no recomputation, then recomputing as few decoder layers
+    # as needed, then Unsloth's offloading, then smaller micro-batches); on: every layer recomputed; unsloth:
+    # Unsloth's offloaded checkpointing; off: none. YAML's true/false read as on/off.
+    gradient_checkpointing: Union[bool, Literal["auto", "unsloth", "on", "off"]]
     checkpoint_every: int        # steps between checkpoints (changes no result: not in the run fingerprint)
     checkpoint_runs_kept: int    # checkpoint folders of other runs (params, data, code) kept, newest first
     lora: LoraParams
@@ -192,8 +197,12 @@ class TrainParams:
                "set exactly one of max_steps and num_epochs (the other to null)")
         _check(self.max_steps is None or self.max_steps > 0, "max_steps: must be positive")
         _check(self.num_epochs is None or self.num_epochs > 0, "num_epochs: must be positive")
-        _check(self.batch_size > 0 and self.gradient_accumulation_steps > 0,
-               "batch_size and gradient_accumulation_steps must be positive")
+        if isinstance(self.gradient_checkpointing, bool):   # YAML reads an unquoted on/off as a boolean
+            object.__setattr__(self, "gradient_checkpointing", "on" if self.gradient_checkpointing else "off")
+        _check(self.batch_size > 0, "batch_size: must be positive (rows per optimizer step)")
+        _check(self.micro_batch_size == "auto" or 0 < self.micro_batch_size <= self.batch_size,
+               f"micro_batch_size: must be auto or from 1 to batch_size ({self.batch_size}), got "
+               f"{self.micro_batch_size!r}")
         _check(self.learning_rate > 0, "learning_rate: must be positive")
         _check(self.checkpoint_every > 0, "checkpoint_every: must be positive")
         _check(self.checkpoint_runs_kept >= 0, "checkpoint_runs_kept: must be 0 or more")
@@ -396,6 +405,15 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     return build(Params, raw, path, "")
 
 
+# Keys earlier versions had, and what replaces them.
+REPLACED_KEYS = {
+    "train.gradient_accumulation_steps":
+        "train.batch_size is now the rows per optimizer step. Set it to your batch_size x gradient_accumulation_steps "
+        "and remove this key; train.micro_batch_size (auto, or a number) sets the rows per forward pass, and the "
+        "stage accumulates the micro-batches' gradients into each step.",
+}
+
+
 def build(cls: type, data: Any, path: Path, where: str) -> Any:
     """Build dataclass `cls` from `data`, checking keys and types; errors name the key path."""
     label = where or "the top level"
@@ -404,6 +422,8 @@ def build(cls: type, data: Any, path: Path, where: str) -> Any:
     fields = {field.name: field for field in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
+        if _join(where, key) in REPLACED_KEYS:
+            raise ParamsError(f"{path}: '{_join(where, key)}' is no longer a key: {REPLACED_KEYS[_join(where, key)]}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""

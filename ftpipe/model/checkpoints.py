@@ -13,6 +13,7 @@ from pathlib import Path
 import ftpipe.model.lora as lora_module
 import ftpipe.model.modeling as modeling_module
 import ftpipe.model.training as training_module
+import ftpipe.model.training_plan as training_plan_module
 from ftpipe.core.io import (
     CONTENT_FILE,
     atomic_dir,
@@ -29,7 +30,10 @@ from ftpipe.core.provenance import package_version
 
 # Params that change no number of the result: how often checkpoints are written and how many old runs' are
 # kept. They are left out of the fingerprint (a resume is the same run) and out of dvc.yaml (no rerun).
-RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept")
+# The training plan's params too (ftpipe/model/training_plan.py): a step's gradient is the whole batch's however
+# it is split and whatever is recomputed; a run resumed under another plan continues the same numbers (up to
+# the order of floating-point sums).
+RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept", "gradient_checkpointing", "micro_batch_size")
 # Params whose value is resolved on the machine ('auto'): the fingerprint holds the resolved value instead
 # (backend: unsloth, transformers or cpu; compute dtype: bfloat16 on a GPU, float32 on the CPU).
 RESOLVED = ("backend", "quantization.compute_dtype")
@@ -37,7 +41,8 @@ RESOLVED = ("backend", "quantization.compute_dtype")
 NUMERIC_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "unsloth", "unsloth-zoo")
 # The files holding the code of a training step (seed, model, trainer, collator, backends), of the layers LoRA
 # adapts and of its batches (padding, packing, loss): the fingerprint hashes them.
-STEP_CODE = (Path(training_module.__file__), Path(lora_module.__file__), Path(modeling_module.__file__))
+STEP_CODE = (Path(training_module.__file__), Path(lora_module.__file__), Path(modeling_module.__file__),
+             Path(training_plan_module.__file__))
 RUN_FILE = "run.json"              # in a checkpoint folder: which MLflow run started it, and when
 COMPLETED_DIR = "completed"        # in a checkpoint folder: the finished run's adapter and result.json
 RESULT_FILE = "result.json"

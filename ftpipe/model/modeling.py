@@ -138,16 +138,23 @@ def pad_packed_batch(rows: Sequence[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def padding_free_batch(rows: Sequence[dict]) -> dict:
+def padding_free_batch(rows: Sequence[dict], pad_to_multiple: int = 1, pad_id: int = 0) -> dict:
     """Packed rows concatenated into one row of shape (1, all tokens): no padding at all, position_ids
     restarting at 0 for each example, and `packed_seq_lengths` (int32, the length of each example): the
     padding-free layout Unsloth's varlen attention kernels take. Unsloth infers example boundaries from
     position_ids alone only for a batch of one row, so a padded batch of several packed rows would let
     its attention cross examples. Checked on an H100 with Unsloth 2026.10.9 (SmolLM2-135M, random
     weights): this batch gives each example exactly the logits it gets alone (max difference 0.0), the
-    padded batch of two packed rows moves the second example's logits by up to 2.3."""
+    padded batch of two packed rows moves the second example's logits by up to 2.3.
+
+    `pad_to_multiple` rounds the row's length up with one filler example of `pad_id` tokens (positions from 0,
+    no targets): batches of many lengths then come in a few shapes, and kernels compiled for a shape are reused."""
     import torch
 
+    filler = -sum(len(row["input_ids"]) for row in rows) % pad_to_multiple
+    if filler:
+        rows = [*rows, {"input_ids": [pad_id] * filler, "labels": [IGNORE_INDEX] * filler,
+                        "position_ids": list(range(filler))}]
     position_ids = torch.tensor([position for row in rows for position in row["position_ids"]], dtype=torch.long)
     starts = torch.nonzero(position_ids == 0).flatten()
     lengths = torch.diff(starts, append=torch.tensor([len(position_ids)]))

@@ -21,6 +21,7 @@ from ftpipe.core.errors import PipelineError
 from ftpipe.core.params import TrainParams
 from ftpipe.model.gpu import base_parameter_count, bf16_peak_flops, mfu
 from ftpipe.model.lora import ALL_LINEAR, LoraTargets, lora_targets
+from ftpipe.model.memory_probe import probe_memory, usable_gpu_bytes, usable_host_bytes
 from ftpipe.model.modeling import (
     IGNORE_INDEX,
     bnb_config,
@@ -30,6 +31,7 @@ from ftpipe.model.modeling import (
     padding_free_batch,
     torch_dtype,
 )
+from ftpipe.model.training_plan import Choice, Plan, PlannedSteps, candidate_plans, choose_plan, decoder_layers
 
 # tokens: positions the model computed, padding included; useful_tokens: the real (non-padding) ones.
 # mfu: model FLOPs utilization on a GPU with a known peak (ftpipe.model.gpu), else empty.
@@ -98,7 +100,8 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
         return FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
             target_modules=targets.modules, random_state=params.seed,
-            use_gradient_checkpointing="unsloth" if params.gradient_checkpointing else False,
+            # Offloading armed on every layer; the plan (ftpipe/model/training_plan.py) then sets each layer's mode
+            use_gradient_checkpointing=False if params.gradient_checkpointing == "off" else "unsloth",
             **({"exclude_modules": targets.exclude} if targets.exclude else {}))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -108,7 +111,7 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
         # the whole model on the first GPU (CUDA_VISIBLE_DEVICES picks which): no accelerate offloading
         device_map={"": 0} if backend == "transformers" else "cpu", dtype=torch_dtype(compute_dtype))
     targets = announce(lora_targets(model, lora.target_modules), lora.target_modules)
-    if params.gradient_checkpointing:
+    if params.gradient_checkpointing != "off":   # armed on every layer; the plan sets each layer's mode
         # Non-reentrant checkpointing: the reentrant form computes no gradient through a segment whose inputs
         # need none, and the frozen embeddings' output needs none; enable_input_require_grads makes it need one
         # all the same (PEFT's QLoRA recipe does both).
@@ -140,8 +143,9 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
 
     steps = {"max_steps": params.max_steps} if params.max_steps else {"num_train_epochs": params.num_epochs}
     return TrainingArguments(
+        # The loader gives a whole step's rows; the trainer splits them into the plan's micro-batches
         output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps, learning_rate=params.learning_rate,
+        gradient_accumulation_steps=1, learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
         data_seed=params.seed, logging_steps=1, save_strategy="steps", save_steps=params.checkpoint_every,
@@ -154,13 +158,31 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
         dataloader_num_workers=0, save_only_model=False, **steps)
 
 
+ROWS_KEY = "step_rows"   # a step's rows, which the trainer splits into the plan's micro-batches
+# Padding-free rows are rounded up to a multiple of this many tokens (a filler example without targets): a
+# step's concatenated rows then take a few lengths instead of a new one nearly every step, each of which
+# recompiled Unsloth's kernels (the stage ran at 0.95x a loop that saw each length before). 128 positions
+# cost 0.8% more computed tokens on average at 4 rows of 2048.
+PADDING_FREE_MULTIPLE = 128
+
+
+class StepRows:
+    """A step's rows, carried through the trainer's batch untouched (not a list or a mapping, which accelerate
+    would walk to move to the GPU)."""
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+
 class TokenCountingCollator:
     """Builds batches and counts the real (non-padding) and loss tokens for throughput figures.
 
     One example per row: right-padded, with an attention mask. Packed rows (they have position_ids):
     right-padded with position_ids and no attention mask (pad_packed_batch), or, with `padding_free`
-    (the Unsloth backend), concatenated into one row (padding_free_batch). The trainer counts each
-    batch as it trains on it (count()): the data loader collates one batch ahead, so counting in
+    (the Unsloth backend), concatenated into one row (padding_free_batch). A step's batch carries its rows
+    (ROWS_KEY): the trainer collates each micro-batch of the plan from them (collate()). The trainer counts
+    each batch as it trains on it (count()): the data loader collates one batch ahead, so counting in
     __call__ would credit each step with the next step's batch."""
 
     def __init__(self, pad_id: int, padding_free: bool):
@@ -170,29 +192,30 @@ class TokenCountingCollator:
         self.useful_tokens = 0   # real tokens
         self.loss_tokens = 0
 
+    def collate(self, rows: list[dict]) -> dict:
+        if "position_ids" not in rows[0]:
+            return pad_batch(rows, self.pad_id)
+        if self.padding_free:
+            return padding_free_batch(rows, PADDING_FREE_MULTIPLE, self.pad_id)
+        return pad_packed_batch(rows, self.pad_id)
+
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
-        if "position_ids" not in rows[0]:
-            batch = pad_batch(rows, self.pad_id)
-        elif self.padding_free:
-            batch = padding_free_batch(rows)
-        else:
-            batch = pad_packed_batch(rows, self.pad_id)
-        batch[TOKENS_KEY] = torch.tensor(sum(len(row["input_ids"]) for row in rows))
-        return batch
+        return {"labels": self.collate(rows)["labels"], ROWS_KEY: StepRows(rows),
+                TOKENS_KEY: torch.tensor(sum(len(row["input_ids"]) for row in rows))}
 
-    def count(self, batch: dict) -> dict:
-        """Credit this batch's tokens; return the batch without the count, as the model takes it."""
-        self.tokens += batch["input_ids"].numel()
-        self.useful_tokens += int(batch[TOKENS_KEY])
-        self.loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return {key: value for key, value in batch.items() if key != TOKENS_KEY}
+    def count(self, micro_batch: dict, rows: list[dict]) -> None:
+        """Credit a micro-batch's tokens as it is trained on."""
+        self.tokens += micro_batch["input_ids"].numel()
+        self.useful_tokens += sum(len(row["input_ids"]) for row in rows)
+        self.loss_tokens += int((micro_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator, callbacks: list,
-                 base_parameters: int):
-    """A transformers Trainer that logs each step's token counts and rates (MeasuringTrainer)."""
+                 base_parameters: int, planner: PlannedSteps):
+    """A transformers Trainer that runs each step as the plan's micro-batches (`planner`) and logs each step's
+    token counts and rates (MeasuringTrainer)."""
     import torch
     from transformers import Trainer
 
@@ -203,8 +226,28 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
         last_time = time.perf_counter()
         last_counts = (0, 0, 0)
 
-        def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-            return super().training_step(model, collator.count(inputs), *args, **kwargs)
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """The step's rows as the plan's micro-batches, each a forward and backward pass of the trainer's own
+            training_step: with num_items_in_batch (the whole step's target count) each adds its sum of token
+            losses over that count, so the step's gradient is the whole batch's; for a model that takes no such
+            count, its mean loss weighted by its share of the targets."""
+            micro_batch_step = super().training_step
+            by_count = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+
+            def micro_step(micro_rows: list[dict], share: float):
+                batch = collator.collate(micro_rows)
+                collator.count(batch, micro_rows)
+                if by_count:
+                    return micro_batch_step(model, batch, num_items_in_batch)
+                if share == 0:   # no targets: no gradient (and a mean over none would be NaN)
+                    return torch.zeros((), device=self.args.device)
+                self.current_gradient_accumulation_steps = 1 / share   # the trainer divides the loss by it
+                try:
+                    return micro_batch_step(model, batch, None)
+                finally:
+                    self.current_gradient_accumulation_steps = 1
+
+            return planner.run(inputs[ROWS_KEY].rows, micro_step, self.state.global_step + 1)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
@@ -224,8 +267,10 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
                 self.last_time, self.last_counts = now, counts
             super().log(logs, *args, **kwargs)
 
-    return MeasuringTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                            callbacks=callbacks)
+    trainer = MeasuringTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                               callbacks=callbacks)
+    trainer.planner = planner
+    return trainer
 
 
 
@@ -241,11 +286,60 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
     # Padding-free batches are Unsloth's layout (its varlen attention takes packed_seq_lengths); the transformers
     # backends get packed rows right-padded, the block-diagonal mask built from their position ids.
-    collator = TokenCountingCollator(pad_id, padding_free="position_ids" in rows[0] and backend == "unsloth")
+    packed = "position_ids" in rows[0]
+    collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
+    planner = plan_steps(model, params, backend, max_seq_length, packed, collator.collate, torch_dtype(compute_dtype))
     base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, output_dir),
-                           rows, collator, callbacks, base_parameters)
+                           rows, collator, callbacks, base_parameters, planner)
     return trainer, base_parameters
+
+
+def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, packed: bool, collate,
+               dtype) -> PlannedSteps:
+    """How this run's steps run (ftpipe/model/training_plan.py): on a GPU, the plan chosen from a memory
+    probe when params leave a choice (auto), else the one params set; on the CPU, the whole batch at once
+    (memory rarely binds there, and that is the fastest), with every layer recomputed for `on`."""
+    import torch
+
+    layers = len(decoder_layers(model))
+    mode, micro = params.gradient_checkpointing, params.micro_batch_size
+    offload = offload_function(model) if backend == "unsloth" else None
+    if mode == "unsloth" and offload is None:
+        raise PipelineError("params.yaml train.gradient_checkpointing is 'unsloth', which needs the Unsloth backend "
+                            f"(train.backend: unsloth, on a CUDA GPU, `{GPU_EXTRA}`); set it to auto, on or off.")
+    if not torch.cuda.is_available():
+        plan = Plan(params.batch_size if micro == "auto" else micro, layers if mode == "on" else 0, 0, layers)
+        return PlannedSteps(model, Choice(plan, "on the CPU: as params.yaml sets it, auto being the whole batch "
+                                                "without recomputation"), [plan], None, max_seq_length,
+                            params.batch_size)
+    candidates = candidate_plans(params.batch_size, micro, mode, layers, offload is not None)
+    if len(candidates) == 1:
+        return PlannedSteps(model, Choice(candidates[0], "as params.yaml sets it"), candidates, None, max_seq_length,
+                            params.batch_size, offload)
+    trainable, _ = model.get_nb_trainable_parameters()
+    memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable)
+    budget = usable_gpu_bytes()
+    if memory is None:
+        choice = Choice(candidates[-1], "one row does not fit even with every layer recomputed: the plan needing "
+                                        "the least memory", None, budget)
+    else:
+        choice = choose_plan(candidates, memory, budget, max_seq_length, params.batch_size,
+                             usable_host_bytes() if offload is not None else float("inf"))
+    planner = PlannedSteps(model, choice, candidates, memory, max_seq_length, params.batch_size, offload)
+    planner.probe = probe
+    return planner
+
+
+def offload_function(model):
+    """Unsloth's offloading checkpoint function, as it armed the decoder layers (loaded with offloading), or None:
+    also when Unsloth chose plain recomputation instead (it does below 512 tokens, where offloading costs more
+    than it saves) and left torch's reentrant checkpoint in place."""
+    import torch.utils.checkpoint
+
+    armed = [getattr(layer, "_gradient_checkpointing_func", None) for layer in decoder_layers(model)]
+    offloading = torch.utils.checkpoint.CheckpointFunction.__name__ == "UnslothCheckpointFunction"
+    return armed[0] if armed and armed[0] is not None and offloading else None
 
 
 def throughput(curve: list[dict], skip_first: int = 1) -> dict:

@@ -22,7 +22,7 @@ from ftpipe.core.params import (
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_PARAMS = REPO / "params.yaml"
-TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps",
+TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "micro_batch_size",
               "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
               "gradient_checkpointing", "checkpoint_every", "checkpoint_runs_kept", "lora", "quantization")
 
@@ -141,8 +141,8 @@ def test_wrong_type_names_key_and_value(tmp_path):
 @pytest.mark.parametrize("line, new, expected", [
     ("  seed: 42", "  seed: true", "'train.seed' must be of type int, got True"),          # bool is not an int
     ("  seed: 42", "  seed: 4.5", "'train.seed' must be of type int, got 4.5"),
-    ("  gradient_checkpointing: false", "  gradient_checkpointing: 0",
-     "'train.gradient_checkpointing' must be of type bool, got 0"),
+    ("  gradient_checkpointing: auto", "  gradient_checkpointing: 0",
+     "'train.gradient_checkpointing' is 0; valid values: 'auto', 'unsloth', 'on', 'off'"),
     ("  learning_rate: 5.0e-4", "  learning_rate: fast", "'train.learning_rate' must be of type float, got 'fast'"),
     ("  split_salt: \"v1\"", "  split_salt: 1", "'clean.split_salt' must be of type str, got 1"),
     ("  types: [f16, q8_0, q4_k_m]", "  types: f16", "'quantize.types' must be a list, got 'f16'"),
@@ -447,3 +447,29 @@ def test_a_reviewed_id_the_license_table_knows_is_an_error_naming_the_key(tmp_pa
                                 "ftpipe/compliance/license_table.py "
                                 "already has a row for CC-BY-4.0, and that row applies; remove this entry (or, if the "
                                 "row is wrong, correct it there)")
+
+
+@pytest.mark.parametrize("written, read", [("auto", "auto"), ("unsloth", "unsloth"), ("on", "on"), ("off", "off"),
+                                           ("true", "on"), ("false", "off"), ('"on"', "on")])
+def test_gradient_checkpointing_reads_yaml_booleans_as_on_and_off(tmp_path, written, read):
+    """YAML 1.1 reads an unquoted on/off as a boolean: both spellings mean the same."""
+    path = edited_text(tmp_path, "  gradient_checkpointing: auto\n", f"  gradient_checkpointing: {written}\n")
+    assert load_params(path).train.gradient_checkpointing == read
+
+
+@pytest.mark.parametrize("micro, expected", [
+    ("0", "micro_batch_size: must be auto or from 1 to batch_size (2), got 0"),
+    ("3", "micro_batch_size: must be auto or from 1 to batch_size (2), got 3"),
+    ("many", "'train.micro_batch_size' is 'many'; valid values: 'auto'"),
+])
+def test_a_micro_batch_outside_the_batch_names_the_key_and_the_range(tmp_path, micro, expected):
+    path = edited_text(tmp_path, "  micro_batch_size: auto\n", f"  micro_batch_size: {micro}\n")
+    assert expected in load_error(path)
+
+
+def test_the_replaced_gradient_accumulation_key_says_what_to_set_instead(tmp_path):
+    path = edited_text(tmp_path, "  micro_batch_size: auto\n",
+                       "  micro_batch_size: auto\n  gradient_accumulation_steps: 4\n")
+    message = load_error(path)
+    assert "'train.gradient_accumulation_steps' is no longer a key" in message
+    assert "Set it to your batch_size x gradient_accumulation_steps" in message

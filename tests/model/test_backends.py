@@ -97,7 +97,7 @@ def test_the_transformers_backend_loads_a_4bit_base_on_the_gpu_with_lora(loads_o
     import bitsandbytes as bnb
     import torch
 
-    params = dataclasses.replace(TRAIN, gradient_checkpointing=True)
+    params = dataclasses.replace(TRAIN, gradient_checkpointing="on")
     model = load_trainable_model("transformers", params, tiny_base, TOKENIZE.max_seq_length, "bfloat16")
     (kwargs,) = loads_on_the_cpu
     assert kwargs["device_map"] == {"": 0}   # the whole model on the (first visible) GPU
@@ -138,5 +138,5 @@ def test_packed_rows_train_padded_on_transformers_and_padding_free_on_unsloth(mo
                         lambda params, backend, dtype, out: training_arguments(params, "cpu", dtype, out))
     trainer, _ = build_trainer(TRAIN, backend, "float32", tiny_base, TOKENIZE.max_seq_length, rows, root / "out", [])
     assert trainer.data_collator.padding_free is padding_free
-    batch = trainer.data_collator(rows[:2])
+    batch = trainer.data_collator.collate(rows[:2])   # a micro-batch, as the model gets it
     assert ("packed_seq_lengths" in batch) is padding_free and "position_ids" in batch

@@ -34,6 +34,9 @@ def test_fingerprint_follows_what_changes_the_numbers(tmp_path, tiny_base, tiny_
     # checkpoint cadence and retention change no number: an interrupted run resumes after they change
     assert cpu_fingerprint(dataclasses.replace(TRAIN, checkpoint_every=5, checkpoint_runs_kept=0),
                            tiny_base, tiny_data[1]) == same
+    # nor does the training plan: a run that ran out of memory resumes with more recomputation or smaller micro-batches
+    assert cpu_fingerprint(dataclasses.replace(TRAIN, gradient_checkpointing="on", micro_batch_size=1),
+                           tiny_base, tiny_data[1]) == same
     # 'auto' is resolved: the same machine gives the same run; a run started on the CPU never resumes on a GPU
     assert cpu_fingerprint(dataclasses.replace(TRAIN, backend="auto"), tiny_base, tiny_data[1]) == same
     assert fingerprint(TRAIN, TOKENIZE.max_seq_length, tiny_base, tiny_data[1], "unsloth", "float32") != same
@@ -46,11 +49,12 @@ def test_fingerprint_follows_what_changes_the_numbers(tmp_path, tiny_base, tiny_
 
 
 def test_fingerprint_hashes_the_code_of_the_step_and_its_batches(tmp_path, monkeypatch, tiny_base, tiny_data):
-    """The step (ftpipe/model/training.py), the layers LoRA adapts (ftpipe/model/lora.py) and its batches
-    (ftpipe/model/modeling.py): an edit of any starts a new run instead of resuming checkpoints that other code
-    wrote."""
+    """The step (ftpipe/model/training.py), the layers LoRA adapts (ftpipe/model/lora.py), its batches
+    (ftpipe/model/modeling.py) and their split into micro-batches (ftpipe/model/training_plan.py): an edit of any
+    starts a new run instead of resuming checkpoints that other code wrote."""
     assert [path.resolve().relative_to(REPO).as_posix() for path in STEP_CODE] == [
-        "ftpipe/model/training.py", "ftpipe/model/lora.py", "ftpipe/model/modeling.py"]
+        "ftpipe/model/training.py", "ftpipe/model/lora.py", "ftpipe/model/modeling.py",
+        "ftpipe/model/training_plan.py"]
     copies = [Path(shutil.copy2(path, tmp_path / path.name)) for path in STEP_CODE]
     monkeypatch.setattr(checkpoints, "STEP_CODE", tuple(copies))
     original = cpu_fingerprint(TRAIN, tiny_base, tiny_data[1])

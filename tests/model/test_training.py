@@ -11,6 +11,9 @@ from ftpipe.data.tokenized import load_tokenized
 from ftpipe.model.lora import LoraTargets, lora_targets
 from ftpipe.model.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_batch
 from ftpipe.model.training import (
+    PADDING_FREE_MULTIPLE,
+    ROWS_KEY,
+    TOKENS_KEY,
     TokenCountingCollator,
     load_trainable_model,
     resolve_backend,
@@ -121,24 +124,49 @@ def test_a_padded_batch_of_packed_rows_and_its_padding_free_form_score_the_same(
     assert loss(float_model, transformers_input, use_cache=False) == pytest.approx(expected, abs=1e-5)
 
 
-def test_collator_counts_real_tokens_and_hides_the_count_from_the_model(examples):
+def test_collator_carries_the_steps_rows_and_counts_each_micro_batch_as_trained(examples):
     rows = [packed(examples[:2]), packed(examples[2:])]
     real = sum(len(row["input_ids"]) for row in examples)
     loss_tokens = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in examples)
     for padding_free, keys in ((False, ["input_ids", "labels", "position_ids"]),
                                (True, ["input_ids", "labels", "packed_seq_lengths", "position_ids"])):
         collator = TokenCountingCollator(PAD_ID, padding_free=padding_free)
-        batch = collator(rows)
-        assert sorted(collator.count(batch)) == keys
+        batch = collator(rows)   # what the trainer's loader gives: the step's rows, and labels to count targets
+        assert sorted(batch) == sorted(["labels", ROWS_KEY, TOKENS_KEY]) and batch[ROWS_KEY].rows == rows
+        assert collator.tokens == 0   # nothing is counted before it is trained on
+        for micro_rows in (rows[:1], rows[1:]):
+            micro_batch = collator.collate(micro_rows)
+            assert sorted(micro_batch) == keys
+            collator.count(micro_batch, micro_rows)
         assert (collator.useful_tokens, collator.loss_tokens) == (real, loss_tokens)
-        assert collator.tokens == batch["input_ids"].numel() >= real
-        assert (collator.tokens == real) is padding_free   # one row without padding
+        assert collator.tokens >= real
+        if padding_free:   # each micro-batch's row rounded up to PADDING_FREE_MULTIPLE positions
+            assert collator.tokens == sum(-(-len(row["input_ids"]) // PADDING_FREE_MULTIPLE) * PADDING_FREE_MULTIPLE
+                                          for row in rows)
     collator = TokenCountingCollator(PAD_ID, padding_free=True)   # one example per row: padded, masked
-    batch = collator(examples)
-    assert sorted(collator.count(batch)) == ["attention_mask", "input_ids", "labels"]
+    micro_batch = collator.collate(examples)
+    assert sorted(micro_batch) == ["attention_mask", "input_ids", "labels"]
+    collator.count(micro_batch, examples)
     assert (collator.useful_tokens, collator.loss_tokens) == (real, loss_tokens)
     assert collator.tokens == len(examples) * max(len(row["input_ids"]) for row in examples) > real
 
+
+def test_a_padding_free_row_rounded_up_has_the_same_loss(examples, float_model):
+    """The filler is an example of its own (positions from 0, no targets): no token attends to it, no loss on it."""
+    rows = [packed(examples)]
+    exact, rounded = padding_free_batch(rows), padding_free_batch(rows, pad_to_multiple=64, pad_id=PAD_ID)
+    length = exact["input_ids"].shape[1]
+    assert rounded["input_ids"].shape[1] == -(-length // 64) * 64 > length
+    filler = rounded["input_ids"].shape[1] - length
+    assert rounded["packed_seq_lengths"].tolist() == exact["packed_seq_lengths"].tolist() + [filler]
+    assert rounded["position_ids"][0, length:].tolist() == list(range(filler))
+    assert (rounded["labels"][0, length:] == IGNORE_INDEX).all()
+
+    def model_input(batch):
+        return {key: value for key, value in batch.items() if key != "packed_seq_lengths"}
+
+    assert loss(float_model, model_input(rounded), use_cache=False) == pytest.approx(
+        loss(float_model, model_input(exact), use_cache=False), abs=1e-6)
 
 
 def test_an_unknown_lora_target_is_named_with_the_models_real_layers(tiny_base):

@@ -148,6 +148,31 @@ def test_all_linear_trains_the_same_adapter_as_the_explicit_llama_list(tmp_path,
     assert all(bool((tensors[k] == reference_tensors[k]).all()) for k in reference_tensors)
 
 
+def test_micro_batches_and_recomputation_train_the_numbers_of_the_whole_batch(tmp_path, tiny_base, tiny_data,
+                                                                              tiny_trained, capsys):
+    """train.batch_size sets a step's numbers; micro-batches of 2 rows (accumulated) with every layer recomputed
+    follow the same curve to the same adapter as whole batches of 4 without recomputation (float32 on the CPU: up
+    to the order of the sums)."""
+    import torch
+
+    params = dataclasses.replace(TRAIN, micro_batch_size=2, gradient_checkpointing="on")
+    result = train_tiny(params, tiny_base, tiny_data[1], tmp_path / "checkpoints", tmp_path / "adapter")
+    assert "train: plan: micro-batch 2 x 2 accumulated, 2 of 2 decoder layers recomputed (on the CPU: as " \
+           "params.yaml sets it" in capsys.readouterr().out
+    plan = result["metrics"]["training_plan"]
+    assert plan["final"] == {"micro_batch_size": 2, "recomputed": N_LAYERS, "offloaded": 0, "layers": N_LAYERS,
+                             "kept": 0, "gradient_accumulation": 2}
+    assert [entry["step"] for entry in plan["history"]] == [0]
+    reference = tiny_trained["result"]
+    assert tiny_trained["result"]["metrics"]["training_plan"]["final"]["micro_batch_size"] == TRAIN.batch_size
+    assert [row["loss"] for row in result["curve"]] == pytest.approx([row["loss"] for row in reference["curve"]],
+                                                                     rel=1e-4)
+    assert [row["useful_tokens"] for row in result["curve"]] == [row["useful_tokens"] for row in reference["curve"]]
+    tensors, reference_tensors = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tiny_trained["adapter"])
+    for name, tensor in reference_tensors.items():
+        torch.testing.assert_close(tensors[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, tiny_base, tiny_data):
     """Train with TRAIN params, interrupted after step 3 (checkpoint-2 saved), then rerun."""
@@ -321,3 +346,9 @@ def test_the_stage_resumes_a_killed_run_and_says_so_in_mlflow(in_tmp_project, ti
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 6   # per step, also those before the resume
     assert all(point.step > 0 for point in client.get_metric_history(run.info.run_id, "seconds"))
     assert read_json(in_tmp_project / "metrics/train.json")["resumed_from"] == "checkpoint-2"
+    # the plan the steps ran with, and why, beside the numbers
+    assert run.data.tags["train.plan"] == "micro-batch 4 (the whole batch), no recomputation"
+    assert run.data.tags["train.plan.micro_batch_size"] == "4"
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "train/training_plan.json",
+                                                       str(in_tmp_project))).read_text())
+    assert logged["history"][0]["reason"].startswith("on the CPU: as params.yaml sets it")

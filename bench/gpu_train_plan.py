@@ -1,0 +1,533 @@
+"""The training plan against Unsloth on one GPU (issue 17): the train stage with gradient_checkpointing: auto and
+micro_batch_size: auto, against the hand-written Unsloth loop with Unsloth's notebook defaults, the same loop with
+the best fixed setting found by hand, and transformers + peft + bitsandbytes, all at the same effective batch.
+
+Methods (each job in a process of its own: Unsloth patches transformers when imported, and a memory cap is
+per process):
+  stage            stages.train.train_adapter, train.gradient_checkpointing: auto, train.micro_batch_size: auto
+  unsloth_default  a hand-written loop over Unsloth's model with its notebook defaults: offloaded gradient
+                   checkpointing ("unsloth"), micro-batch 2, gradient accumulation up to the batch
+  unsloth_best     the same loop without checkpointing at a fixed micro-batch (--best-micro, found by hand)
+  hf_peft_bnb      transformers + peft + bitsandbytes (NF4, double quant, bf16 compute, SDPA, non-reentrant
+                   checkpointing on every layer, as PEFT's QLoRA guide does), micro-batch 4
+  longest          the longest sequence (batch 1) one training step of the stage's setup fits: the memory model
+                   of the plan (ftpipe/model/memory_probe.py) predicts it, one step at that length checks it,
+                   a failure halves the distance to the last length that fitted (--longest-resume continues)
+
+Same for every method: a random-initialized Llama built on the spot (8b: Llama 3.1 8B dimensions; 1b: Llama 3.2
+1B), rows of --seq-len random token ids, --batch rows per optimizer step (the effective batch), LoRA r=16 alpha=32
+on the seven projections, AdamW (fused, lr 2e-4, no weight decay, linear schedule after 2 warm-up steps), gradient
+clipping at 1.0, seed 42: the same initial adapter. The loops take the rows in the order the stage's trainer took
+them (recorded by the stage's job; in file order when it has not run), so the loss curves of stage, unsloth_default
+and unsloth_best are comparable step by step. --cap-gib caps the process's GPU memory
+(torch.cuda.set_per_process_memory_fraction) before anything is loaded.
+
+    # here (CPU): the payload (the Unsloth site as site.tar.xz, the embedded tokenizer as base-skeleton)
+    bash ../shared/gpu/make-gpu-site.sh && .venv/bin/python bench/gpu_pipeline_8b.py --prepare
+    # a dry run of the whole bench on the CPU, with a tiny model (minutes; checks the jobs, not speed):
+    .venv/bin/python bench/gpu_train_plan.py --cpu-smoke --out /tmp/plan-smoke
+    # on the GPU machine (device tool), carrying .gpu-payload; --jobs picks which (default: all, in order):
+    python3 bench/gpu_train_plan.py --start --jobs 8b && python3 bench/gpu_train_plan.py --wait 540 --out $OUT
+    python3 bench/gpu_train_plan.py --wait 540 --out $OUT     # again, until it says done
+Writes gpu_train_plan.json (commit it as bench/results/gpu_train_plan.json; BENCHMARKS.md reads it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAYLOAD = REPO / ".gpu-payload"
+SKELETON = PAYLOAD / "base-skeleton"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_train_bench as measured  # noqa: E402 - StepClock, host memory, the models' dimensions
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED = 42
+# The jobs, in the order they run; --jobs selects by name prefix ("8b" runs every 8b job). Effective batch 16
+# rows of 2048 tokens for every method; the capped runs and the 1B take fewer steps (speed and fit, not curves).
+JOBS = [
+    {"name": "8b-stage", "model": "8b", "method": "stage", "steps": 30, "warmup": 10},
+    {"name": "8b-unsloth_default", "model": "8b", "method": "unsloth_default", "steps": 30, "warmup": 10},
+    {"name": "8b-unsloth_best", "model": "8b", "method": "unsloth_best", "steps": 30, "warmup": 10},
+    {"name": "8b-cap24-stage", "model": "8b", "method": "stage", "cap_gib": 24, "steps": 14, "warmup": 6},
+    {"name": "8b-cap24-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 24, "steps": 14,
+     "warmup": 6},
+    {"name": "8b-cap48-stage", "model": "8b", "method": "stage", "cap_gib": 48, "steps": 14, "warmup": 6},
+    {"name": "8b-cap48-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 48, "steps": 14,
+     "warmup": 6},
+    {"name": "8b-hf_peft_bnb", "model": "8b", "method": "hf_peft_bnb", "steps": 30, "warmup": 10},
+    {"name": "1b-stage", "model": "1b", "method": "stage", "steps": 30, "warmup": 10},
+    {"name": "1b-unsloth_default", "model": "1b", "method": "unsloth_default", "steps": 30, "warmup": 10},
+    {"name": "1b-unsloth_best", "model": "1b", "method": "unsloth_best", "steps": 30, "warmup": 10},
+    {"name": "1b-hf_peft_bnb", "model": "1b", "method": "hf_peft_bnb", "steps": 30, "warmup": 10},
+    {"name": "8b-longest", "model": "8b", "method": "longest"},
+]
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=False)
+
+
+def root() -> Path:
+    """Where models, data, logs and results live: beside the repository (on the GPU machine's disk; a warm machine
+    keeps the models between calls), or FTPIPE_TRAIN_PLAN_ROOT (the CPU dry run's)."""
+    return Path(os.environ.get("FTPIPE_TRAIN_PLAN_ROOT") or REPO.parent / "ftpipe-train-plan")
+
+
+def train_params(args, job: dict, mode: str, micro):
+    """The train section every method shares, with this method's plan params."""
+    import dataclasses
+
+    from ftpipe.core.params import load_params
+
+    train = load_params(REPO / "params.yaml").train
+    lora = dataclasses.replace(train.lora, r=16, alpha=32, dropout=0.0, bias="none", target_modules=TARGETS)
+    quantization = dataclasses.replace(train.quantization, compute_dtype="float32" if args.cpu_smoke else "bfloat16")
+    return dataclasses.replace(train, backend="cpu" if args.cpu_smoke else "unsloth", seed=SEED,
+                               max_steps=job["steps"], num_epochs=None, batch_size=args.batch, micro_batch_size=micro,
+                               learning_rate=2e-4, lr_scheduler="linear", warmup_steps=2, weight_decay=0.0,
+                               max_grad_norm=1.0, gradient_checkpointing=mode, checkpoint_every=10_000,
+                               checkpoint_runs_kept=0, lora=lora, quantization=quantization)
+
+
+# --- preparation -----------------------------------------------------------------------------------------------
+
+def build_model(size: str, folder: Path, cpu: bool) -> None:
+    """A random-initialized Llama in bf16 safetensors with the embedded tokenizer (gpu_train_bench's, or a tiny
+    one on the CPU)."""
+    if not cpu:
+        return measured.build_model(size, folder)
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SKELETON)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    parameters = sum(p.numel() for p in model.parameters())
+    record = json.dumps({"digest": f"random-init-tiny-seed0-{parameters}", "dtype": "bfloat16",
+                         "parameters": parameters})
+    (folder / "provenance.json").write_text(record)
+    (folder / "content.json").write_text(record)
+
+
+def build_data(folder: Path, rows: int, seq_len: int, vocab: int) -> None:
+    """rows of exactly seq_len random token ids (every position a target), as the tokenize stage writes them."""
+    import random
+
+    from ftpipe.data.parquet_rows import write_rows
+
+    rng = random.Random(0)
+    ids = [[rng.randrange(3, vocab) for _ in range(seq_len)] for _ in range(rows)]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_rows(folder / "train.parquet", {"id": [f"r{i}" for i in range(rows)], "input_ids": ids, "labels": ids})
+
+
+# --- the methods (worker side) ------------------------------------------------------------------------------------
+
+def run_stage(args, job: dict, model_dir: Path, data_dir: Path) -> dict:
+    """The stage as the pipeline runs it, with auto plans; records the order its trainer took the rows in."""
+    import torch
+    from transformers import TrainerCallback
+
+    from ftpipe.model import training
+    from ftpipe.model.training import throughput
+    from stages.train import train_adapter
+
+    order: list[list[str]] = []
+    original = training.TokenCountingCollator.__call__
+
+    def recording(self, rows):
+        order.append([row["id"] for row in rows])
+        return original(self, rows)
+
+    training.TokenCountingCollator.__call__ = recording
+
+    class ResetPeak(TrainerCallback):   # the probe's peak is not training's
+        def on_train_begin(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    work = root() / "work" / job["name"]
+    shutil.rmtree(work, ignore_errors=True)
+    params = train_params(args, job, "auto", "auto")
+    result = train_adapter(params, args.seq_len, model_dir, data_dir, work / "checkpoints", work / "adapter",
+                           [ResetPeak()])
+    curve = result["curve"]
+    (root() / f"{job['model']}-order.json").write_text(json.dumps(order[:job["steps"]]))
+    return {**throughput(curve, skip_first=job["warmup"]), "steps": len(curve),
+            "losses": [round(row["loss"], 5) for row in curve],
+            "training_plan": result["metrics"]["training_plan"], "mfu_stage": result["metrics"].get("mfu")}
+
+
+def step_rows(job: dict, rows: list[dict], batch: int) -> list[list[dict]]:
+    """Each step's rows: in the order the stage's trainer took them, or in file order."""
+    by_id = {row["id"]: row for row in rows}
+    path = root() / f"{job['model']}-order.json"
+    if path.exists():
+        return [[by_id[row_id] for row_id in step] for step in json.loads(path.read_text())][:job["steps"]]
+    return [rows[step * batch:(step + 1) * batch] for step in range(job["steps"])]
+
+
+def accumulating_loop(model, steps: list[list[dict]], micro: int, job: dict, parameters: int, cpu: bool) -> dict:
+    """AdamW steps over `steps`, each as micro-batches of `micro` rows whose mean losses are weighted by their share
+    of the step's targets (the sum of token losses over the step's target count: the stage's numbers)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from ftpipe.model.modeling import pad_batch
+    from ftpipe.model.training_plan import loss_token_count, split_rows
+
+    device = "cpu" if cpu else "cuda"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=not cpu)
+    schedule = get_linear_schedule_with_warmup(optimizer, 2, len(steps))
+    clock = measured.StepClock() if not cpu else None
+    losses, seconds = [], []
+    model.train()
+    if clock:
+        clock.start()
+    for rows in steps:
+        began = time.perf_counter()
+        total = sum(loss_token_count(row) for row in rows)
+        step_loss = 0.0
+        for micro_rows in split_rows(rows, micro):
+            batch = {key: value.to(device) for key, value in pad_batch(micro_rows, 0).items()}
+            if clock:
+                clock.count(batch)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=not cpu):
+                loss = model(**batch, use_cache=False).loss * (sum(loss_token_count(r) for r in micro_rows) / total)
+            loss.backward()
+            step_loss += float(loss)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(step_loss, 5))
+        if clock:
+            clock.step_done(step_loss)
+        seconds.append(time.perf_counter() - began)
+    summary = clock.summary(job["warmup"], parameters) if clock else {"seconds": round(sum(seconds), 2)}
+    return {**summary, "losses": losses, "micro_batch_size": micro}
+
+
+def run_loop(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+    from transformers import set_seed
+
+    from ftpipe.model.gpu import base_parameter_count
+    from ftpipe.model.training import load_trainable_model
+
+    mode, micro = ("unsloth", 2) if job["method"] == "unsloth_default" else ("off", args.best_micro)
+    params = train_params(args, job, mode, micro)
+    set_seed(SEED)   # as build_trainer does: the same initial adapter as the stage's
+    model = load_trainable_model(params.backend, params, model_dir, args.seq_len, params.quantization.compute_dtype)
+    result = accumulating_loop(model, step_rows(job, rows, args.batch), micro, job, base_parameter_count(model_dir),
+                               args.cpu_smoke)
+    return {**result, "gradient_checkpointing": mode}
+
+
+def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+
+    from ftpipe.model.gpu import base_parameter_count
+
+    set_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    return accumulating_loop(model, step_rows(job, rows, args.batch), 4, job, base_parameter_count(model_dir), False)
+
+
+def run_longest(args, job: dict, model_dir: Path) -> dict:
+    """The longest sequence one training step fits (batch 1), with the stage's model setup and plan. The memory
+    model, fitted on probes at --longest-probe tokens, predicts the longest length some plan fits (GPU and host
+    RAM); one full step (forward, backward, optimizer) at that length checks it; after a failure the next length is
+    halfway to the longest that fitted. A step there takes minutes (attention is quadratic), so each trial is
+    written as it ends and --longest-resume continues from a result file's trials."""
+    import torch
+    from transformers import set_seed
+
+    from ftpipe.model.memory_probe import probe_memory, usable_gpu_bytes, usable_host_bytes
+    from ftpipe.model.modeling import padding_free_batch
+    from ftpipe.model.training import load_trainable_model, offload_function
+    from ftpipe.model.training_plan import apply_plan, candidate_plans, choose_plan, decoder_layers
+
+    params = train_params(args, {"steps": 1}, "auto", 1)
+    set_seed(SEED)
+    model = load_trainable_model("unsloth", params, model_dir, 1 << 20, "bfloat16")
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    memory, probe = probe_memory(model, padding_free_batch, args.longest_probe, True, torch.bfloat16,
+                                 sum(p.numel() for p in trainable))
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=True)
+    layers, offload = len(decoder_layers(model)), offload_function(model)
+    gpu_budget, host_budget = usable_gpu_bytes(), usable_host_bytes()
+    candidates = candidate_plans(1, 1, "auto", layers, offload is not None)
+
+    def fits(length: int) -> bool:   # some plan is predicted to fit
+        return choose_plan(candidates, memory, gpu_budget, length, 1, host_budget).reason.startswith("the fastest")
+
+    step = args.longest_step
+    low, high = 0, None   # the longest length that fitted, the shortest that failed
+    trials = []
+    if args.longest_resume:
+        trials = json.loads(Path(args.longest_resume).read_text()).get("trials", [])
+        for trial in trials:
+            if trial["fits"]:
+                low = max(low, trial["length"])
+            else:
+                high = min(high or trial["length"], trial["length"])
+    # the model's prediction: the longest multiple of `step` some plan fits
+    predicted = step
+    while fits(predicted * 2):
+        predicted *= 2
+    hi = predicted * 2
+    while hi - predicted > step:
+        mid = (predicted + hi) // 2 // step * step
+        predicted, hi = (mid, hi) if fits(mid) else (predicted, mid)
+    result = {"probe": probe, "predicted_longest": predicted, "gpu_budget_gib": round(gpu_budget / 2**30, 1),
+              "host_budget_gib": round(host_budget / 2**30, 1), "trials": trials}
+    started = time.time()
+    length = predicted if high is None else (low + high) // 2 // step * step
+    while length > low and (high is None or high - low > step):
+        choice = choose_plan(candidates, memory, gpu_budget, length, 1, host_budget)   # the smallest if none fits
+        apply_plan(model, choice.plan, offload)
+        ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+        batch = {k: v.cuda() for k, v in padding_free_batch([{"input_ids": ids, "labels": ids,
+                                                               "position_ids": list(range(length))}]).items()}
+        torch.cuda.reset_peak_memory_stats()
+        measured.reset_peak_rss()
+        Path(args.result).write_text(json.dumps({**result, "in_progress": length}))
+        began, fitted = time.time(), True
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            fitted = False
+        loss = batch = None
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        trials.append({"length": length, "fits": fitted, "plan": choice.plan.as_dict(1),
+                       "predicted_gib": round(choice.predicted_bytes / 2**30, 2),
+                       "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       "host_peak_rss_gib": round(measured.host_memory()["peak_rss"] / 2**30, 2),
+                       "seconds": round(time.time() - began, 1)})
+        print(trials[-1], flush=True)
+        Path(args.result).write_text(json.dumps(result))
+        if fitted:
+            low = length
+        else:
+            high = length
+        if high is None or time.time() - started > args.longest_seconds:
+            break
+        length = (low + high) // 2 // step * step
+    return {**result, "longest_fitting": low, "shortest_failing": high, "resolution": step,
+            "complete": high is not None and high - low <= step}
+
+
+def worker(args) -> None:
+    job = json.loads(args.worker)
+    if job.get("cap_gib"):
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(job["cap_gib"] * 2**30 / total)
+    if job["method"] != "hf_peft_bnb" and not args.cpu_smoke:
+        import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
+    from ftpipe.data.tokenized import load_tokenized
+
+    model_dir, data_dir = root() / f"model-{job['model']}", root() / f"data-{job['model']}"
+    if job["method"] == "stage":
+        result = run_stage(args, job, model_dir, data_dir)
+    elif job["method"] == "longest":
+        result = run_longest(args, job, model_dir)
+    elif job["method"] == "hf_peft_bnb":
+        result = run_hf(args, job, model_dir, load_tokenized("train", data_dir))
+    else:
+        result = run_loop(args, job, model_dir, load_tokenized("train", data_dir))
+    Path(args.result).write_text(json.dumps(result, indent=1, default=str))
+
+
+# --- orchestration ------------------------------------------------------------------------------------------------
+
+def site_environment() -> dict[str, str]:
+    """The Unsloth site unpacked beside the repository (once per machine) on the path, then the repository."""
+    site = root() / "site"
+    if not site.exists():
+        site.mkdir(parents=True)
+        subprocess.run(["tar", "-C", str(site), "-xJf", str(PAYLOAD / "site.tar.xz")], check=True)
+    return {**os.environ, "PYTHONPATH": f"{site}:{REPO}", "PYTHONUNBUFFERED": "1"}
+
+
+def run_all(args) -> None:
+    base = root()
+    report_file = base / "gpu_train_plan.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {"jobs": {}}
+    jobs = [job for job in JOBS if any(job["name"].startswith(prefix) for prefix in args.jobs.split(","))]
+    if args.cpu_smoke:
+        jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b" and job["method"] != "hf_peft_bnb"
+                and job["method"] != "longest" and not job.get("cap_gib")]
+    env = os.environ if args.cpu_smoke else site_environment()
+    report.update(state="running", settings={"seq_len": args.seq_len, "batch": args.batch, "seed": SEED,
+                                             "best_micro": args.best_micro, "lora": {"r": 16, "alpha": 32,
+                                                                                     "target_modules": TARGETS}})
+    if not args.cpu_smoke:
+        import torch
+
+        from ftpipe.core.provenance import environment
+
+        report["environment"], report["gpu"] = environment(), torch.cuda.get_device_name(0)
+    for job in jobs:
+        model_dir = base / f"model-{job['model']}"
+        if not (model_dir / "provenance.json").exists():
+            smoke = ["--cpu-smoke"] if args.cpu_smoke else []
+            subprocess.run([sys.executable, __file__, "--build", job["model"], *smoke], env=env, check=True)
+        result_file = base / f"{job['name']}.result.json"
+        result_file.unlink(missing_ok=True)
+        log = base / f"{job['name']}.log"
+        command = [sys.executable, __file__, "--worker", json.dumps(job), "--result", str(result_file),
+                   "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--best-micro", str(args.best_micro),
+                   "--longest-step", str(args.longest_step), "--longest-probe", str(args.longest_probe),
+                   "--longest-seconds", str(args.longest_seconds)] + (["--cpu-smoke"] if args.cpu_smoke else [])
+        if args.longest_resume:
+            command += ["--longest-resume", str(Path(args.longest_resume).resolve())]
+        started = time.time()
+        with open(log, "w") as handle:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+        entry = {**job, "exit": code, "wall_seconds": round(time.time() - started, 1)}
+        if result_file.exists():
+            entry.update(json.loads(result_file.read_text()))
+        if code != 0:
+            entry["log_tail"] = log.read_text(errors="replace")[-4000:]
+        report["jobs"][job["name"]] = entry
+        report["comparison"] = compare(report["jobs"])
+        report_file.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"{job['name']}: exit {code}, {entry['wall_seconds']} s", flush=True)
+    report["state"] = "done"
+    report_file.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def compare(jobs: dict) -> dict:
+    """The issue's targets from the jobs that ran: speed ratios and the loss curves' largest difference."""
+    def rate(name: str):
+        return jobs.get(name, {}).get("tokens_per_s")
+
+    out = {}
+    for prefix in ("8b", "8b-cap24", "8b-cap48", "1b"):
+        stage, default = rate(f"{prefix}-stage"), rate(f"{prefix}-unsloth_default")
+        if stage and default:
+            out[f"{prefix}: stage / unsloth_default"] = round(stage / default, 3)
+        best = rate(f"{prefix}-unsloth_best")
+        if stage and best:
+            out[f"{prefix}: stage / unsloth_best"] = round(stage / best, 3)
+        curves = {method: jobs.get(f"{prefix}-{method}", {}).get("losses") for method in
+                  ("stage", "unsloth_default", "unsloth_best")}
+        if curves["stage"] and all(curves.values()):
+            out[f"{prefix}: largest loss difference from the stage's, steps 1-{len(curves['stage'])}"] = {
+                method: round(max(abs(a - b) for a, b in zip(curves["stage"], losses)), 5)
+                for method, losses in curves.items() if method != "stage"}
+    return out
+
+
+def start(args) -> None:
+    base = root()
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "gpu_train_plan.json").unlink(missing_ok=True) if args.fresh else None
+    log = open(base / "run.log", "a")
+    command = [sys.executable, str(Path(__file__).resolve()), "--run", "--jobs", args.jobs, "--seq-len",
+               str(args.seq_len), "--batch", str(args.batch), "--best-micro", str(args.best_micro)]
+    if args.longest_resume:
+        command += ["--longest-resume", str(Path(args.longest_resume).resolve())]
+    subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"started; log {base / 'run.log'}")
+
+
+def wait(seconds: float, out: Path) -> None:
+    base = root()
+    deadline = time.time() + seconds
+    report_file = base / "gpu_train_plan.json"
+    while time.time() < deadline:
+        if report_file.exists() and json.loads(report_file.read_text()).get("state") == "done":
+            break
+        time.sleep(5)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in [report_file, base / "run.log", *sorted(base.glob("*.log"))]:
+        if path.exists():
+            (out / path.name).write_text(path.read_text(errors="replace")[-200_000:])
+    if report_file.exists():
+        report = json.loads(report_file.read_text())
+        print("state:", report.get("state"))
+        for name, job in report["jobs"].items():
+            print(name, job.get("exit"), {k: job.get(k) for k in ("tokens_per_s", "peak_memory_gib", "mfu")})
+        print(json.dumps(report.get("comparison"), indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--start", action="store_true", help="start the jobs in the background and return")
+    parser.add_argument("--fresh", action="store_true", help="with --start: forget earlier results on this machine")
+    parser.add_argument("--run", action="store_true", help="run the jobs here, in the foreground")
+    parser.add_argument("--wait", type=float, help="wait up to this many seconds for the jobs, then copy results")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--jobs", default="8b,1b", help="job name prefixes, comma-separated")
+    parser.add_argument("--cpu-smoke", action="store_true", help="a dry run on the CPU with a tiny model")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=16, help="rows per optimizer step, for every method")
+    parser.add_argument("--best-micro", type=int, default=8, help="unsloth_best's micro-batch (found by hand)")
+    parser.add_argument("--longest-step", type=int, default=8192)
+    parser.add_argument("--longest-probe", type=int, default=16384, help="the memory probe's row length")
+    parser.add_argument("--longest-seconds", type=float, default=1500, help="stop starting trials after this")
+    parser.add_argument("--longest-resume", help="a result file whose longest trials to continue from")
+    parser.add_argument("--build")
+    parser.add_argument("--worker")
+    parser.add_argument("--result")
+    args = parser.parse_args()
+    if args.build:
+        size = args.build
+        folder = root() / f"model-{size}"
+        build_model(size, folder, args.cpu_smoke)
+        from ftpipe.model.modeling import load_tokenizer
+
+        rows = args.batch * max(job.get("steps", 0) for job in JOBS)
+        build_data(root() / f"data-{size}", rows, 64 if args.cpu_smoke else args.seq_len, len(load_tokenizer(folder)))
+    elif args.worker:
+        worker(args)
+    elif args.start:
+        start(args)
+    elif args.run:
+        if args.cpu_smoke:
+            args.seq_len, args.batch, args.best_micro = 64, 4, 2
+        run_all(args)
+    elif args.wait is not None:
+        wait(args.wait, args.out)
+    elif args.cpu_smoke:
+        args.seq_len, args.batch, args.best_micro = 64, 4, 2
+        os.environ["FTPIPE_TRAIN_PLAN_ROOT"] = str(args.out / "work")
+        run_all(args)
+        wait(0, args.out)
+    else:
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

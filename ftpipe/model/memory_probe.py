@@ -1,0 +1,132 @@
+"""Measuring what a training step needs on this GPU, to choose the plan (ftpipe/model/training_plan.py).
+
+Three probe steps (forward and backward on random tokens, in the trainer's batch layout, no optimizer step):
+one row of max_seq_length tokens with every decoder layer kept, the same with every layer recomputed, and two
+rows with every layer recomputed. Their peak memory above the resident model fits MemoryModel; a probe that
+runs out of memory is recorded as such. The probes leave no trace: gradients are cleared and the random
+state restored, so a run's numbers are those it has without them.
+
+torch is imported inside the functions, as everywhere in ftpipe.model.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Callable
+
+from ftpipe.model.training_plan import (
+    ADAM_STATE_BYTES,
+    HOST_SHARE,
+    KEEP,
+    MEMORY_SHARE,
+    RECOMPUTE,
+    RESERVED_BYTES,
+    MemoryModel,
+    Plan,
+    apply_plan,
+    decoder_layers,
+)
+
+
+def usable_gpu_bytes() -> float:
+    """What a training step may take on the current GPU: the free memory (the driver's, plus what PyTorch holds
+    cached but unused), capped by torch.cuda.set_per_process_memory_fraction where a cap is set, times
+    MEMORY_SHARE, less RESERVED_BYTES."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    allocated = torch.cuda.memory_allocated()
+    free += torch.cuda.memory_reserved() - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    free = min(free, fraction * total - allocated)
+    return max(free * MEMORY_SHARE - RESERVED_BYTES, 0.0)
+
+
+def usable_host_bytes() -> float:
+    """Host RAM offloaded layer inputs may take: HOST_SHARE of what is available now (Linux's MemAvailable;
+    unbounded where /proc/meminfo is missing)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return float("inf")
+    available = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    return available * HOST_SHARE
+
+
+def input_bytes_per_token(model) -> int:
+    """A decoder layer's input, per token: hidden size x the activations' bytes (bf16 or fp16: 2)."""
+    from ftpipe.model.batch_memory import text_config
+
+    return text_config(model.config).hidden_size * 2
+
+
+def probe_step_bytes(model, collate: Callable[[list[dict]], dict], rows: list[dict], dtype) -> float | None:
+    """Peak GPU bytes one forward and backward pass over `rows` takes above what was allocated before, or None
+    when it runs out of memory. Gradients are cleared after."""
+    import torch
+
+    batch = {key: value.to("cuda") for key, value in collate(rows).items()}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    peak = None
+    try:
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    except torch.OutOfMemoryError:
+        pass
+    loss = batch = None
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def random_rows(count: int, tokens: int, vocab_size: int, packed: bool, seed: int = 0) -> list[dict]:
+    """Rows of random token ids (every position a target), shaped as the trainer's rows."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab_size, (tokens,), generator=generator).tolist()
+        row = {"input_ids": ids, "labels": ids}
+        if packed:
+            row["position_ids"] = list(range(tokens))
+        rows.append(row)
+    return rows
+
+
+def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: int, packed: bool, dtype,
+                 trainable_parameters: int) -> tuple[MemoryModel | None, dict]:
+    """The memory model of this model on this GPU from three probe steps (module docstring), and what was
+    measured. None when even one row with every layer recomputed does not fit."""
+    import torch
+
+    layers = len(decoder_layers(model))
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    model.train()   # checkpointing runs in training mode only
+    measured = {}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        for name, mode, count in (("recompute", RECOMPUTE, 1), ("recompute_double", RECOMPUTE, 2),
+                                  ("keep", KEEP, 1)):
+            recomputed = layers if mode == RECOMPUTE else 0
+            apply_plan(model, Plan(count, recomputed, 0, layers))
+            measured[name] = probe_step_bytes(model, collate, random_rows(count, max_seq_length, vocab_size, packed),
+                                              dtype)
+    record = {"tokens_per_row": max_seq_length, "layers": layers,
+              **{f"{name}_step_gib": round(value / 2**30, 3) if value is not None else None
+                 for name, value in measured.items()}}
+    if measured["recompute"] is None or measured["recompute_double"] is None:
+        return None, record
+    memory = MemoryModel.fit(layers, max_seq_length, measured["keep"], measured["recompute"],
+                             measured["recompute_double"], input_bytes_per_token(model),
+                             fixed_extra=ADAM_STATE_BYTES * trainable_parameters)
+    record["model_kib_per_token"] = {"kept_layer": round(memory.keep_per_token / 1024, 1),
+                                     "layer_input": round(memory.input_per_token / 1024, 1),
+                                     "outside_layers": round(memory.other_per_token / 1024, 1)}
+    record["model_fixed_gib"] = round(memory.step_fixed / 2**30, 3)
+    return memory, record
