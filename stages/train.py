@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 import time
 from pathlib import Path
 
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
-from ftpipe.core.errors import run_stage
+from ftpipe.core.errors import PipelineError, run_stage
 from ftpipe.core.io import CONTENT_FILE, atomic_write_text, file_hashes, read_json, write_content_record
-from ftpipe.core.params import Params, TrainParams, flatten
+from ftpipe.core.params import Params, TrainParams, flatten, load_params
 from ftpipe.core.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, PLOTS_DIR, TOKENIZED_DIR
 from ftpipe.core.stage import Stage
 from ftpipe.model.architectures import require_supported_architecture
@@ -43,6 +44,15 @@ from ftpipe.model.checkpoints import (
     save_completed,
     start_record,
 )
+from ftpipe.model.distributed import (
+    MULTI_HOST_ENV,
+    is_main_process,
+    launch,
+    resolve_devices,
+    under_launcher,
+    world_size,
+)
+from ftpipe.model.lora import sort_saved_targets
 from ftpipe.model.modeling import require_model_dir, resolve_compute_dtype
 from ftpipe.model.training import (
     CURVE_COLUMNS,
@@ -66,7 +76,9 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     compute_dtype = resolve_compute_dtype(params.quantization.compute_dtype, backend in GPU_BACKENDS)
     run_id = fingerprint(params, max_seq_length, base_dir, tokenized_dir, backend, compute_dtype)
     checkpoint_dir = checkpoints_root / run_id
-    prune_checkpoint_runs(checkpoints_root, checkpoint_dir, params.checkpoint_runs_kept)
+    main_process = is_main_process()   # under DDP, rank 0 alone writes (the others train, then leave)
+    if main_process:
+        prune_checkpoint_runs(checkpoints_root, checkpoint_dir, params.checkpoint_runs_kept)
     reused = completed_result(checkpoint_dir, out_dir)
     if reused:
         print(f"train: run {run_id} (same params, base, data, code and packages) already finished; "
@@ -76,9 +88,10 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     if resume_from and run_completed(Path(resume_from)):
         # A finished run without its completed/ record (killed while saving it): resuming its last checkpoint
         # would take one step more (step 201 of 200), so it trains again: same seed and data, same adapter.
-        shutil.rmtree(checkpoint_dir)
+        if main_process:
+            shutil.rmtree(checkpoint_dir)
         resume_from = None
-    start = start_record(checkpoint_dir, resume_from, mlflow_run_id)
+    start = start_record(checkpoint_dir, resume_from, mlflow_run_id) if main_process else {}
     rows = load_tokenized("train", tokenized_dir)
     packed = "position_ids" in rows[0]   # tokenize.packing wrote packed rows
     print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}, "
@@ -88,10 +101,13 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     trainer, base_parameters = build_trainer(params, backend, compute_dtype, base_dir, max_seq_length, rows,
                                              checkpoint_dir, callbacks or [])
     planner = trainer.planner
-    print(f"train: plan: {planner.plan.describe(params.batch_size)} ({planner.history[0]['reason']})")
+    print(f"train: plan: {planner.plan.describe(planner.batch_size)} ({planner.history[0]['reason']})")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
+    if not main_process:
+        return {}
     trainer.model.save_pretrained(str(out_dir))
+    sort_saved_targets(out_dir)
     curve = [{key: entry.get(key) for key in CURVE_COLUMNS} for entry in trainer.state.log_history
              if "loss" in entry]
     trainable, _ = trainer.model.get_nb_trainable_parameters()
@@ -102,14 +118,15 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         "mean_loss_last_10_steps": sum(row["loss"] for row in curve[-10:]) / len(curve[-10:]),
         # over the whole curve: the trainer's training_loss leaves out the steps before a resume
         "train_loss": sum(row["loss"] for row in curve) / len(curve),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1), "processes": world_size(),
         **throughput(curve),
         "trainable_parameters": trainable, "base_parameters": base_parameters, "reused_completed_run": False,
         # the layers LoRA adapted, by leaf name ([all-linear] resolved): adapter_config.json's target_modules
         "lora_target_modules": trained_targets(trainer.model),
-        # how the steps ran (changes no result): the plan at the end, and every plan taken with why
-        "training_plan": {"final": planner.plan.as_dict(params.batch_size),
-                          "description": planner.plan.describe(params.batch_size), "history": planner.history,
+        # how the steps ran (changes no result): the plan at the end (of this process's rows of a step under DDP),
+        # and every plan taken with why
+        "training_plan": {"final": planner.plan.as_dict(planner.batch_size),
+                          "description": planner.plan.describe(planner.batch_size), "history": planner.history,
                           "memory_probe": getattr(planner, "probe", None)},
     }
     result = {"metrics": metrics, "curve": curve, "start": start}
@@ -158,8 +175,9 @@ def mlflow_callback(tracker, checkpoint_max_mib: float):
             self.logged_steps: set[int] = set()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                tracker.log_metrics({k: v for k, v in logs.items() if k in CURVE_COLUMNS and k != "step"},
+            if logs and "loss" in logs:   # the curve's columns, and each DDP process's own (rank<i>/...)
+                tracker.log_metrics({k: v for k, v in logs.items()
+                                     if (k in CURVE_COLUMNS and k != "step") or k.startswith("rank")},
                                     step=state.global_step)
                 self.logged_steps.add(state.global_step)
 
@@ -177,12 +195,43 @@ def mlflow_callback(tracker, checkpoint_max_mib: float):
     return MlflowSteps()
 
 
+def launched_on_several_processes(params: Params) -> bool:
+    """With several devices (or hosts), run this stage under torchrun and wait for it: True when it did. Each rank
+    then comes back to main() (ftpipe/model/distributed.py)."""
+    if under_launcher():
+        return False
+    backend = resolve_backend(params.train.backend)
+    processes = resolve_devices(params.train.devices, backend in GPU_BACKENDS)
+    if processes == 1 and not any(os.environ.get(name) for name in MULTI_HOST_ENV):
+        return False
+    code = launch("stages.train", processes)
+    if code:
+        raise PipelineError(f"train: torchrun ended with exit code {code} (the ranks' errors are above); a rerun "
+                            f"resumes from the last checkpoint")
+    return True
+
+
+def train_on_other_rank(params: Params, base_dir: Path) -> None:
+    """A rank other than 0: trains its share of each step; writes nothing (no output, metrics or MLflow run)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ftpipe-rank-") as scratch:
+        train_adapter(params.train, params.tokenize.max_seq_length, base_dir, TOKENIZED_DIR, CHECKPOINTS_DIR,
+                      Path(scratch))
+
+
 def main() -> None:
     base_dir = require_model_dir(BASE_DIR, "base model")
-    # Before any training: llama.cpp's converter and runtime must support the architecture, or the quantize stage
-    # would fail after it (ftpipe/model/architectures.py; Unsloth's line only informs)
-    for line in require_supported_architecture(base_dir).lines():
-        print(f"train: architecture {line}")
+    if not under_launcher():   # once, before torchrun starts any rank
+        # Before any training: llama.cpp's converter and runtime must support the architecture, or the quantize
+        # stage would fail after it (ftpipe/model/architectures.py; Unsloth's line only informs)
+        for line in require_supported_architecture(base_dir).lines():
+            print(f"train: architecture {line}")
+    params = load_params()
+    if launched_on_several_processes(params):
+        return
+    if not is_main_process():
+        return train_on_other_rank(params, base_dir)
     base_content = read_json(base_dir / CONTENT_FILE)
     with Stage("train", tracked_params, settings, system_metrics=True) as stage:
         params, tracker = stage.params, stage.tracker

@@ -185,9 +185,11 @@ def test_a_params_typo_fails_before_any_output_is_touched(project, first_repro):
 
 
 def test_result_neutral_params_rerun_nothing(project, first_repro):
-    """Checkpoint cadence and retention, and what MLflow keeps, change no result: no stage reruns."""
+    """Checkpoint cadence and retention, the training plan (micro-batches, recomputation), the number of devices and
+    what MLflow keeps change no result: no stage reruns."""
     run(["dvc", "repro"], project)
     edit_params(project, **{"train.checkpoint_every": 2, "train.checkpoint_runs_kept": 1,
+                            "train.micro_batch_size": 1, "train.gradient_checkpointing": "on", "train.devices": 1,
                             "tracking.system_metrics_interval_s": 5.0})
     assert stages_run(run(["dvc", "repro"], project)) == {CHECK, RECORD}
 

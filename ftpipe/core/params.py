@@ -178,6 +178,9 @@ class TrainParams:
     # Rows per forward/backward pass (the batch is split into micro-batches, their gradients summed, so that
     # the step is the same whatever the split), or auto: the largest that fits (ftpipe/model/training_plan.py)
     micro_batch_size: Union[int, Literal["auto"]]
+    # GPUs of this host to train on, one DDP process each (torchrun): auto = every visible GPU (1 on the CPU).
+    # The batch is shared among all processes of all hosts: batch_size must divide evenly among them.
+    devices: Union[int, Literal["auto"]]
     learning_rate: float
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
     warmup_steps: int
@@ -200,6 +203,7 @@ class TrainParams:
         if isinstance(self.gradient_checkpointing, bool):   # YAML reads an unquoted on/off as a boolean
             object.__setattr__(self, "gradient_checkpointing", "on" if self.gradient_checkpointing else "off")
         _check(self.batch_size > 0, "batch_size: must be positive (rows per optimizer step)")
+        _check(self.devices == "auto" or self.devices > 0, f"devices: must be auto or positive, got {self.devices!r}")
         _check(self.micro_batch_size == "auto" or 0 < self.micro_batch_size <= self.batch_size,
                f"micro_batch_size: must be auto or from 1 to batch_size ({self.batch_size}), got "
                f"{self.micro_batch_size!r}")

@@ -33,7 +33,10 @@ from ftpipe.core.provenance import package_version
 # The training plan's params too (ftpipe/model/training_plan.py): a step's gradient is the whole batch's however
 # it is split and whatever is recomputed; a run resumed under another plan continues the same numbers (up to
 # the order of floating-point sums).
-RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept", "gradient_checkpointing", "micro_batch_size")
+# So is the number of devices: the processes share each step's rows and sum their gradients (DDP), so a run
+# interrupted on N GPUs resumes on M.
+RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept", "gradient_checkpointing", "micro_batch_size",
+                  "devices")
 # Params whose value is resolved on the machine ('auto'): the fingerprint holds the resolved value instead
 # (backend: unsloth, transformers or cpu; compute dtype: bfloat16 on a GPU, float32 on the CPU).
 RESOLVED = ("backend", "quantization.compute_dtype")

@@ -104,3 +104,17 @@ def lora_targets(model, target_modules: list[str]) -> LoraTargets:
 
 def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def sort_saved_targets(adapter_dir) -> None:
+    """adapter_config.json with its target_modules sorted. PEFT keeps them as a set and writes them in the set's
+    order, which Python's per-process string hashing changes from run to run: the same adapter would get another
+    file, another content digest, and rerun every stage after train."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -12,6 +12,8 @@ transformers, peft and trl, and only on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.params import TrainParams
+from ftpipe.model.distributed import gather, per_process_rows, under_launcher, world_size
 from ftpipe.model.gpu import base_parameter_count, bf16_peak_flops, mfu
 from ftpipe.model.lora import ALL_LINEAR, LoraTargets, lora_targets
 from ftpipe.model.memory_probe import probe_memory, usable_gpu_bytes, usable_host_bytes
@@ -94,6 +97,7 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
                   "these params make training slower", file=sys.stderr)
         model, _ = FastLanguageModel.from_pretrained(
             model_name=str(base_dir), max_seq_length=max_seq_length, load_in_4bit=True,
+            device_map={"": local_device()},   # under DDP, each rank's own GPU
             dtype=torch_dtype(compute_dtype), use_exact_model_name=True,   # a local folder: no hub lookups
             quantization_config=bnb_config(params.quantization, compute_dtype))
         targets = announce(lora_targets(model, lora.target_modules), lora.target_modules)
@@ -108,8 +112,8 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
 
     model = AutoModelForCausalLM.from_pretrained(
         str(base_dir), quantization_config=bnb_config(params.quantization, compute_dtype),
-        # the whole model on the first GPU (CUDA_VISIBLE_DEVICES picks which): no accelerate offloading
-        device_map={"": 0} if backend == "transformers" else "cpu", dtype=torch_dtype(compute_dtype))
+        # the whole model on one GPU (the first visible one; under DDP the rank's own): no accelerate offloading
+        device_map={"": local_device()} if backend == "transformers" else "cpu", dtype=torch_dtype(compute_dtype))
     targets = announce(lora_targets(model, lora.target_modules), lora.target_modules)
     if params.gradient_checkpointing != "off":   # armed on every layer; the plan sets each layer's mode
         # Non-reentrant checkpointing: the reentrant form computes no gradient through a segment whose inputs
@@ -120,6 +124,17 @@ def load_trainable_model(backend: str, params: TrainParams, base_dir: Path, max_
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
         target_modules=targets.modules, exclude_modules=targets.exclude, task_type="CAUSAL_LM"))
+
+
+def local_device() -> int:
+    """The GPU index this process trains on: its rank's on this host under DDP (torchrun's LOCAL_RANK), else 0
+    (the first visible GPU)."""
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", "0")) if under_launcher() else 0
+    if torch.cuda.is_available():
+        torch.cuda.set_device(index)
+    return index
 
 
 def announce(targets: LoraTargets, requested: list[str]) -> LoraTargets:
@@ -143,8 +158,11 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
 
     steps = {"max_steps": params.max_steps} if params.max_steps else {"num_train_epochs": params.num_epochs}
     return TrainingArguments(
-        # The loader gives a whole step's rows; the trainer splits them into the plan's micro-batches
-        output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
+        # The loader gives a whole step's rows (this process's share of them under DDP); the trainer splits them
+        # into the plan's micro-batches
+        output_dir=str(output_dir), per_device_train_batch_size=per_process_rows(params.batch_size, world_size()),
+        # every LoRA weight takes part in every step: DDP need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
         gradient_accumulation_steps=1, learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
@@ -234,20 +252,34 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             micro_batch_step = super().training_step
             by_count = num_items_in_batch is not None and self.model_accepts_loss_kwargs
 
-            def micro_step(micro_rows: list[dict], share: float):
+            def micro_step(micro_rows: list[dict], share: float, last: bool):
                 batch = collator.collate(micro_rows)
                 collator.count(batch, micro_rows)
-                if by_count:
-                    return micro_batch_step(model, batch, num_items_in_batch)
-                if share == 0:   # no targets: no gradient (and a mean over none would be NaN)
-                    return torch.zeros((), device=self.args.device)
-                self.current_gradient_accumulation_steps = 1 / share   # the trainer divides the loss by it
-                try:
-                    return micro_batch_step(model, batch, None)
-                finally:
-                    self.current_gradient_accumulation_steps = 1
+                # Under DDP the gradients are averaged across processes once a step, in the last micro-batch's
+                # backward pass: processes may then run different numbers of micro-batches
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    if by_count:
+                        return micro_batch_step(model, batch, num_items_in_batch)
+                    if share == 0:   # no targets: no gradient (and a mean over none would be NaN)
+                        return torch.zeros((), device=self.args.device)
+                    self.current_gradient_accumulation_steps = 1 / share   # the trainer divides the loss by it
+                    try:
+                        return micro_batch_step(model, batch, None)
+                    finally:
+                        self.current_gradient_accumulation_steps = 1
 
             return planner.run(inputs[ROWS_KEY].rows, micro_step, self.state.global_step + 1)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or torch.cuda.is_available() or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            # DDP on the CPU: transformers maps the optimizer's state to args.device, "cpu:0" there, a location
+            # torch.load cannot restore; the state belongs on the CPU
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
@@ -256,14 +288,23 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
                 now = time.perf_counter()
                 seconds = now - self.last_time
                 counts = (collator.tokens, collator.useful_tokens, collator.loss_tokens)
-                logs["tokens"], logs["useful_tokens"], logs["loss_tokens"] = (
-                    now_count - last for now_count, last in zip(counts, self.last_counts))
+                own = [now_count - last for now_count, last in zip(counts, self.last_counts)]
+                peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+                ranks = gather({"tokens": own[0], "useful_tokens": own[1], "loss_tokens": own[2],
+                                "peak_memory_gib": peak})   # every process's, under DDP
+                for key in ("tokens", "useful_tokens", "loss_tokens"):   # the whole step's, all processes
+                    logs[key] = sum(entry[key] for entry in ranks)
                 logs["seconds"] = round(seconds, 4)
                 logs["tokens_per_s"] = round(logs["tokens"] / seconds, 1) if seconds > 0 else 0.0
                 logs["useful_tokens_per_s"] = round(logs["useful_tokens"] / seconds, 1) if seconds > 0 else 0.0
-                if torch.cuda.is_available():
-                    logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                    logs["mfu"] = mfu(base_parameters, logs["tokens_per_s"], peak_flops)
+                if peak is not None:
+                    logs["peak_memory_gib"] = max(entry["peak_memory_gib"] for entry in ranks)
+                    logs["mfu"] = mfu(base_parameters, logs["tokens_per_s"] / len(ranks), peak_flops)   # per GPU
+                if len(ranks) > 1:
+                    for index, entry in enumerate(ranks):
+                        logs[f"rank{index}/tokens"] = entry["tokens"]
+                        if entry["peak_memory_gib"] is not None:
+                            logs[f"rank{index}/peak_memory_gib"] = entry["peak_memory_gib"]
                 self.last_time, self.last_counts = now, counts
             super().log(logs, *args, **kwargs)
 
@@ -288,7 +329,10 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     # backends get packed rows right-padded, the block-diagonal mask built from their position ids.
     packed = "position_ids" in rows[0]
     collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
-    planner = plan_steps(model, params, backend, max_seq_length, packed, collator.collate, torch_dtype(compute_dtype))
+    rows_per_process = per_process_rows(params.batch_size, world_size())
+    planner = plan_steps(model, params, backend, max_seq_length, packed, collator.collate, torch_dtype(compute_dtype),
+                         rows_per_process)
+    planner.distributed = world_size() > 1
     base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, output_dir),
                            rows, collator, callbacks, base_parameters, planner)
@@ -296,27 +340,28 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
 
 
 def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, packed: bool, collate,
-               dtype) -> PlannedSteps:
-    """How this run's steps run (ftpipe/model/training_plan.py): on a GPU, the plan chosen from a memory
-    probe when params leave a choice (auto), else the one params set; on the CPU, the whole batch at once
-    (memory rarely binds there, and that is the fastest), with every layer recomputed for `on`."""
+               dtype, rows: int) -> PlannedSteps:
+    """How this process runs its `rows` of each step (ftpipe/model/training_plan.py): on a GPU, the plan chosen
+    from a memory probe when params leave a choice (auto), else the one params set; on the CPU, all its rows at
+    once (memory rarely binds there, and that is the fastest), with every layer recomputed for `on`."""
     import torch
 
     layers = len(decoder_layers(model))
     mode, micro = params.gradient_checkpointing, params.micro_batch_size
+    micro = min(micro, rows) if micro != "auto" else micro
     offload = offload_function(model) if backend == "unsloth" else None
     if mode == "unsloth" and offload is None:
         raise PipelineError("params.yaml train.gradient_checkpointing is 'unsloth', which needs the Unsloth backend "
                             f"(train.backend: unsloth, on a CUDA GPU, `{GPU_EXTRA}`); set it to auto, on or off.")
     if not torch.cuda.is_available():
-        plan = Plan(params.batch_size if micro == "auto" else micro, layers if mode == "on" else 0, 0, layers)
+        plan = Plan(rows if micro == "auto" else micro, layers if mode == "on" else 0, 0, layers)
         return PlannedSteps(model, Choice(plan, "on the CPU: as params.yaml sets it, auto being the whole batch "
                                                 "without recomputation"), [plan], None, max_seq_length,
-                            params.batch_size)
-    candidates = candidate_plans(params.batch_size, micro, mode, layers, offload is not None)
+                            rows)
+    candidates = candidate_plans(rows, micro, mode, layers, offload is not None)
     if len(candidates) == 1:
         return PlannedSteps(model, Choice(candidates[0], "as params.yaml sets it"), candidates, None, max_seq_length,
-                            params.batch_size, offload)
+                            rows, offload)
     trainable, _ = model.get_nb_trainable_parameters()
     memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable)
     budget = usable_gpu_bytes()
@@ -324,9 +369,9 @@ def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, pa
         choice = Choice(candidates[-1], "one row does not fit even with every layer recomputed: the plan needing "
                                         "the least memory", None, budget)
     else:
-        choice = choose_plan(candidates, memory, budget, max_seq_length, params.batch_size,
+        choice = choose_plan(candidates, memory, budget, max_seq_length, rows,
                              usable_host_bytes() if offload is not None else float("inf"))
-    planner = PlannedSteps(model, choice, candidates, memory, max_seq_length, params.batch_size, offload)
+    planner = PlannedSteps(model, choice, candidates, memory, max_seq_length, rows, offload)
     planner.probe = probe
     return planner
 

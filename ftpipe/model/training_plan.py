@@ -286,12 +286,15 @@ class PlannedSteps:
         self.model, self.candidates, self.memory = model, list(candidates), memory
         self.tokens_per_row, self.batch_size, self.offload_function = tokens_per_row, batch_size, offload_function
         self.plan = choice.plan
+        self.distributed = False   # set under DDP (ftpipe.model.training)
         self.history: list[dict] = [{"step": 0, "plan": choice.plan.as_dict(batch_size), "reason": choice.reason}]
         apply_plan(model, self.plan, offload_function)
 
     def run(self, rows: Sequence[dict], micro_step: Callable[[Sequence[dict], float], Any], step: int):
-        """micro_step(micro_rows, share) runs forward and backward on some rows (share: their part of the step's
-        loss tokens) and returns the detached loss it added; returns the step's loss."""
+        """micro_step(micro_rows, share, last) runs forward and backward on some rows (share: their part of the
+        step's loss tokens; last: the step's last micro-batch) and returns the detached loss it added; returns the
+        step's loss. Under DDP a step that runs out of memory on one process cannot be redone on it alone (the
+        others wait in the gradients' exchange): it stops the run, which resumes from its last checkpoint."""
         import torch
 
         total = sum(loss_token_count(row) for row in rows) or 1
@@ -299,12 +302,16 @@ class PlannedSteps:
         while True:
             try:
                 loss = None
-                for micro_rows in split_rows(rows, self.plan.micro_batch_size):
-                    added = micro_step(micro_rows, sum(loss_token_count(row) for row in micro_rows) / total)
+                micro_batches = split_rows(rows, self.plan.micro_batch_size)
+                for index, micro_rows in enumerate(micro_batches):
+                    added = micro_step(micro_rows, sum(loss_token_count(row) for row in micro_rows) / total,
+                                       index == len(micro_batches) - 1)
                     loss = added if loss is None else loss + added
                 return loss
             except torch.OutOfMemoryError:
-                pass   # handled outside the except block: its traceback holds the failed step's tensors
+                if self.distributed:
+                    raise
+                # handled outside the except block: its traceback holds the failed step's tensors
             self._fall_back(step)
             _restore_rng(rng)
 

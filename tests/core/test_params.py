@@ -22,7 +22,7 @@ from ftpipe.core.params import (
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_PARAMS = REPO / "params.yaml"
-TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "micro_batch_size",
+TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "micro_batch_size", "devices",
               "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
               "gradient_checkpointing", "checkpoint_every", "checkpoint_runs_kept", "lora", "quantization")
 

@@ -181,7 +181,10 @@ def lora_gradients(model, rows, plan: Plan, oom_when=None) -> tuple[dict, list]:
     planner = PlannedSteps(model, Choice(plan, "test"), candidates, None, TOKENIZE.max_seq_length, 4)
     total = sum(loss_token_count(row) for row in rows)
 
-    def micro_step(micro_rows, share):
+    lasts = []
+
+    def micro_step(micro_rows, share, last):
+        lasts.append(last)
         if oom_when and oom_when(planner.plan):
             raise torch.OutOfMemoryError("test: out of memory")
         batch = pad_batch(micro_rows, 0)
@@ -192,6 +195,9 @@ def lora_gradients(model, rows, plan: Plan, oom_when=None) -> tuple[dict, list]:
     torch.manual_seed(0)
     loss = planner.run(rows, micro_step, step=1)
     assert sum(loss_token_count(row) for row in rows) == total
+    # the last micro-batch of the step (where DDP exchanges gradients) is flagged, and only it
+    micro_batches = -(-len(rows) // planner.plan.micro_batch_size)
+    assert lasts[-micro_batches:] == [False] * (micro_batches - 1) + [True]
     grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
     model.zero_grad(set_to_none=True)
     return {"loss": float(loss), **grads}, planner.history

@@ -95,6 +95,8 @@ def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, t
     metrics, curve = result["metrics"], result["curve"]
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], set(config["target_modules"])) == (4, 8, set(TARGET_MODULES))
+    # sorted, not in the order of PEFT's set (which Python's string hashing changes from process to process)
+    assert config["target_modules"] == sorted(TARGET_MODULES)
     tensors = adapter_tensors(adapter)
     assert len(tensors) == 2 * N_LAYERS * len(TARGET_MODULES)
     assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)   # zero at init
