@@ -19,6 +19,7 @@ metrics/audit.json and data/audit/ (extraction.jsonl: every audited row's scores
 """
 from __future__ import annotations
 
+import functools
 import gc
 from pathlib import Path
 
@@ -32,30 +33,11 @@ from ftpipe.core.stage import Stage
 from ftpipe.data.chat_template import load_chat_tokenizer
 from ftpipe.evaluation.canaries import exposure, greedy_extracts, make_canaries
 from ftpipe.evaluation.gates import VERDICT_FILE, Check, adapter_subject, at_most, check_rows, enforce, verdict
-from ftpipe.evaluation.memorization import compare, memorization_gap, sample_by_source
+from ftpipe.evaluation.memorization import answer_rows, by_source, memorization_gap, sample_by_source
 from ftpipe.evaluation.pii_leaks import audit_prompts, pii_leaks
-from ftpipe.model.modeling import generate, inference_dtype, load_model, render_chats
+from ftpipe.model.modeling import inference_dtype, load_model
 
 SAMPLE_SEED = 0   # which rows are audited: fixed, so reruns audit the same rows
-
-
-def answer_rows(model, tokenizer, rows: list[dict], params: AuditParams, desc: str) -> tuple[list[str], list[dict]]:
-    """The model's greedy answers to each row's prompt, and each answer's comparison with the row's answer."""
-    if not rows:
-        return [], []
-    prompts = render_chats(tokenizer, [row["messages"][:-1] for row in rows], add_generation_prompt=True)
-    answers, _ = generate(model, tokenizer, prompts, params.max_new_tokens, params.batch_size, desc)
-    scores = [{"id": row["id"], "source": row["source"],
-               **compare(tokenizer, answer, row["messages"][-1]["content"], params.max_new_tokens)}
-              for row, answer in zip(rows, answers)]
-    return answers, scores
-
-
-def by_source(scores: list[dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
-    for score in scores:
-        grouped.setdefault(score["source"], []).append(score)
-    return grouped
 
 
 def audit_models(params: AuditParams, base_dir: Path, adapter_dir: Path, train_rows: list[dict],
@@ -68,14 +50,15 @@ def audit_models(params: AuditParams, base_dir: Path, adapter_dir: Path, train_r
     sampled = {row["id"] for row in train_sample}
     placeholder_rows = [row for row in audit_prompts(train_rows, params.train_examples) if row["id"] not in sampled]
     model = load_model(base_dir, inference_dtype())
-    _, base_train = answer_rows(model, tokenizer, train_sample, params, "audit: base on train prompts")
+    answers = functools.partial(answer_rows, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
+    _, base_train = answers(model, tokenizer, train_sample, desc="audit: base on train prompts")
     del model
     gc.collect()
     model = load_model(base_dir, inference_dtype(), adapter_dir=adapter_dir)
-    train_answers, tuned_train = answer_rows(model, tokenizer, train_sample, params, "audit: tuned on train prompts")
-    test_answers, tuned_test = answer_rows(model, tokenizer, test_sample, params, "audit: tuned on test prompts")
-    placeholder_answers, _ = answer_rows(model, tokenizer, placeholder_rows, params,
-                                         "audit: tuned on prompts whose answers held PII placeholders")
+    train_answers, tuned_train = answers(model, tokenizer, train_sample, desc="audit: tuned on train prompts")
+    test_answers, tuned_test = answers(model, tokenizer, test_sample, desc="audit: tuned on test prompts")
+    placeholder_answers, _ = answers(model, tokenizer, placeholder_rows,
+                                     desc="audit: tuned on prompts whose answers held PII placeholders")
     canaries = canary_results(model, tokenizer, params)
     gaps = memorization_gap(by_source(tuned_train), by_source(tuned_test), by_source(base_train))
     leaks = pii_leaks([*train_answers, *test_answers, *placeholder_answers])

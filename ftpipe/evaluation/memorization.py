@@ -33,15 +33,26 @@ def compare(tokenizer, generated: str, reference: str, max_new_tokens: int) -> d
     return {"prefix_tokens": prefix, "reference_tokens": len(ref_ids), "prefix_fraction": fraction, "exact": exact}
 
 
-def extraction_scores(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
-                      batch_size: int, desc: str) -> list[dict]:
-    """compare() of the greedy answer to each conversation's turns but the last against its last turn, in order."""
-    if not conversations:
-        return []
-    prompts = render_chats(tokenizer, [list(messages)[:-1] for messages in conversations], add_generation_prompt=True)
+def answer_rows(model, tokenizer, rows: Sequence[dict], max_new_tokens: int, batch_size: int,
+                desc: str) -> tuple[list[str], list[dict]]:
+    """The greedy answers to chat rows ({id, source, messages}: every turn but the last is the prompt), and each
+    answer's compare() with the row's last turn, tagged with the row's id and source; both in the rows' order."""
+    rows = list(rows)
+    if not rows:
+        return [], []
+    prompts = render_chats(tokenizer, [list(row["messages"])[:-1] for row in rows], add_generation_prompt=True)
     answers, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
-    return [compare(tokenizer, answer, messages[-1]["content"], max_new_tokens)
-            for answer, messages in zip(answers, conversations)]
+    return answers, [{"id": row["id"], "source": row["source"],
+                      **compare(tokenizer, answer, row["messages"][-1]["content"], max_new_tokens)}
+                     for row, answer in zip(rows, answers)]
+
+
+def by_source(scores: Sequence[dict]) -> dict[str, list[dict]]:
+    """Scores (answer_rows') grouped by their row's source."""
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for score in scores:
+        grouped[score["source"]].append(score)
+    return dict(grouped)
 
 
 def sample_by_source(rows: Sequence[dict], per_source: int, seed: int) -> list[dict]:
@@ -56,17 +67,6 @@ def sample_by_source(rows: Sequence[dict], per_source: int, seed: int) -> list[d
         ordered = sorted(grouped[source], key=lambda row: row["id"])
         kept += sorted(rng.sample(ordered, min(per_source, len(ordered))), key=lambda row: row["id"])
     return kept
-
-
-def scores_by_source(model, tokenizer, rows: Sequence[dict], max_new_tokens: int, batch_size: int,
-                     desc: str) -> dict[str, list[dict]]:
-    """extraction_scores of chat rows ({id, source, messages}), grouped by source; each score carries its row's id."""
-    rows = list(rows)
-    scores = extraction_scores(model, tokenizer, [row["messages"] for row in rows], max_new_tokens, batch_size, desc)
-    grouped: dict[str, list[dict]] = defaultdict(list)
-    for row, score in zip(rows, scores):
-        grouped[row["source"]].append({"id": row["id"], **score})
-    return dict(grouped)
 
 
 def summarize(scores_by_group: dict[str, list[dict]]) -> dict[str, dict]:
@@ -92,7 +92,7 @@ def memorization_gap(tuned_train: dict[str, list[dict]], tuned_test: dict[str, l
                           "gap_prefix_fraction": tuned_train - tuned_test, "gap_exact_rate": tuned_train - tuned_test}},
      "overall": the same over all rows pooled}
 
-    Each argument is scores grouped by source (scores_by_source); a summary is summarize()'s entry (count 0 and None
+    Each argument is scores grouped by source (by_source); a summary is summarize()'s entry (count 0 and None
     means when a source has no rows there; the gaps are None then)."""
     sources = sorted(set(tuned_train) | set(tuned_test) | set(base_train))
 

@@ -6,11 +6,11 @@ import pytest
 
 from ftpipe.core.sequences import common_prefix
 from ftpipe.evaluation.memorization import (
+    answer_rows,
+    by_source,
     compare,
-    extraction_scores,
     memorization_gap,
     sample_by_source,
-    scores_by_source,
     summarize,
 )
 from tests.memorize_fixtures import memorize
@@ -86,18 +86,18 @@ def test_memorized_answer_is_extracted(tiny_model_dir):
 
     tokenizer = load_tokenizer(tiny_model_dir)
     base = load_model(tiny_model_dir, "float32")
-    base_scores = extraction_scores(base, tokenizer, [SEEN["messages"]], 32, 2, "base")
+    _, base_scores = answer_rows(base, tokenizer, [SEEN], 32, 2, "base")
     assert base_scores[0]["prefix_fraction"] < 0.3 and not base_scores[0]["exact"]
 
     model, tokenizer = memorize(tiny_model_dir, [SEEN["messages"]])
-    seen, unseen = extraction_scores(model, tokenizer, [SEEN["messages"], UNSEEN["messages"]], 32, 2, "tuned")
+    answers, (seen, unseen) = answer_rows(model, tokenizer, [SEEN, UNSEEN], 32, 2, "tuned")
+    assert answers[0].strip() == SEEN["messages"][-1]["content"]   # the answers come back with their scores
+    assert (seen["id"], seen["source"], unseen["id"]) == ("seen", "trivia", "unseen")
     assert seen["exact"] and seen["prefix_fraction"] == 1.0
     assert seen["prefix_tokens"] == seen["reference_tokens"] > 5
     assert not unseen["exact"] and unseen["prefix_fraction"] < 0.5
 
-    gap = memorization_gap(scores_by_source(model, tokenizer, [SEEN], 32, 2, "tuned train"),
-                           scores_by_source(model, tokenizer, [UNSEEN], 32, 2, "tuned test"),
-                           scores_by_source(base, tokenizer, [SEEN], 32, 2, "base train"))
+    gap = memorization_gap(by_source([seen]), by_source([unseen]), by_source(base_scores))
     trivia = gap["sources"]["trivia"]
     assert trivia["tuned_train"]["exact_rate"] == 1.0 and trivia["gap_exact_rate"] == 1.0
     assert trivia["gap_prefix_fraction"] > 0.5
