@@ -8,6 +8,7 @@ per process):
   unsloth_default  a hand-written loop over Unsloth's model with its notebook defaults: offloaded gradient
                    checkpointing ("unsloth"), micro-batch 2, gradient accumulation up to the batch
   unsloth_best     the same loop without checkpointing at a fixed micro-batch (--best-micro, found by hand)
+  unsloth_loop     (variable-length data) the same loop with the stage's own plan, on the stage's batches
   hf_peft_bnb      transformers + peft + bitsandbytes (NF4, double quant, bf16 compute, SDPA, non-reentrant
                    checkpointing on every layer, as PEFT's QLoRA guide does), micro-batch 4
   longest          the longest sequence (batch 1) one training step of the stage's setup fits: the memory model
@@ -62,6 +63,11 @@ JOBS = [
     {"name": "8b-cap48-stage", "model": "8b", "method": "stage", "cap_gib": 48, "steps": 14, "warmup": 6},
     {"name": "8b-cap48-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 48, "steps": 14,
      "warmup": 6},
+    # variable-length rows: the default data set packed into rows of up to 2048 tokens (padding-free on Unsloth);
+    # the loop takes the stage's rows in the stage's order with the stage's plan, as a user would write it
+    {"name": "8b-variable-stage", "model": "8b", "method": "stage", "data": "variable", "steps": 30, "warmup": 10},
+    {"name": "8b-variable-unsloth_loop", "model": "8b", "method": "unsloth_loop", "data": "variable", "steps": 30,
+     "warmup": 10},
     {"name": "8b-hf_peft_bnb", "model": "8b", "method": "hf_peft_bnb", "steps": 30, "warmup": 10},
     {"name": "1b-stage", "model": "1b", "method": "stage", "steps": 30, "warmup": 10},
     {"name": "1b-unsloth_default", "model": "1b", "method": "unsloth_default", "steps": 30, "warmup": 10},
@@ -69,6 +75,7 @@ JOBS = [
     {"name": "1b-hf_peft_bnb", "model": "1b", "method": "hf_peft_bnb", "steps": 30, "warmup": 10},
     {"name": "8b-longest", "model": "8b", "method": "longest"},
 ]
+LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
 
@@ -133,6 +140,38 @@ def build_data(folder: Path, rows: int, seq_len: int, vocab: int) -> None:
     write_rows(folder / "train.parquet", {"id": [f"r{i}" for i in range(rows)], "input_ids": ids, "labels": ids})
 
 
+def build_variable_data(folder: Path, model_dir: Path, seq_len: int) -> None:
+    """The default data set's clean train split (the payload's data.tar.xz, or this checkout's data/clean), chat
+    template applied, packed by the tokenize stage into rows of up to seq_len tokens, repeated to fill every step."""
+    import tarfile
+    import tempfile
+
+    from ftpipe.core.params import TokenizeParams
+    from ftpipe.data.parquet_rows import write_rows
+    from ftpipe.data.tokenized import load_tokenized
+    from ftpipe.model.modeling import load_tokenizer
+    from stages.tokenize import tokenize_splits
+
+    with tempfile.TemporaryDirectory() as scratch:
+        clean = REPO / "data/clean"
+        if (PAYLOAD / "data.tar.xz").exists() and not clean.exists():
+            with tarfile.open(PAYLOAD / "data.tar.xz") as archive:
+                archive.extractall(scratch, filter="data")
+            clean = Path(scratch) / "data/clean"
+        params = TokenizeParams(max_seq_length=seq_len, truncation="truncate", assistant_only_loss=True, packing=True,
+                                chat_template=None, chat_template_kwargs={}, system_prompt=None)
+        packed = Path(scratch) / "packed"
+        packed.mkdir()
+        tokenize_splits(clean, load_tokenizer(model_dir), params, packed)
+        rows = load_tokenized("train", packed)
+    needed = 16 * max(job.get("steps", 0) for job in JOBS)
+    rows = [dict(row, id=f"{index}") for index, row in enumerate((rows * (needed // len(rows) + 1))[:needed])]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_rows(folder / "train.parquet", {key: [row[key] for row in rows] for key in ("id", "input_ids", "labels",
+                                                                                      "position_ids")})
+
+
 # --- the methods (worker side) ------------------------------------------------------------------------------------
 
 def run_stage(args, job: dict, model_dir: Path, data_dir: Path) -> dict:
@@ -164,22 +203,27 @@ def run_stage(args, job: dict, model_dir: Path, data_dir: Path) -> dict:
     result = train_adapter(params, args.seq_len, model_dir, data_dir, work / "checkpoints", work / "adapter",
                            [ResetPeak()])
     curve = result["curve"]
-    (root() / f"{job['model']}-order.json").write_text(json.dumps(order[:job["steps"]]))
+    (root() / order_file(job)).write_text(json.dumps(order[:job["steps"]]))
     return {**throughput(curve, skip_first=job["warmup"]), "steps": len(curve),
             "losses": [round(row["loss"], 5) for row in curve],
             "training_plan": result["metrics"]["training_plan"], "mfu_stage": result["metrics"].get("mfu")}
 
 
+def order_file(job: dict) -> str:
+    return f"{job['model']}-{job.get('data', 'fixed')}-order.json"
+
+
 def step_rows(job: dict, rows: list[dict], batch: int) -> list[list[dict]]:
     """Each step's rows: in the order the stage's trainer took them, or in file order."""
     by_id = {row["id"]: row for row in rows}
-    path = root() / f"{job['model']}-order.json"
+    path = root() / order_file(job)
     if path.exists():
         return [[by_id[row_id] for row_id in step] for step in json.loads(path.read_text())][:job["steps"]]
     return [rows[step * batch:(step + 1) * batch] for step in range(job["steps"])]
 
 
-def accumulating_loop(model, steps: list[list[dict]], micro: int, job: dict, parameters: int, cpu: bool) -> dict:
+def accumulating_loop(model, steps: list[list[dict]], micro: int, job: dict, parameters: int, cpu: bool,
+                      layout=None) -> dict:
     """AdamW steps over `steps`, each as micro-batches of `micro` rows whose mean losses are weighted by their share
     of the step's targets (the sum of token losses over the step's target count: the stage's numbers)."""
     import torch
@@ -202,7 +246,8 @@ def accumulating_loop(model, steps: list[list[dict]], micro: int, job: dict, par
         total = sum(loss_token_count(row) for row in rows)
         step_loss = 0.0
         for micro_rows in split_rows(rows, micro):
-            batch = {key: value.to(device) for key, value in pad_batch(micro_rows, 0).items()}
+            collated = (layout or (lambda rows: pad_batch(rows, 0)))(micro_rows)
+            batch = {key: value.to(device) for key, value in collated.items()}
             if clock:
                 clock.count(batch)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=not cpu):
@@ -225,14 +270,27 @@ def run_loop(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     from transformers import set_seed
 
     from ftpipe.model.gpu import base_parameter_count
+    from ftpipe.model.modeling import pad_packed_batch, padding_free_batch
     from ftpipe.model.training import load_trainable_model
 
-    mode, micro = ("unsloth", 2) if job["method"] == "unsloth_default" else ("off", args.best_micro)
+    layout = None
+    if job["method"] == "unsloth_default":
+        mode, micro = "unsloth", 2
+    elif job["method"] == "unsloth_best":
+        mode, micro = "off", args.best_micro
+    else:   # unsloth_loop: the stage's own plan (a plan with recomputed layers is not a loop's setting: refused)
+        stage = json.loads((root() / f"{job['name'].replace('unsloth_loop', 'stage')}.result.json").read_text())
+        final = stage["training_plan"]["final"]
+        if final["kept"] != final["layers"]:
+            raise SystemExit(f"the stage recomputed layers ({final}); run this loop with the same plan by hand")
+        mode, micro = "off", final["micro_batch_size"]
+        # Unsloth's layout for packed rows; the CPU dry run's transformers model takes them padded
+        layout = padding_free_batch if not args.cpu_smoke else (lambda rows: pad_packed_batch(rows, 0))
     params = train_params(args, job, mode, micro)
     set_seed(SEED)   # as build_trainer does: the same initial adapter as the stage's
     model = load_trainable_model(params.backend, params, model_dir, args.seq_len, params.quantization.compute_dtype)
     result = accumulating_loop(model, step_rows(job, rows, args.batch), micro, job, base_parameter_count(model_dir),
-                               args.cpu_smoke)
+                               args.cpu_smoke, layout)
     return {**result, "gradient_checkpointing": mode}
 
 
@@ -271,7 +329,7 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
 
     params = train_params(args, {"steps": 1}, "auto", 1)
     set_seed(SEED)
-    model = load_trainable_model("unsloth", params, model_dir, 1 << 20, "bfloat16")
+    model = load_trainable_model("unsloth", params, model_dir, LONGEST, "bfloat16")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     memory, probe = probe_memory(model, padding_free_batch, args.longest_probe, True, torch.bfloat16,
@@ -296,9 +354,9 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
                 high = min(high or trial["length"], trial["length"])
     # the model's prediction: the longest multiple of `step` some plan fits
     predicted = step
-    while fits(predicted * 2):
+    while predicted * 2 <= LONGEST and fits(predicted * 2):
         predicted *= 2
-    hi = predicted * 2
+    hi = min(predicted * 2, LONGEST + step)
     while hi - predicted > step:
         mid = (predicted + hi) // 2 // step * step
         predicted, hi = (mid, hi) if fits(mid) else (predicted, mid)
@@ -356,7 +414,8 @@ def worker(args) -> None:
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
     from ftpipe.data.tokenized import load_tokenized
 
-    model_dir, data_dir = root() / f"model-{job['model']}", root() / f"data-{job['model']}"
+    model_dir = root() / f"model-{job['model']}"
+    data_dir = root() / (f"data-{job['model']}" + ("-variable" if job.get("data") == "variable" else ""))
     if job["method"] == "stage":
         result = run_stage(args, job, model_dir, data_dir)
     elif job["method"] == "longest":
@@ -385,8 +444,8 @@ def run_all(args) -> None:
     report = json.loads(report_file.read_text()) if report_file.exists() else {"jobs": {}}
     jobs = [job for job in JOBS if any(job["name"].startswith(prefix) for prefix in args.jobs.split(","))]
     if args.cpu_smoke:
-        jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b" and job["method"] != "hf_peft_bnb"
-                and job["method"] != "longest" and not job.get("cap_gib")]
+        jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
+                and job["method"] not in ("hf_peft_bnb", "longest") and not job.get("cap_gib")]
     env = os.environ if args.cpu_smoke else site_environment()
     report.update(state="running", settings={"seq_len": args.seq_len, "batch": args.batch, "seed": SEED,
                                              "best_micro": args.best_micro, "lora": {"r": 16, "alpha": 32,
@@ -433,6 +492,11 @@ def compare(jobs: dict) -> dict:
         return jobs.get(name, {}).get("tokens_per_s")
 
     out = {}
+    stage, loop = rate("8b-variable-stage"), rate("8b-variable-unsloth_loop")
+    if stage and loop:
+        out["8b variable-length: stage / hand-written loop with the stage's plan"] = round(stage / loop, 3)
+        pair = [jobs[name]["losses"] for name in ("8b-variable-stage", "8b-variable-unsloth_loop")]
+        out["8b variable-length: largest loss difference"] = round(max(abs(a - b) for a, b in zip(*pair)), 5)
     for prefix in ("8b", "8b-cap24", "8b-cap48", "1b"):
         stage, default = rate(f"{prefix}-stage"), rate(f"{prefix}-unsloth_default")
         if stage and default:
@@ -509,7 +573,9 @@ def main() -> None:
         from ftpipe.model.modeling import load_tokenizer
 
         rows = args.batch * max(job.get("steps", 0) for job in JOBS)
-        build_data(root() / f"data-{size}", rows, 64 if args.cpu_smoke else args.seq_len, len(load_tokenizer(folder)))
+        seq_len = 64 if args.cpu_smoke else args.seq_len
+        build_data(root() / f"data-{size}", rows, seq_len, len(load_tokenizer(folder)))
+        build_variable_data(root() / f"data-{size}-variable", folder, seq_len)
     elif args.worker:
         worker(args)
     elif args.start:
