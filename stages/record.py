@@ -26,7 +26,7 @@ import yaml
 import ftpipe  # noqa: F401 - offline, telemetry-free environment first
 from ftpipe.core.errors import run_stage
 from ftpipe.core.io import read_json, write_json
-from ftpipe.core.params import Params, load_params
+from ftpipe.core.params import Params, flatten, load_params
 from ftpipe.core.paths import PARAMS_FILE, PROVENANCE_FILE, STAGE_OUTPUTS, metrics_file
 from ftpipe.tracking.runs import (
     INVOCATION,
@@ -190,9 +190,21 @@ def tracked_params(params: Params) -> dict:
     return {}
 
 
+def as_the_stages_read_them(raw: Any, typed: dict[str, Any], prefix: str = "") -> Any:
+    """params.yaml's values, with a YAML boolean where the stages read a word in its place: YAML 1.1 reads a bare
+    `on`/`off` as true/false (train.gradient_checkpointing), and `dvc exp run -S` writes a quoted 'on' back bare, so
+    the raw value would show as a change that is none."""
+    if isinstance(raw, dict):
+        return {key: as_the_stages_read_them(value, typed, f"{prefix}.{key}" if prefix else str(key))
+                for key, value in raw.items()}
+    if isinstance(raw, bool) and isinstance(typed.get(prefix), str):
+        return typed[prefix]
+    return raw
+
+
 def main() -> None:
-    load_params()   # a broken params.yaml fails here with its usual message, not inside MLflow
-    params_raw = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))
+    params = load_params()   # a broken params.yaml fails here with its usual message, not inside MLflow
+    params_raw = as_the_stages_read_them(yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")), flatten(params))
     stage_names = [name for name in yaml.safe_load(DVC_YAML.read_text())["stages"] if name != "record"]
     lock = yaml.safe_load(DVC_LOCK.read_text())["stages"] if DVC_LOCK.exists() else {}
     files = {path.name: path.read_text(encoding="utf-8") for path in (PARAMS_FILE, DVC_YAML, DVC_LOCK) if path.exists()}

@@ -61,3 +61,14 @@ def test_only_store_failures_are_reported_as_mlflow_unavailable(in_tmp_project, 
         with pytest.raises(KeyError):
             record.main()
         assert "MLflow unavailable" not in capsys.readouterr().err
+
+
+def test_a_bare_on_that_dvc_wrote_back_is_the_word_the_stages_read():
+    """`dvc exp run -S` rewrites params.yaml in YAML 1.2, where on/off are words, so a quoted 'on' comes back bare,
+    which YAML 1.1 (PyYAML) reads as true: the run's name must not call that a change."""
+    from stages.record import as_the_stages_read_them
+
+    raw = {"train": {"gradient_checkpointing": True, "packing": True, "lora": {"r": 16}}}
+    typed = {"train.gradient_checkpointing": "on", "train.packing": True, "train.lora.r": 16}
+    assert as_the_stages_read_them(raw, typed) == {"train": {"gradient_checkpointing": "on", "packing": True,
+                                                             "lora": {"r": 16}}}
