@@ -178,9 +178,10 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
 
 ROWS_KEY = "step_rows"   # a step's rows, which the trainer splits into the plan's micro-batches
 # Padding-free rows are rounded up to a multiple of this many tokens (a filler example without targets): a
-# step's concatenated rows then take a few lengths instead of a new one nearly every step, each of which
-# recompiled Unsloth's kernels (the stage ran at 0.95x a loop that saw each length before). 128 positions
-# cost 0.8% more computed tokens on average at 4 rows of 2048.
+# step's concatenated rows then take a few lengths instead of a new one nearly every step. On variable-length
+# data the stage ran at 0.95x a loop that saw each length before, new lengths recompiling Unsloth's kernels
+# (issue 17; bench/gpu_train_plan.py's variable-length jobs measure the effect). 128 positions cost 0.8% more
+# computed tokens on average at 4 rows of 2048.
 PADDING_FREE_MULTIPLE = 128
 
 
