@@ -127,7 +127,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         # and every plan taken with why
         "training_plan": {"final": planner.plan.as_dict(planner.batch_size),
                           "description": planner.plan.describe(planner.batch_size), "history": planner.history,
-                          "memory_probe": getattr(planner, "probe", None)},
+                          "memory_probe": planner.probe},
     }
     result = {"metrics": metrics, "curve": curve, "start": start}
     save_completed(checkpoint_dir, out_dir, result)

@@ -40,7 +40,6 @@ from ftpipe.model.training_plan import Choice, Plan, PlannedSteps, candidate_pla
 # mfu: model FLOPs utilization on a GPU with a known peak (ftpipe.model.gpu), else empty.
 CURVE_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens", "useful_tokens", "loss_tokens", "seconds",
                  "tokens_per_s", "useful_tokens_per_s", "peak_memory_gib", "mfu")
-TOKENS_KEY = "real_tokens"   # the collator's count of a batch's non-padding tokens; the model never sees it
 
 
 GPU_BACKENDS = ("unsloth", "transformers")   # the backends that train on a CUDA GPU
@@ -219,10 +218,9 @@ class TokenCountingCollator:
         return pad_packed_batch(rows, self.pad_id)
 
     def __call__(self, rows: list[dict]) -> dict:
-        import torch
-
-        return {"labels": self.collate(rows)["labels"], ROWS_KEY: StepRows(rows),
-                TOKENS_KEY: torch.tensor(sum(len(row["input_ids"]) for row in rows))}
+        """What the trainer's loader yields for a step: its rows, and the labels from which the trainer counts the
+        step's targets (num_items_in_batch)."""
+        return {"labels": self.collate(rows)["labels"], ROWS_KEY: StepRows(rows)}
 
     def count(self, micro_batch: dict, rows: list[dict]) -> None:
         """Credit a micro-batch's tokens as it is trained on."""
@@ -333,7 +331,6 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     rows_per_process = per_process_rows(params.batch_size, world_size())
     planner = plan_steps(model, params, backend, max_seq_length, packed, collator.collate, torch_dtype(compute_dtype),
                          rows_per_process)
-    planner.distributed = world_size() > 1
     base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, output_dir),
                            rows, collator, callbacks, base_parameters, planner)
@@ -372,9 +369,7 @@ def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, pa
     else:
         choice = choose_plan(candidates, memory, budget, max_seq_length, rows,
                              usable_host_bytes() if offload is not None else float("inf"))
-    planner = PlannedSteps(model, choice, candidates, memory, max_seq_length, rows, offload)
-    planner.probe = probe
-    return planner
+    return PlannedSteps(model, choice, candidates, memory, max_seq_length, rows, offload, probe)
 
 
 def offload_function(model):

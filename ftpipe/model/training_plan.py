@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 from ftpipe.core.errors import PipelineError
+from ftpipe.model.distributed import world_size
 
 KEEP, RECOMPUTE, OFFLOAD = "keep", "recompute", "offload"
 # Speed model (predicted_speed), fitted on one H200 with an 8B Llama, sequence length 2048, Unsloth:
@@ -282,15 +283,17 @@ class PlannedSteps:
     step's numbers are those it would have had. The plans taken are kept in `history`."""
 
     def __init__(self, model, choice: Choice, candidates: Sequence[Plan], memory: MemoryModel | None,
-                 tokens_per_row: int, batch_size: int, offload_function: Callable | None = None):
+                 tokens_per_row: int, batch_size: int, offload_function: Callable | None = None,
+                 probe: dict | None = None):
         self.model, self.candidates, self.memory = model, list(candidates), memory
         self.tokens_per_row, self.batch_size, self.offload_function = tokens_per_row, batch_size, offload_function
+        self.probe = probe   # what the memory probe measured (ftpipe.model.memory_probe), when it ran
         self.plan = choice.plan
-        self.distributed = False   # set under DDP (ftpipe.model.training)
+        self.distributed = world_size() > 1   # under DDP a step cannot be redone on one process alone
         self.history: list[dict] = [{"step": 0, "plan": choice.plan.as_dict(batch_size), "reason": choice.reason}]
         apply_plan(model, self.plan, offload_function)
 
-    def run(self, rows: Sequence[dict], micro_step: Callable[[Sequence[dict], float], Any], step: int):
+    def run(self, rows: Sequence[dict], micro_step: Callable[[Sequence[dict], float, bool], Any], step: int):
         """micro_step(micro_rows, share, last) runs forward and backward on some rows (share: their part of the
         step's loss tokens; last: the step's last micro-batch) and returns the detached loss it added; returns the
         step's loss. Under DDP a step that runs out of memory on one process cannot be redone on it alone (the

@@ -13,7 +13,6 @@ from ftpipe.model.modeling import IGNORE_INDEX, pad_packed_batch, padding_free_b
 from ftpipe.model.training import (
     PADDING_FREE_MULTIPLE,
     ROWS_KEY,
-    TOKENS_KEY,
     TokenCountingCollator,
     load_trainable_model,
     resolve_backend,
@@ -132,7 +131,7 @@ def test_collator_carries_the_steps_rows_and_counts_each_micro_batch_as_trained(
                                (True, ["input_ids", "labels", "packed_seq_lengths", "position_ids"])):
         collator = TokenCountingCollator(PAD_ID, padding_free=padding_free)
         batch = collator(rows)   # what the trainer's loader gives: the step's rows, and labels to count targets
-        assert sorted(batch) == sorted(["labels", ROWS_KEY, TOKENS_KEY]) and batch[ROWS_KEY].rows == rows
+        assert sorted(batch) == sorted(["labels", ROWS_KEY]) and batch[ROWS_KEY].rows == rows
         assert collator.tokens == 0   # nothing is counted before it is trained on
         for micro_rows in (rows[:1], rows[1:]):
             micro_batch = collator.collate(micro_rows)

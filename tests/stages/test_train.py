@@ -16,7 +16,7 @@ import pytest
 from ftpipe.core.io import read_json
 from ftpipe.data.tokenized import load_tokenized
 from ftpipe.model.checkpoints import fingerprint
-from ftpipe.model.training import CURVE_COLUMNS, TOKENS_KEY
+from ftpipe.model.training import CURVE_COLUMNS, ROWS_KEY
 from stages.train import curve_csv
 from tests.model_fixtures import (
     PACKED_TOKENIZE,
@@ -87,7 +87,7 @@ def test_cpu_backend_trains_qlora_on_a_4bit_base(tiny_trained):
     # One example per row: padded with an attention mask, as before packing existed; no KV cache.
     assert seen["use_cache"] is False and len(seen["forward_kwargs"]) == 6
     assert all({"input_ids", "labels", "attention_mask"} <= set(keys) and "position_ids" not in keys
-               and TOKENS_KEY not in keys for keys in seen["forward_kwargs"])
+               and ROWS_KEY not in keys for keys in seen["forward_kwargs"])
 
 
 def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, tiny_data):
@@ -314,7 +314,7 @@ def test_training_on_packed_rows_end_to_end(packed_trained):
     seen = packed_trained["model"]
     assert seen["use_cache"] is False and len(seen["forward_kwargs"]) == steps
     assert all({"input_ids", "labels", "position_ids"} <= set(keys) and "attention_mask" not in keys
-               and TOKENS_KEY not in keys for keys in seen["forward_kwargs"])
+               and ROWS_KEY not in keys for keys in seen["forward_kwargs"])
     tensors = adapter_tensors(packed_trained["adapter"])
     assert all(tensor.abs().max() > 0 for name, tensor in tensors.items() if "lora_B" in name)
 
