@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAYLOAD = REPO / ".gpu-payload"
 SKELETON = PAYLOAD / "base-skeleton"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]   # gpu_train_bench; ftpipe (not installed there)
 import gpu_train_bench as measured  # noqa: E402 - StepClock, host memory, the models' dimensions
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,25 +57,31 @@ JOBS = [
     {"name": "8b-stage", "model": "8b", "method": "stage", "steps": 30, "warmup": 10},
     {"name": "8b-unsloth_default", "model": "8b", "method": "unsloth_default", "steps": 30, "warmup": 10},
     {"name": "8b-unsloth_best", "model": "8b", "method": "unsloth_best", "steps": 30, "warmup": 10},
-    {"name": "8b-cap24-stage", "model": "8b", "method": "stage", "cap_gib": 24, "steps": 14, "warmup": 6},
-    {"name": "8b-cap24-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 24, "steps": 14,
-     "warmup": 6},
-    {"name": "8b-cap48-stage", "model": "8b", "method": "stage", "cap_gib": 48, "steps": 14, "warmup": 6},
-    {"name": "8b-cap48-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 48, "steps": 14,
-     "warmup": 6},
-    # variable-length rows: the default data set packed into rows of up to 2048 tokens (padding-free on Unsloth);
-    # the loop takes the stage's rows in the stage's order with the stage's plan, as a user would write it
-    {"name": "8b-variable-stage", "model": "8b", "method": "stage", "data": "variable", "steps": 30, "warmup": 10},
-    {"name": "8b-variable-unsloth_loop", "model": "8b", "method": "unsloth_loop", "data": "variable", "steps": 30,
-     "warmup": 10},
-    {"name": "8b-hf_peft_bnb", "model": "8b", "method": "hf_peft_bnb", "steps": 30, "warmup": 10},
+    {"name": "8b-cap24-stage", "model": "8b", "method": "stage", "cap_gib": 24, "steps": 10, "warmup": 4},
+    {"name": "8b-cap24-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 24, "steps": 10,
+     "warmup": 4},
+    {"name": "8b-cap48-stage", "model": "8b", "method": "stage", "cap_gib": 48, "steps": 10, "warmup": 4},
+    {"name": "8b-cap48-unsloth_default", "model": "8b", "method": "unsloth_default", "cap_gib": 48, "steps": 10,
+     "warmup": 4},
     {"name": "1b-stage", "model": "1b", "method": "stage", "steps": 30, "warmup": 10},
     {"name": "1b-unsloth_default", "model": "1b", "method": "unsloth_default", "steps": 30, "warmup": 10},
     {"name": "1b-unsloth_best", "model": "1b", "method": "unsloth_best", "steps": 30, "warmup": 10},
-    {"name": "1b-hf_peft_bnb", "model": "1b", "method": "hf_peft_bnb", "steps": 30, "warmup": 10},
-    {"name": "8b-longest", "model": "8b", "method": "longest"},
+    # variable-length rows: the default data set packed into rows of up to 2048 tokens (padding-free on Unsloth);
+    # the loop takes the stage's rows in the stage's order with the stage's plan, as a user would write it
+    {"name": "8b-variable-stage", "model": "8b", "method": "stage", "data": "variable", "steps": 16, "warmup": 6},
+    {"name": "8b-variable-unsloth_loop", "model": "8b", "method": "unsloth_loop", "data": "variable", "steps": 16,
+     "warmup": 6},
+    # transformers + peft + bitsandbytes: speed only (its curve is not one of those compared), so fewer steps
+    {"name": "8b-hf_peft_bnb", "model": "8b", "method": "hf_peft_bnb", "steps": 12, "warmup": 4},
+    {"name": "1b-hf_peft_bnb", "model": "1b", "method": "hf_peft_bnb", "steps": 12, "warmup": 4},
+    # the longest context of one step (batch 1) under 8, 16 and 32 GB caps, for the stage and for transformers +
+    # peft + bitsandbytes; then the stage's on the whole GPU (steps of minutes: a search that resumes)
+    {"name": "8b-longest-capped", "model": "8b", "method": "longest", "caps": [8, 16, 32]},
+    {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
+    {"name": "8b-longest", "model": "8b", "method": "longest", "caps": [None]},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
+UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
 
@@ -294,12 +300,11 @@ def run_loop(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     return {**result, "gradient_checkpointing": mode}
 
 
-def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+def hf_model(model_dir: Path):
+    """transformers + peft + bitsandbytes as PEFT's QLoRA guide sets it up (module docstring)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
-
-    from ftpipe.model.gpu import base_parameter_count
 
     set_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(
@@ -308,17 +313,113 @@ def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
-    return accumulating_loop(model, step_rows(job, rows, args.batch), 4, job, base_parameter_count(model_dir), False)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                            target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+    from ftpipe.model.gpu import base_parameter_count
+
+    return accumulating_loop(hf_model(model_dir), step_rows(job, rows, args.batch), 4, job,
+                             base_parameter_count(model_dir), False)
+
+
+def cap_memory(cap_gib: float | None) -> str:
+    """Caps this process's GPU memory at cap_gib (None: the whole GPU); returns the cap's label."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(cap_gib * 2**30 / total, 1.0) if cap_gib else 1.0)
+    return f"{cap_gib:g} GiB" if cap_gib else "uncapped"
+
+
+def longest_multiple(fits, step: int, limit: int) -> int:
+    """The longest multiple of `step` up to `limit` that `fits` (a predicate true up to some length), or 0."""
+    low, high = 0, step
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit // step * step + step)
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def search_longest(trial, first: list[int], step: int, limit: int, earlier: list[dict], seconds: float,
+                   on_trial) -> dict:
+    """The longest multiple of `step` up to `limit` that `trial(length) -> record with "fits"` fits: the
+    `first` lengths in turn (a target, a prediction) until one fails, then, while none has failed, growing
+    steps above the longest that fitted (step, 2 step, 4 step, ...), then halving the distance between the
+    longest that fitted and the shortest that failed. `earlier` trials (a resumed search) count as made."""
+    trials = list(earlier)
+    low = max([t["length"] for t in trials if t["fits"]], default=0)
+    high = min([t["length"] for t in trials if not t["fits"]], default=None)
+    queue = [length for length in first if length > low and (high is None or length < high)]
+    began, increment = time.time(), step
+    while time.time() - began < seconds:
+        if queue:
+            length = queue.pop(0)
+        elif high is None:
+            length, increment = low + increment, increment * 2
+        else:
+            length = (low + high) // 2 // step * step
+        if length > limit or length <= low or (high is not None and (length >= high or high - low <= step)):
+            break
+        record = trial(length)
+        trials.append(record)
+        on_trial(trials)
+        if record["fits"]:
+            low = length
+        else:
+            high, queue = length, [candidate for candidate in queue if candidate < length]
+    return {"longest_fitting": low, "shortest_failing": high, "resolution": step, "trials": trials,
+            "complete": high is not None and high - low <= step or low + step > limit}
+
+
+def step_at(model, optimizer, batch: dict) -> tuple[bool, float]:
+    """One training step (forward, backward, optimizer) on `batch`: whether it fitted, and its seconds."""
+    import torch
+
+    began, fitted = time.time(), True
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        fitted = False
+    loss = batch = None   # after the except block: its traceback held the failed step's tensors
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return fitted, round(time.time() - began, 1)
+
+
+def longest_jobs(args, job: dict, run_one) -> dict:
+    """run_one(cap_gib, label, earlier trials, write) for each of the job's caps (smallest first; None: the whole
+    GPU), results written as each trial ends, --longest-resume continuing a result file's trials."""
+    earlier = json.loads(Path(args.longest_resume).read_text()) if args.longest_resume else {}
+    earlier = earlier.get("jobs", {}).get(job["name"], earlier)   # a whole report, or one job's result file
+    result = {"searches": {}}
+
+    def write(extra: dict | None = None) -> None:
+        Path(args.result).write_text(json.dumps({**result, **(extra or {})}, default=str))
+
+    for cap_gib in job["caps"]:
+        label = cap_memory(cap_gib)
+        trials = (earlier.get("searches", {}).get(label, {}).get("trials")
+                  or earlier.get("in_progress_trials", {}).get(label, []))
+        result["searches"][label] = run_one(cap_gib, label, trials, write)
+        write()
+    return result
 
 
 def run_longest(args, job: dict, model_dir: Path) -> dict:
-    """The longest sequence one training step fits (batch 1), with the stage's model setup and plan. The memory
-    model, fitted on probes at --longest-probe tokens, predicts the longest length some plan fits (GPU and host
-    RAM); one full step (forward, backward, optimizer) at that length checks it; after a failure the next length is
-    halfway to the longest that fitted. A step there takes minutes (attention is quadratic), so each trial is
-    written as it ends and --longest-resume continues from a result file's trials."""
+    """The longest sequence one training step fits (batch 1) with the stage's model setup and plan, under each of
+    the job's GPU memory caps. The memory model, fitted on probes at --longest-probe tokens on the whole GPU,
+    predicts the longest length some plan fits (GPU and host RAM); steps (forward, backward, optimizer) check
+    it (search_longest). A step near the H200's limit takes minutes (attention is quadratic in the length), so
+    each trial is written as it ends and --longest-resume continues from a result file's trials."""
     import torch
     from transformers import set_seed
 
@@ -336,71 +437,75 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
                                  sum(p.numel() for p in trainable))
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=True)
     layers, offload = len(decoder_layers(model)), offload_function(model)
-    gpu_budget, host_budget = usable_gpu_bytes(), usable_host_bytes()
     candidates = candidate_plans(1, 1, "auto", layers, offload is not None)
+    step = args.longest_step if job["caps"] == [None] else args.longest_step // 8
 
-    def fits(length: int) -> bool:   # some plan is predicted to fit
-        return choose_plan(candidates, memory, gpu_budget, length, 1, host_budget).reason.startswith("the fastest")
+    def run_one(cap_gib, label, earlier, write):
+        gpu_budget, host_budget = usable_gpu_bytes(), usable_host_bytes()
 
-    step = args.longest_step
-    low, high = 0, None   # the longest length that fitted, the shortest that failed
-    trials = []
-    if args.longest_resume:
-        trials = json.loads(Path(args.longest_resume).read_text()).get("trials", [])
-        for trial in trials:
-            if trial["fits"]:
-                low = max(low, trial["length"])
-            else:
-                high = min(high or trial["length"], trial["length"])
-    # the model's prediction: the longest multiple of `step` some plan fits
-    predicted = step
-    while predicted * 2 <= LONGEST and fits(predicted * 2):
-        predicted *= 2
-    hi = min(predicted * 2, LONGEST + step)
-    while hi - predicted > step:
-        mid = (predicted + hi) // 2 // step * step
-        predicted, hi = (mid, hi) if fits(mid) else (predicted, mid)
-    result = {"probe": probe, "predicted_longest": predicted, "gpu_budget_gib": round(gpu_budget / 2**30, 1),
-              "host_budget_gib": round(host_budget / 2**30, 1), "trials": trials}
-    started = time.time()
-    length = predicted if high is None else (low + high) // 2 // step * step
-    while length > low and (high is None or high - low > step):
-        choice = choose_plan(candidates, memory, gpu_budget, length, 1, host_budget)   # the smallest if none fits
-        apply_plan(model, choice.plan, offload)
-        ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
-        batch = {k: v.cuda() for k, v in padding_free_batch([{"input_ids": ids, "labels": ids,
-                                                               "position_ids": list(range(length))}]).items()}
-        torch.cuda.reset_peak_memory_stats()
-        measured.reset_peak_rss()
-        Path(args.result).write_text(json.dumps({**result, "in_progress": length}))
-        began, fitted = time.time(), True
-        try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**batch, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError:
-            fitted = False
-        loss = batch = None
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        trials.append({"length": length, "fits": fitted, "plan": choice.plan.as_dict(1),
-                       "predicted_gib": round(choice.predicted_bytes / 2**30, 2),
-                       "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                       "host_peak_rss_gib": round(measured.host_memory()["peak_rss"] / 2**30, 2),
-                       "seconds": round(time.time() - began, 1)})
-        print(trials[-1], flush=True)
-        Path(args.result).write_text(json.dumps(result))
-        if fitted:
-            low = length
-        else:
-            high = length
-        if high is None or time.time() - started > args.longest_seconds:
-            break
-        length = (low + high) // 2 // step * step
-    return {**result, "longest_fitting": low, "shortest_failing": high, "resolution": step,
-            "complete": high is not None and high - low <= step}
+        def plan_for(length: int):
+            return choose_plan(candidates, memory, gpu_budget, length, 1, host_budget)
+
+        def fits(length: int) -> bool:
+            return plan_for(length).reason.startswith("the fastest")
+
+        predicted = longest_multiple(fits, step, LONGEST)
+        search = {"predicted_longest": predicted, "gpu_budget_gib": round(gpu_budget / 2**30, 1),
+                  "host_budget_gib": round(host_budget / 2**30, 1)}
+
+        def trial(length: int) -> dict:
+            choice = plan_for(length)   # the plan needing the least memory where none is predicted to fit
+            apply_plan(model, choice.plan, offload)
+            ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+            batch = {k: v.cuda() for k, v in padding_free_batch([{"input_ids": ids, "labels": ids,
+                                                                   "position_ids": list(range(length))}]).items()}
+            torch.cuda.reset_peak_memory_stats()
+            measured.reset_peak_rss()
+            write({"in_progress": {"cap": label, "length": length}})
+            fitted, seconds = step_at(model, optimizer, batch)
+            record = {"length": length, "fits": fitted, "plan": choice.plan.as_dict(1),
+                      "predicted_gib": round(choice.predicted_bytes / 2**30, 2),
+                      "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      "host_peak_rss_gib": round(measured.host_memory()["peak_rss"] / 2**30, 2), "seconds": seconds}
+            print(label, record, flush=True)
+            return record
+
+        # Uncapped, the target first (the shortest multiple of step beyond Unsloth's published 342,733 tokens),
+        # then the prediction: a step there takes minutes
+        first = [length for length in (UNSLOTH_PUBLISHED_LONGEST // step * step + step,) if cap_gib is None]
+        first += [predicted] if predicted else [step]
+        found = search_longest(trial, first, step, LONGEST, earlier, args.longest_seconds,
+                               lambda trials: write({"in_progress_trials": {label: trials}}))
+        return {**search, **found}
+
+    return {"probe": probe, **longest_jobs(args, job, run_one)}
+
+
+def run_longest_hf(args, job: dict, model_dir: Path) -> dict:
+    """The same search for transformers + peft + bitsandbytes (run_hf's model), without a memory model: from
+    --longest-step / 8 tokens up, then bisected."""
+    import torch
+
+    model = hf_model(model_dir)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    step = args.longest_step // 8
+
+    def run_one(cap_gib, label, earlier, write):
+        def trial(length: int) -> dict:
+            ids = torch.randint(3, 32000, (1, length), generator=torch.Generator().manual_seed(0)).cuda()
+            torch.cuda.reset_peak_memory_stats()
+            write({"in_progress": {"cap": label, "length": length}})
+            fitted, seconds = step_at(model, optimizer, {"input_ids": ids, "labels": ids})
+            record = {"length": length, "fits": fitted, "seconds": seconds,
+                      "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            print(label, record, flush=True)
+            return record
+
+        return search_longest(trial, [step], step, LONGEST, earlier, args.longest_seconds,
+                              lambda trials: write({"in_progress_trials": {label: trials}}))
+
+    return longest_jobs(args, job, run_one)
 
 
 def worker(args) -> None:
@@ -410,7 +515,7 @@ def worker(args) -> None:
 
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(job["cap_gib"] * 2**30 / total)
-    if job["method"] != "hf_peft_bnb" and not args.cpu_smoke:
+    if not job["method"].startswith(("hf_peft_bnb", "longest_hf")) and not args.cpu_smoke:
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
     from ftpipe.data.tokenized import load_tokenized
 
@@ -420,6 +525,8 @@ def worker(args) -> None:
         result = run_stage(args, job, model_dir, data_dir)
     elif job["method"] == "longest":
         result = run_longest(args, job, model_dir)
+    elif job["method"] == "longest_hf_peft_bnb":
+        result = run_longest_hf(args, job, model_dir)
     elif job["method"] == "hf_peft_bnb":
         result = run_hf(args, job, model_dir, load_tokenized("train", data_dir))
     else:
@@ -442,11 +549,16 @@ def run_all(args) -> None:
     base = root()
     report_file = base / "gpu_train_plan.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {"jobs": {}}
+    if args.merge and not report["jobs"]:   # a fresh machine: the jobs of earlier sessions, from their results
+        earlier = json.loads(Path(args.merge).read_text())
+        report = {**earlier, "jobs": {name: job for name, job in earlier["jobs"].items() if job.get("exit") == 0}}
     jobs = [job for job in JOBS if any(job["name"].startswith(prefix) for prefix in args.jobs.split(","))]
     if args.cpu_smoke:
         jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
-                and job["method"] not in ("hf_peft_bnb", "longest") and not job.get("cap_gib")]
+                and not job["method"].startswith(("hf_peft_bnb", "longest")) and not job.get("cap_gib")]
     env = os.environ if args.cpu_smoke else site_environment()
+    report.setdefault("sessions", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "jobs": [job["name"] for job in jobs]})
     report.update(state="running", settings={"seq_len": args.seq_len, "batch": args.batch, "seed": SEED,
                                              "best_micro": args.best_micro, "lora": {"r": 16, "alpha": 32,
                                                                                      "target_modules": TARGETS}})
@@ -473,7 +585,8 @@ def run_all(args) -> None:
         started = time.time()
         with open(log, "w") as handle:
             code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
-        entry = {**job, "exit": code, "wall_seconds": round(time.time() - started, 1)}
+        entry = {**job, "exit": code, "wall_seconds": round(time.time() - started, 1),
+                 "session": len(report["sessions"])}
         if result_file.exists():
             entry.update(json.loads(result_file.read_text()))
         if code != 0:
@@ -522,6 +635,8 @@ def start(args) -> None:
                str(args.seq_len), "--batch", str(args.batch), "--best-micro", str(args.best_micro)]
     if args.longest_resume:
         command += ["--longest-resume", str(Path(args.longest_resume).resolve())]
+    if args.merge:
+        command += ["--merge", str(Path(args.merge).resolve())]
     subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"started; log {base / 'run.log'}")
 
@@ -531,11 +646,15 @@ def wait(seconds: float, out: Path) -> None:
     deadline = time.time() + seconds
     report_file = base / "gpu_train_plan.json"
     while time.time() < deadline:
-        if report_file.exists() and json.loads(report_file.read_text()).get("state") == "done":
-            break
+        log = (base / "run.log").read_text(errors="replace") if (base / "run.log").exists() else ""
+        if "Traceback" in log:
+            break   # the runner itself failed
+        report = json.loads(report_file.read_text()) if report_file.exists() else {}
+        if report.get("state") == "done" or any(job.get("exit") for job in report.get("jobs", {}).values()):
+            break   # done, or a job failed: its log is worth reading before the rest runs
         time.sleep(5)
     out.mkdir(parents=True, exist_ok=True)
-    for path in [report_file, base / "run.log", *sorted(base.glob("*.log"))]:
+    for path in [report_file, base / "run.log", *sorted(base.glob("*.log")), *sorted(base.glob("*.result.json"))]:
         if path.exists():
             (out / path.name).write_text(path.read_text(errors="replace")[-200_000:])
     if report_file.exists():
@@ -562,6 +681,8 @@ def main() -> None:
     parser.add_argument("--longest-probe", type=int, default=16384, help="the memory probe's row length")
     parser.add_argument("--longest-seconds", type=float, default=1500, help="stop starting trials after this")
     parser.add_argument("--longest-resume", help="a result file whose longest trials to continue from")
+    parser.add_argument("--merge", help="on a fresh machine, start from an earlier session's results file "
+                                        "(bench/results/gpu_train_plan.json): the comparison covers both")
     parser.add_argument("--build")
     parser.add_argument("--worker")
     parser.add_argument("--result")

@@ -1,0 +1,57 @@
+"""The longest-context search of bench/gpu_train_plan.py (its GPU steps are measured on the GPU machine; the
+search's order of trials and its stopping rules are plain logic, checked here with a fake step)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("gpu_train_plan", BENCH / "gpu_train_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+def fake_step(longest: int, lengths: list[int]):
+    def trial(length: int) -> dict:
+        lengths.append(length)
+        return {"length": length, "fits": length <= longest}
+    return trial
+
+
+def test_longest_multiple_finds_the_boundary_of_a_predicate():
+    assert bench.longest_multiple(lambda n: n <= 100_000, 1024, 1 << 19) == 99_328   # 97 x 1024
+    assert bench.longest_multiple(lambda n: True, 1024, 10_000) == 9_216              # bounded by the limit
+    assert bench.longest_multiple(lambda n: False, 1024, 10_000) == 0
+
+
+def test_search_from_a_prediction_that_is_short_grows_then_bisects():
+    lengths = []
+    found = bench.search_longest(fake_step(50_000, lengths), [40_960], 1024, 1 << 19, [], 3600, lambda t: None)
+    assert found["longest_fitting"] == 49_152 and found["shortest_failing"] == 50_176 and found["complete"]
+    assert lengths[:4] == [40_960, 41_984, 44_032, 48_128]   # step, 2 step, 4 step above the prediction
+    assert all(t["fits"] == (t["length"] <= 50_000) for t in found["trials"])
+
+
+def test_a_target_that_fails_drops_longer_first_lengths_and_bisects_below():
+    lengths = []
+    found = bench.search_longest(fake_step(300_000, lengths), [344_064, 400_000], 8192, 1 << 19, [], 3600,
+                                 lambda t: None)
+    assert lengths[0] == 344_064 and 400_000 not in lengths
+    assert found["longest_fitting"] == 294_912 and found["shortest_failing"] == 303_104
+
+
+def test_a_resumed_search_counts_earlier_trials_and_stops_on_time():
+    earlier = [{"length": 344_064, "fits": True}, {"length": 425_984, "fits": False}]
+    lengths = []
+    found = bench.search_longest(fake_step(400_000, lengths), [344_064], 8192, 1 << 19, earlier, 3600,
+                                 lambda t: None)
+    assert lengths[0] == 385_024 and found["longest_fitting"] == 393_216 and found["complete"]
+    assert found["trials"][:2] == earlier
+    assert bench.search_longest(fake_step(400_000, []), [8192], 8192, 1 << 19, [], 0, lambda t: None)["trials"] == []
