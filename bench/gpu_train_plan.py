@@ -210,7 +210,7 @@ def run_stage(args, job: dict, model_dir: Path, data_dir: Path) -> dict:
                            [ResetPeak()])
     curve = result["curve"]
     (root() / order_file(job)).write_text(json.dumps(order[:job["steps"]]))
-    return {**throughput(curve, skip_first=job["warmup"]), "steps": len(curve),
+    return {**throughput(curve, skip_first=job["warmup"]), "steps": len(curve), "row_order": order[:job["steps"]],
             "losses": [round(row["loss"], 5) for row in curve],
             "training_plan": result["metrics"]["training_plan"], "mfu_stage": result["metrics"].get("mfu")}
 
@@ -547,11 +547,15 @@ def site_environment() -> dict[str, str]:
 
 def run_all(args) -> None:
     base = root()
+    base.mkdir(parents=True, exist_ok=True)
     report_file = base / "gpu_train_plan.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {"jobs": {}}
     if args.merge and not report["jobs"]:   # a fresh machine: the jobs of earlier sessions, from their results
         earlier = json.loads(Path(args.merge).read_text())
         report = {**earlier, "jobs": {name: job for name, job in earlier["jobs"].items() if job.get("exit") == 0}}
+        for job in report["jobs"].values():   # the loops of a later session take the rows in the stage's order
+            if job.get("row_order") and not (base / order_file(job)).exists():
+                (base / order_file(job)).write_text(json.dumps(job["row_order"]))
     jobs = [job for job in JOBS if any(job["name"].startswith(prefix) for prefix in args.jobs.split(","))]
     if args.cpu_smoke:
         jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
