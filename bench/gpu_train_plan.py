@@ -11,9 +11,13 @@ per process):
   unsloth_loop     (variable-length data) the same loop with the stage's own plan, on the stage's batches
   hf_peft_bnb      transformers + peft + bitsandbytes (NF4, double quant, bf16 compute, SDPA, non-reentrant
                    checkpointing on every layer, as PEFT's QLoRA guide does), micro-batch 4
-  longest          the longest sequence (batch 1) one training step of the stage's setup fits: the memory model
-                   of the plan (ftpipe/model/memory_probe.py) predicts it, one step at that length checks it,
-                   a failure halves the distance to the last length that fitted (--longest-resume continues)
+  longest          the longest sequence (batch 1) one training step of the stage's setup fits, under each of the
+                   job's GPU memory caps (8, 16, 32 GiB; then the whole GPU): the memory model of the plan
+                   (ftpipe/model/memory_probe.py) predicts it, steps check it (search_longest); uncapped, the first
+                   step is just beyond Unsloth's published 342,733 tokens (--longest-resume continues a search)
+  longest_hf_peft_bnb
+                   the same for transformers + peft + bitsandbytes under the caps, without a memory model
+                   (from 1,024 tokens up, then bisected)
 
 Same for every method: a random-initialized Llama built on the spot (8b: Llama 3.1 8B dimensions; 1b: Llama 3.2
 1B), rows of --seq-len random token ids, --batch rows per optimizer step (the effective batch), LoRA r=16 alpha=32
@@ -30,6 +34,8 @@ and unsloth_best are comparable step by step. --cap-gib caps the process's GPU m
     # on the GPU machine (device tool), carrying .gpu-payload; --jobs picks which (default: all, in order):
     python3 bench/gpu_train_plan.py --start --jobs 8b && python3 bench/gpu_train_plan.py --wait 540 --out $OUT
     python3 bench/gpu_train_plan.py --wait 540 --out $OUT     # again, until it says done
+    # a later session on a fresh machine adds its jobs to the committed results:
+    python3 bench/gpu_train_plan.py --start --merge bench/results/gpu_train_plan.json --jobs 8b-cap,1b && ...
 Writes gpu_train_plan.json (commit it as bench/results/gpu_train_plan.json; BENCHMARKS.md reads it).
 """
 from __future__ import annotations

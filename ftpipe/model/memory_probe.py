@@ -11,6 +11,7 @@ torch is imported inside the functions, as everywhere in ftpipe.model.
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +101,17 @@ def random_rows(count: int, tokens: int, vocab_size: int, packed: bool, seed: in
     return rows
 
 
+# Unsloth marks a model that ran forward and backward before trainer.train() and, when training starts, drops the
+# kernels torch.compile built for it, warning that the run was "poisoned" and asking for the probe under no_grad
+# (where it could not measure the backward pass). Dropping them is right here too (the probes' shapes are not
+# training's), so the warning would only alarm: it is silenced once the probes ran.
+UNSLOTH_PROBE_WARNING = r"Unsloth: detected a manual forward/backward run before trainer\.train\(\)"
+
+
+def silence_unsloth_probe_warning() -> None:
+    warnings.filterwarnings("ignore", message=UNSLOTH_PROBE_WARNING)
+
+
 def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: int, packed: bool, dtype,
                  trainable_parameters: int) -> tuple[MemoryModel | None, dict]:
     """The memory model of this model on this GPU from three probe steps (module docstring), and what was
@@ -117,6 +129,7 @@ def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: i
             apply_plan(model, Plan(count, recomputed, 0, layers))
             measured[name] = probe_step_bytes(model, collate, random_rows(count, max_seq_length, vocab_size, packed),
                                               dtype)
+    silence_unsloth_probe_warning()
     record = {"tokens_per_row": max_seq_length, "layers": layers,
               **{f"{name}_step_gib": round(value / 2**30, 3) if value is not None else None
                  for name, value in measured.items()}}
