@@ -71,20 +71,20 @@ JOBS = [
      "warmup": 4},
     {"name": "1b-stage", "model": "1b", "method": "stage", "steps": 30, "warmup": 10},
     {"name": "1b-unsloth_default", "model": "1b", "method": "unsloth_default", "steps": 30, "warmup": 10},
-    {"name": "1b-unsloth_best", "model": "1b", "method": "unsloth_best", "steps": 30, "warmup": 10},
     # variable-length rows: the default data set packed into rows of up to 2048 tokens (padding-free on Unsloth);
     # the loop takes the stage's rows in the stage's order with the stage's plan, as a user would write it
     {"name": "8b-variable-stage", "model": "8b", "method": "stage", "data": "variable", "steps": 16, "warmup": 6},
     {"name": "8b-variable-unsloth_loop", "model": "8b", "method": "unsloth_loop", "data": "variable", "steps": 16,
      "warmup": 6},
+    # the longest context of one step (batch 1): the stage's on the whole GPU (steps of minutes: a search that
+    # resumes across sessions), then under 8, 16 and 32 GB caps for the stage and transformers + peft + bnb
+    {"name": "8b-longest", "model": "8b", "method": "longest", "caps": [None]},
+    {"name": "8b-longest-capped", "model": "8b", "method": "longest", "caps": [8, 16, 32]},
+    {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
     # transformers + peft + bitsandbytes: speed only (its curve is not one of those compared), so fewer steps
     {"name": "8b-hf_peft_bnb", "model": "8b", "method": "hf_peft_bnb", "steps": 12, "warmup": 4},
     {"name": "1b-hf_peft_bnb", "model": "1b", "method": "hf_peft_bnb", "steps": 12, "warmup": 4},
-    # the longest context of one step (batch 1) under 8, 16 and 32 GB caps, for the stage and for transformers +
-    # peft + bitsandbytes; then the stage's on the whole GPU (steps of minutes: a search that resumes)
-    {"name": "8b-longest-capped", "model": "8b", "method": "longest", "caps": [8, 16, 32]},
-    {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
-    {"name": "8b-longest", "model": "8b", "method": "longest", "caps": [None]},
+    {"name": "1b-unsloth_best", "model": "1b", "method": "unsloth_best", "steps": 30, "warmup": 10},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
