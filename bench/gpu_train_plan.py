@@ -611,8 +611,9 @@ def run_all(args) -> None:
 
 def compare(jobs: dict) -> dict:
     """The issue's targets from the jobs that ran: speed ratios and the loss curves' largest difference."""
-    def rate(name: str):
-        return jobs.get(name, {}).get("tokens_per_s")
+    def rate(name: str):   # real tokens: the stage pads padding-free rows to a multiple of 128 positions
+        job = jobs.get(name, {})
+        return job.get("useful_tokens_per_s") or job.get("tokens_per_s")
 
     out = {}
     stage, loop = rate("8b-variable-stage"), rate("8b-variable-unsloth_loop")
@@ -633,6 +634,22 @@ def compare(jobs: dict) -> dict:
             out[f"{prefix}: largest loss difference from the stage's, steps 1-{len(curves['stage'])}"] = {
                 method: round(max(abs(a - b) for a, b in zip(curves["stage"], losses)), 5)
                 for method, losses in curves.items() if method != "stage"}
+        history = jobs.get(f"{prefix}-stage", {}).get("training_plan", {}).get("history")
+        if history:
+            out[f"{prefix}: stage steps redone after running out of memory"] = len(history) - 1
+    whole = jobs.get("8b-longest", {}).get("searches", {}).get("uncapped")
+    if whole:
+        out["8b longest context, whole GPU: stage"] = whole["longest_fitting"]
+        out[f"8b longest context beyond Unsloth's published {UNSLOTH_PUBLISHED_LONGEST:,}"] = (
+            whole["longest_fitting"] > UNSLOTH_PUBLISHED_LONGEST)
+    capped = {method: jobs.get(name, {}).get("searches", {}) for method, name in
+              (("stage", "8b-longest-capped"), ("transformers + peft + bnb", "8b-longest-capped-hf_peft_bnb"))}
+    labels = sorted({label for searches in capped.values() for label in searches},
+                    key=lambda text: float(text.split()[0]))   # "8 GiB", "16 GiB", ...
+    if labels:
+        out["8b longest context under GPU memory caps"] = {
+            label: {method: searches[label]["longest_fitting"] for method, searches in capped.items()
+                    if label in searches} for label in labels}
     return out
 
 

@@ -55,3 +55,21 @@ def test_a_resumed_search_counts_earlier_trials_and_stops_on_time():
     assert lengths[0] == 385_024 and found["longest_fitting"] == 393_216 and found["complete"]
     assert found["trials"][:2] == earlier
     assert bench.search_longest(fake_step(400_000, []), [8192], 8192, 1 << 19, [], 0, lambda t: None)["trials"] == []
+
+
+def test_the_comparison_states_the_issues_targets_from_the_jobs_that_ran():
+    plan = {"history": [{"step": 0}, {"step": 3}]}   # one step redone on a smaller plan
+    jobs = {"8b-cap24-stage": {"useful_tokens_per_s": 15_000, "tokens_per_s": 15_100, "losses": [1.0, 0.9],
+                               "training_plan": plan},
+            "8b-cap24-unsloth_default": {"useful_tokens_per_s": 10_000, "losses": [1.0, 0.9004]},
+            "8b-longest": {"searches": {"uncapped": {"longest_fitting": 409_600}}},
+            "8b-longest-capped": {"searches": {"16 GiB": {"longest_fitting": 40_960},
+                                               "8 GiB": {"longest_fitting": 7_168}}},
+            "8b-longest-capped-hf_peft_bnb": {"searches": {"8 GiB": {"longest_fitting": 0}}}}
+    out = bench.compare(jobs)
+    assert out["8b-cap24: stage / unsloth_default"] == 1.5   # real tokens, not the padded count
+    assert out["8b-cap24: stage steps redone after running out of memory"] == 1
+    assert out["8b longest context, whole GPU: stage"] == 409_600
+    assert out["8b longest context beyond Unsloth's published 342,733"] is True
+    assert out["8b longest context under GPU memory caps"] == {
+        "8 GiB": {"stage": 7_168, "transformers + peft + bnb": 0}, "16 GiB": {"stage": 40_960}}
