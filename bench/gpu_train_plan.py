@@ -516,11 +516,8 @@ def run_longest_hf(args, job: dict, model_dir: Path) -> dict:
 
 def worker(args) -> None:
     job = json.loads(args.worker)
-    if job.get("cap_gib"):
-        import torch
-
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(job["cap_gib"] * 2**30 / total)
+    if job.get("cap_gib"):   # before anything is loaded
+        cap_memory(job["cap_gib"])
     if not job["method"].startswith(("hf_peft_bnb", "longest_hf")) and not args.cpu_smoke:
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
     from ftpipe.data.tokenized import load_tokenized

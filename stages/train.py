@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import time
 from pathlib import Path
@@ -45,9 +44,9 @@ from ftpipe.model.checkpoints import (
     start_record,
 )
 from ftpipe.model.distributed import (
-    MULTI_HOST_ENV,
     is_main_process,
     launch,
+    multi_host,
     resolve_devices,
     under_launcher,
     world_size,
@@ -202,7 +201,7 @@ def launched_on_several_processes(params: Params) -> bool:
         return False
     backend = resolve_backend(params.train.backend)
     processes = resolve_devices(params.train.devices, backend in GPU_BACKENDS)
-    if processes == 1 and not any(os.environ.get(name) for name in MULTI_HOST_ENV):
+    if processes == 1 and not multi_host():
         return False
     code = launch("stages.train", processes)
     if code:

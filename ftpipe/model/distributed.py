@@ -67,8 +67,13 @@ def per_process_rows(batch_size: int, processes: int) -> int:
     return batch_size // processes
 
 
+def multi_host() -> bool:
+    """Is torchrun's multi-host rendezvous configured (PET_NNODES or PET_RDZV_ENDPOINT set)?"""
+    return any(os.environ.get(name) for name in MULTI_HOST_ENV)
+
+
 def torchrun_command(module: str, processes: int) -> list[str]:
-    rendezvous = [] if any(os.environ.get(name) for name in MULTI_HOST_ENV) else ["--standalone"]
+    rendezvous = [] if multi_host() else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={processes}",
             "-m", module]
 
