@@ -46,6 +46,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ import gpu_train_bench as measured  # noqa: E402 - StepClock, host memory, the m
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED = 42
-# The jobs, in the order they run; --jobs selects by name prefix ("8b" runs every 8b job). Effective batch 16
+# The jobs; --jobs selects by name prefix ("8b" runs every 8b job), in the order of its prefixes. Effective batch 16
 # rows of 2048 tokens for every method; the capped runs and the 1B take fewer steps (speed and fit, not curves).
 JOBS = [
     {"name": "8b-stage", "model": "8b", "method": "stage", "steps": 30, "warmup": 10},
@@ -77,14 +78,15 @@ JOBS = [
     {"name": "8b-variable-unsloth_loop", "model": "8b", "method": "unsloth_loop", "data": "variable", "steps": 16,
      "warmup": 6},
     # the longest context of one step (batch 1): the stage's on the whole GPU (steps of minutes: a search that
-    # resumes across sessions), then under 8, 16 and 32 GB caps for the stage and transformers + peft + bnb
+    # resumes across sessions; its first trial is the target's), later under 8, 16 and 32 GB caps
     {"name": "8b-longest", "model": "8b", "method": "longest", "caps": [None]},
-    {"name": "8b-longest-capped", "model": "8b", "method": "longest", "caps": [8, 16, 32]},
-    {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
     # transformers + peft + bitsandbytes: speed only (its curve is not one of those compared), so fewer steps
     {"name": "8b-hf_peft_bnb", "model": "8b", "method": "hf_peft_bnb", "steps": 12, "warmup": 4},
     {"name": "1b-hf_peft_bnb", "model": "1b", "method": "hf_peft_bnb", "steps": 12, "warmup": 4},
     {"name": "1b-unsloth_best", "model": "1b", "method": "unsloth_best", "steps": 30, "warmup": 10},
+    # the longest context under 8, 16 and 32 GB caps, for the stage and transformers + peft + bnb
+    {"name": "8b-longest-capped", "model": "8b", "method": "longest", "caps": [8, 16, 32]},
+    {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
@@ -155,7 +157,6 @@ def build_data(folder: Path, rows: int, seq_len: int, vocab: int) -> None:
 def build_variable_data(folder: Path, model_dir: Path, seq_len: int) -> None:
     """The default data set's clean train split (the payload's data.tar.xz, or this checkout's data/clean), chat
     template applied, packed by the tokenize stage into rows of up to seq_len tokens, repeated to fill every step."""
-    import tarfile
     import tempfile
 
     from ftpipe.core.params import TokenizeParams
@@ -421,28 +422,29 @@ def longest_jobs(args, job: dict, run_one) -> dict:
 
 
 def run_longest(args, job: dict, model_dir: Path) -> dict:
-    """The longest sequence one training step fits (batch 1) with the stage's model setup and plan, under each of
-    the job's GPU memory caps. The memory model, fitted on probes at --longest-probe tokens on the whole GPU,
-    predicts the longest length some plan fits (GPU and host RAM); steps (forward, backward, optimizer) check
-    it (search_longest). A step near the H200's limit takes minutes (attention is quadratic in the length), so
-    each trial is written as it ends and --longest-resume continues from a result file's trials."""
+    """The longest sequence one training step fits (batch 1) with the stage's model setup and plans, under each
+    of the job's GPU memory caps. The memory model, fitted on probes of one row of --longest-probe tokens and
+    one of twice that (longest_probe), predicts the longest length some plan fits (GPU and host RAM); steps
+    (forward, backward, optimizer) check it (search_longest), each on the plan the stage would choose and, where
+    that runs out of memory, on the plans the stage falls back to (next_plan), as it would redo the step. A step
+    near the H200's limit takes minutes (attention is quadratic in the length), so each trial is written as it
+    ends and --longest-resume continues from a result file's trials."""
     import torch
     from transformers import set_seed
 
-    from ftpipe.model.memory_probe import probe_memory, usable_gpu_bytes, usable_host_bytes
+    from ftpipe.model.memory_probe import usable_gpu_bytes, usable_host_bytes
     from ftpipe.model.modeling import padding_free_batch
     from ftpipe.model.training import load_trainable_model, offload_function
-    from ftpipe.model.training_plan import apply_plan, candidate_plans, choose_plan, decoder_layers
+    from ftpipe.model.training_plan import apply_plan, candidate_plans, choose_plan, decoder_layers, next_plan
 
     params = train_params(args, {"steps": 1}, "auto", 1)
     set_seed(SEED)
     model = load_trainable_model("unsloth", params, model_dir, LONGEST, "bfloat16")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    memory, probe = probe_memory(model, padding_free_batch, args.longest_probe, True, torch.bfloat16,
-                                 sum(p.numel() for p in trainable))
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=True)
     layers, offload = len(decoder_layers(model)), offload_function(model)
+    memory, probe = longest_probe(model, args.longest_probe, offload, sum(p.numel() for p in trainable))
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=True)
     candidates = candidate_plans(1, 1, "auto", layers, offload is not None)
     step = args.longest_step if job["caps"] == [None] else args.longest_step // 8
 
@@ -459,22 +461,24 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
         search = {"predicted_longest": predicted, "gpu_budget_gib": round(gpu_budget / 2**30, 1),
                   "host_budget_gib": round(host_budget / 2**30, 1)}
 
-        def trial(length: int) -> dict:
-            choice = plan_for(length)   # the plan needing the least memory where none is predicted to fit
-            apply_plan(model, choice.plan, offload)
+        def attempt(length: int, choice_plan, predicted_bytes: float) -> dict:
+            apply_plan(model, choice_plan, offload)
             ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
             batch = {k: v.cuda() for k, v in padding_free_batch([{"input_ids": ids, "labels": ids,
                                                                    "position_ids": list(range(length))}]).items()}
             torch.cuda.reset_peak_memory_stats()
             measured.reset_peak_rss()
-            write({"in_progress": {"cap": label, "length": length}})
             fitted, seconds = step_at(model, optimizer, batch)
-            record = {"length": length, "fits": fitted, "plan": choice.plan.as_dict(1),
-                      "predicted_gib": round(choice.predicted_bytes / 2**30, 2),
-                      "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                      "host_peak_rss_gib": round(measured.host_memory()["peak_rss"] / 2**30, 2), "seconds": seconds}
-            print(label, record, flush=True)
-            return record
+            return {"fits": fitted, "plan": choice_plan.as_dict(1), "predicted_gib": round(predicted_bytes / 2**30, 2),
+                    "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    "host_peak_rss_gib": round(measured.host_memory()["peak_rss"] / 2**30, 2), "seconds": seconds}
+
+        def trial(length: int) -> dict:
+            write({"in_progress": {"cap": label, "length": length}})
+            return step_with_fallbacks(
+                length, plan_for(length).plan,   # the plan needing the least memory where none is predicted to fit
+                lambda plan: attempt(length, plan, memory.step_bytes(plan, length)),
+                lambda plan: next_plan(plan, candidates, memory, length, host_budget), label)
 
         # Uncapped, the target first (the shortest multiple of step beyond Unsloth's published 342,733 tokens),
         # then the prediction: a step there takes minutes
@@ -485,6 +489,54 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
         return {**search, **found}
 
     return {"probe": probe, **longest_jobs(args, job, run_one)}
+
+
+def step_with_fallbacks(length: int, plan, attempt, fall_back, label: str = "") -> dict:
+    """One trial of the longest-context search as the stage runs a step: `attempt(plan)` (a record with "fits"),
+    and after running out of memory `fall_back(plan)` (the next plan, or None) and again, until a plan fits or
+    none is left. The trial's record is its last attempt's, with every attempt."""
+    attempts = []
+    while plan is not None:
+        attempts.append(attempt(plan))
+        print(label, length, attempts[-1], flush=True)
+        if attempts[-1]["fits"]:
+            break
+        plan = fall_back(plan)
+    return {"length": length, **attempts[-1], "attempts": attempts}
+
+
+def longest_probe(model, tokens: int, offload, trainable_parameters: int):
+    """The memory model for batch-1 rows far longer than training's: probe steps on one row of `tokens` and one
+    of twice that with every layer recomputed, and one of `tokens` offloaded (no layer is kept at such lengths).
+    The stage's probe doubles the rows instead (its micro-batches are rows of max_seq_length); at 16k tokens
+    that extrapolated 21x to 344k and predicted 118 GiB for a step that ran out of 139 (bench/results/
+    gpu_longest_memory.json: a row's cost per token measured at 8k-128k)."""
+    import torch
+
+    from ftpipe.model.memory_probe import ADAM_STATE_BYTES, input_bytes_per_token, offload_bytes, probe_step_bytes
+    from ftpipe.model.modeling import padding_free_batch
+    from ftpipe.model.training_plan import MemoryModel, Plan, apply_plan, decoder_layers
+
+    layers = len(decoder_layers(model))
+    probes = {"recompute": (Plan(1, layers, 0, layers), tokens), "recompute_double": (Plan(1, layers, 0, layers),
+                                                                                        2 * tokens)}
+    if offload is not None:
+        probes["offload"] = (Plan(1, 0, layers, layers), tokens)
+    measured_bytes = {}
+    for name, (plan, length) in probes.items():
+        apply_plan(model, plan, offload)
+        ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+        measured_bytes[name] = probe_step_bytes(model, padding_free_batch, [{"input_ids": ids, "labels": ids,
+                                                                             "position_ids": list(range(length))}],
+                                                torch.bfloat16)
+    record = {"tokens": tokens, **{f"{name}_step_gib": None if value is None else round(value / 2**30, 3)
+                                   for name, value in measured_bytes.items()}}
+    memory = MemoryModel.fit(layers, tokens, None, measured_bytes["recompute"], measured_bytes["recompute_double"],
+                             input_bytes_per_token(model), fixed_extra=ADAM_STATE_BYTES * trainable_parameters,
+                             offload=offload_bytes(measured_bytes))
+    record["model_kib_per_token"] = {"beyond_layer_inputs": round(memory.other_per_token / 1024, 1),
+                                     "offload_buffers": round(memory.offload_per_token / 1024, 1)}
+    return memory, record
 
 
 def run_longest_hf(args, job: dict, model_dir: Path) -> dict:
@@ -559,7 +611,7 @@ def run_all(args) -> None:
         for job in report["jobs"].values():   # the loops of a later session take the rows in the stage's order
             if job.get("row_order") and not (base / order_file(job)).exists():
                 (base / order_file(job)).write_text(json.dumps(job["row_order"]))
-    jobs = [job for job in JOBS if any(job["name"].startswith(prefix) for prefix in args.jobs.split(","))]
+    jobs = selected_jobs(args.jobs)
     if args.cpu_smoke:
         jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
                 and not job["method"].startswith(("hf_peft_bnb", "longest")) and not job.get("cap_gib")]
@@ -606,6 +658,15 @@ def run_all(args) -> None:
     report_file.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
+def selected_jobs(prefixes: str) -> list[dict]:
+    """The jobs --jobs names (comma-separated name prefixes), in the order of the prefixes, each prefix's jobs
+    in JOBS order: a session runs first what it needs most."""
+    selected = []
+    for prefix in prefixes.split(","):
+        selected += [job for job in JOBS if job["name"].startswith(prefix) and job not in selected]
+    return selected
+
+
 def compare(jobs: dict) -> dict:
     """The issue's targets from the jobs that ran: speed ratios and the loss curves' largest difference."""
     def rate(name: str):   # real tokens: the stage pads padding-free rows to a multiple of 128 positions
@@ -618,7 +679,7 @@ def compare(jobs: dict) -> dict:
         out["8b variable-length: stage / hand-written loop with the stage's plan"] = round(stage / loop, 3)
         pair = [jobs[name]["losses"] for name in ("8b-variable-stage", "8b-variable-unsloth_loop")]
         out["8b variable-length: largest loss difference"] = round(max(abs(a - b) for a, b in zip(*pair)), 5)
-    for prefix in ("8b", "8b-cap24", "8b-cap48", "1b"):
+    for prefix in ("8b", "8b-cap24", "8b-cap48", "8b-variable", "1b"):
         stage, default = rate(f"{prefix}-stage"), rate(f"{prefix}-unsloth_default")
         if stage and default:
             out[f"{prefix}: stage / unsloth_default"] = round(stage / default, 3)
@@ -656,7 +717,9 @@ def start(args) -> None:
     (base / "gpu_train_plan.json").unlink(missing_ok=True) if args.fresh else None
     log = open(base / "run.log", "a")
     command = [sys.executable, str(Path(__file__).resolve()), "--run", "--jobs", args.jobs, "--seq-len",
-               str(args.seq_len), "--batch", str(args.batch), "--best-micro", str(args.best_micro)]
+               str(args.seq_len), "--batch", str(args.batch), "--best-micro", str(args.best_micro),
+               "--longest-step", str(args.longest_step), "--longest-probe", str(args.longest_probe),
+               "--longest-seconds", str(args.longest_seconds)]
     if args.longest_resume:
         command += ["--longest-resume", str(Path(args.longest_resume).resolve())]
     if args.merge:
@@ -678,9 +741,14 @@ def wait(seconds: float, out: Path) -> None:
             break   # done, or a job failed: its log is worth reading before the rest runs
         time.sleep(5)
     out.mkdir(parents=True, exist_ok=True)
-    for path in [report_file, base / "run.log", *sorted(base.glob("*.log")), *sorted(base.glob("*.result.json"))]:
+    for path in (report_file, base / "run.log"):
         if path.exists():
             (out / path.name).write_text(path.read_text(errors="replace")[-200_000:])
+    # the jobs' logs and result files as one archive: the device tool brings back at most 8 files
+    with tarfile.open(out / "jobs.tar.gz", "w:gz") as archive:
+        for path in [*sorted(base.glob("*.log")), *sorted(base.glob("*.result.json"))]:
+            if path.name != "run.log":
+                archive.add(path, arcname=path.name)
     if report_file.exists():
         report = json.loads(report_file.read_text())
         print("state:", report.get("state"))
@@ -702,7 +770,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="rows per optimizer step, for every method")
     parser.add_argument("--best-micro", type=int, default=8, help="unsloth_best's micro-batch (found by hand)")
     parser.add_argument("--longest-step", type=int, default=8192)
-    parser.add_argument("--longest-probe", type=int, default=16384, help="the memory probe's row length")
+    parser.add_argument("--longest-probe", type=int, default=32768, help="the memory probe's row length")
     parser.add_argument("--longest-seconds", type=float, default=1500, help="stop starting trials after this")
     parser.add_argument("--longest-resume", help="a result file whose longest trials to continue from")
     parser.add_argument("--merge", help="on a fresh machine, start from an earlier session's results file "

@@ -2,9 +2,10 @@
 
 Three probe steps (forward and backward on random tokens, in the trainer's batch layout, no optimizer step):
 one row of max_seq_length tokens with every decoder layer kept, the same with every layer recomputed, and two
-rows with every layer recomputed. Their peak memory above the resident model fits MemoryModel; a probe that
-runs out of memory is recorded as such. The probes leave no trace: gradients are cleared and the random
-state restored, so a run's numbers are those it has without them.
+rows with every layer recomputed; a fourth where layers can be offloaded (Unsloth): one row with every layer
+offloaded, for the buffers offloading keeps on the GPU. Their peak memory above the resident model fits
+MemoryModel; a probe that runs out of memory is recorded as such. The probes leave no trace: gradients are
+cleared and the random state restored, so a run's numbers are those it has without them.
 
 torch is imported inside the functions, as everywhere in ftpipe.model.
 """
@@ -18,9 +19,7 @@ from typing import Callable
 from ftpipe.model.training_plan import (
     ADAM_STATE_BYTES,
     HOST_SHARE,
-    KEEP,
     MEMORY_SHARE,
-    RECOMPUTE,
     RESERVED_BYTES,
     MemoryModel,
     Plan,
@@ -112,23 +111,35 @@ def silence_unsloth_probe_warning() -> None:
     warnings.filterwarnings("ignore", message=UNSLOTH_PROBE_WARNING)
 
 
+def offload_bytes(measured: dict) -> float | None:
+    """The offload probe's peak for MemoryModel.fit: None where it did not run, infinite where it ran out of
+    memory (no plan offloading layers is then considered)."""
+    if "offload" not in measured:
+        return None
+    return float("inf") if measured["offload"] is None else measured["offload"]
+
+
 def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: int, packed: bool, dtype,
-                 trainable_parameters: int) -> tuple[MemoryModel | None, dict]:
-    """The memory model of this model on this GPU from three probe steps (module docstring), and what was
-    measured. None when even one row with every layer recomputed does not fit."""
+                 trainable_parameters: int, offload_function: Callable | None = None
+                 ) -> tuple[MemoryModel | None, dict]:
+    """The memory model of this model on this GPU from the probe steps (module docstring; the offload probe
+    where `offload_function` is given), and what was measured. None when even one row with every layer
+    recomputed does not fit."""
     import torch
 
     layers = len(decoder_layers(model))
     vocab_size = model.get_input_embeddings().weight.shape[0]
     model.train()   # checkpointing runs in training mode only
+    probes = [("recompute", Plan(1, layers, 0, layers)), ("recompute_double", Plan(2, layers, 0, layers)),
+              ("keep", Plan(1, 0, 0, layers))]
+    if offload_function is not None:
+        probes.append(("offload", Plan(1, 0, layers, layers)))
     measured = {}
     with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
-        for name, mode, count in (("recompute", RECOMPUTE, 1), ("recompute_double", RECOMPUTE, 2),
-                                  ("keep", KEEP, 1)):
-            recomputed = layers if mode == RECOMPUTE else 0
-            apply_plan(model, Plan(count, recomputed, 0, layers))
-            measured[name] = probe_step_bytes(model, collate, random_rows(count, max_seq_length, vocab_size, packed),
-                                              dtype)
+        for name, plan in probes:
+            apply_plan(model, plan, offload_function)
+            rows = random_rows(plan.micro_batch_size, max_seq_length, vocab_size, packed)
+            measured[name] = probe_step_bytes(model, collate, rows, dtype)
     silence_unsloth_probe_warning()
     record = {"tokens_per_row": max_seq_length, "layers": layers,
               **{f"{name}_step_gib": round(value / 2**30, 3) if value is not None else None
@@ -137,9 +148,10 @@ def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: i
         return None, record
     memory = MemoryModel.fit(layers, max_seq_length, measured["keep"], measured["recompute"],
                              measured["recompute_double"], input_bytes_per_token(model),
-                             fixed_extra=ADAM_STATE_BYTES * trainable_parameters)
+                             fixed_extra=ADAM_STATE_BYTES * trainable_parameters, offload=offload_bytes(measured))
     record["model_kib_per_token"] = {"kept_layer": round(memory.keep_per_token / 1024, 1),
                                      "layer_input": round(memory.input_per_token / 1024, 1),
-                                     "outside_layers": round(memory.other_per_token / 1024, 1)}
+                                     "outside_layers": round(memory.other_per_token / 1024, 1),
+                                     "offload_buffers": round(memory.offload_per_token / 1024, 1)}
     record["model_fixed_gib"] = round(memory.step_fixed / 2**30, 3)
     return memory, record

@@ -254,6 +254,7 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             def micro_step(micro_rows: list[dict], share: float, last: bool):
                 batch = collator.collate(micro_rows)
                 collator.count(batch, micro_rows)
+                batch = to_gpu_without_waiting(batch, self.args.device)
                 # Under DDP the gradients are averaged across processes once a step, in the last micro-batch's
                 # backward pass: processes may then run different numbers of micro-batches
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
@@ -314,6 +315,19 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
 
 
 
+def to_gpu_without_waiting(batch: dict, device) -> dict:
+    """A micro-batch's tensors on the GPU, copied from pinned host memory without waiting for the GPU. The trainer
+    would copy them from pageable memory (where collation makes them), and CUDA makes such a copy wait for every
+    kernel queued before it: the GPU would then idle at each micro-batch while the next forward pass's first
+    kernels are launched. Elsewhere (the CPU) the batch as it is."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return batch
+    return {key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
 def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_dir: Path, max_seq_length: int,
                   rows: list[dict], output_dir: Path, callbacks: list) -> tuple[Any, int]:
     """The trainer of a run and the base model's parameter count: the seed set, the 4-bit base with fresh
@@ -361,15 +375,14 @@ def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, pa
         return PlannedSteps(model, Choice(candidates[0], "as params.yaml sets it"), candidates, None, max_seq_length,
                             rows, offload)
     trainable, _ = model.get_nb_trainable_parameters()
-    memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable)
-    budget = usable_gpu_bytes()
+    memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable, offload)
+    budget, host_budget = usable_gpu_bytes(), usable_host_bytes() if offload is not None else float("inf")
     if memory is None:
         choice = Choice(candidates[-1], "one row does not fit even with every layer recomputed: the plan needing "
                                         "the least memory", None, budget)
     else:
-        choice = choose_plan(candidates, memory, budget, max_seq_length, rows,
-                             usable_host_bytes() if offload is not None else float("inf"))
-    return PlannedSteps(model, choice, candidates, memory, max_seq_length, rows, offload, probe)
+        choice = choose_plan(candidates, memory, budget, max_seq_length, rows, host_budget)
+    return PlannedSteps(model, choice, candidates, memory, max_seq_length, rows, offload, probe, host_budget)
 
 
 def offload_function(model):

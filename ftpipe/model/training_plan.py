@@ -134,16 +134,20 @@ def predicted_speed(plan: Plan, tokens_per_row: int) -> float:
 class MemoryModel:
     """GPU bytes a training step takes on top of the resident model, from the tokens of a micro-batch:
     step_fixed + tokens x (kept layers x keep_per_token + recomputed layers x input_per_token
-    + [any layer checkpointed] x transient_per_token + other_per_token).
+    + [any layer checkpointed] x transient_per_token + [any layer offloaded] x offload_per_token
+    + other_per_token).
     A checkpointed layer keeps only its input (hidden size x dtype bytes: input_per_token, exact); the layer
     being recomputed holds a kept layer's activations for a moment, and an offloaded input's staging buffer
     (transient_per_token = keep_per_token + input_per_token); other_per_token is the embeddings, the final
-    norm, the logits and the loss."""
+    norm, the logits and the loss. Unsloth's offloaded checkpointing keeps buffers of its own on the GPU
+    (copies in flight, the backward pass's double buffer): offload_per_token, measured by a fourth probe
+    (on an H200, 8B Llama: 32 KiB per token, four layer inputs' worth, whatever the number offloaded)."""
     step_fixed: float
     keep_per_token: float
     input_per_token: float
     transient_per_token: float
     other_per_token: float
+    offload_per_token: float = 0.0
 
     def step_bytes(self, plan: Plan, tokens: int) -> float:
         per_token = self.other_per_token + plan.recomputed * self.input_per_token
@@ -151,6 +155,8 @@ class MemoryModel:
             per_token += plan.kept * self.keep_per_token
         if plan.kept < plan.layers:
             per_token += self.transient_per_token
+        if plan.offloaded:
+            per_token += self.offload_per_token
         return self.step_fixed + tokens * per_token
 
     def host_bytes(self, plan: Plan, tokens: int) -> float:
@@ -158,17 +164,20 @@ class MemoryModel:
 
     @classmethod
     def fit(cls, layers: int, tokens: int, keep: float | None, recompute: float, recompute_double: float,
-            input_per_token: float, fixed_extra: float = 0.0) -> "MemoryModel":
-        """From three probe steps' peak bytes: every layer kept at `tokens` (None: it ran out of memory), every
-        layer recomputed at `tokens` and at 2 x `tokens`. The two recompute probes give the per-token cost of
-        that plan and the fixed part; the keep probe then gives a kept layer's activations per token.
-        `fixed_extra` is what a probe does not allocate (the optimizer's state)."""
+            input_per_token: float, fixed_extra: float = 0.0, offload: float | None = None) -> "MemoryModel":
+        """From the probe steps' peak bytes: every layer kept at `tokens` (None: it ran out of memory), every
+        layer recomputed at `tokens` and at 2 x `tokens`, and (where offloading is possible) every layer
+        offloaded at `tokens`. The two recompute probes give the per-token cost of that plan and the fixed
+        part; the keep probe then gives a kept layer's activations per token, the offload probe what offloading
+        keeps on the GPU besides. `fixed_extra` is what a probe does not allocate (the optimizer's state)."""
         recompute_per_token = max((recompute_double - recompute) / tokens, 0.0)
         fixed = max(recompute - tokens * recompute_per_token, 0.0)
         beyond_inputs = max(recompute_per_token - layers * input_per_token, 0.0)   # transient + other
+        # offloading every layer keeps no input on the GPU: what it takes beyond transient + other is its own
+        offload_per_token = max((offload - fixed) / tokens - beyond_inputs, 0.0) if offload is not None else 0.0
         if keep is None:   # not even one row with every layer kept: no plan keeping layers is considered
             return cls(step_fixed=fixed + fixed_extra, keep_per_token=float("inf"), input_per_token=input_per_token,
-                       transient_per_token=0.0, other_per_token=beyond_inputs)
+                       transient_per_token=0.0, other_per_token=beyond_inputs, offload_per_token=offload_per_token)
         keep_total = (keep - fixed) / tokens   # L*a + c, with recompute_per_token = L*b + (a + b) + c
         if layers > 1:
             keep_per_token = (keep_total - recompute_per_token + (layers + 1) * input_per_token) / (layers - 1)
@@ -177,7 +186,8 @@ class MemoryModel:
         keep_per_token = min(max(keep_per_token, input_per_token), keep_total / layers)   # a >= b, c >= 0
         transient = min(keep_per_token + input_per_token, beyond_inputs)
         return cls(step_fixed=fixed + fixed_extra, keep_per_token=keep_per_token, input_per_token=input_per_token,
-                   transient_per_token=transient, other_per_token=beyond_inputs - transient)
+                   transient_per_token=transient, other_per_token=beyond_inputs - transient,
+                   offload_per_token=offload_per_token)
 
 
 @dataclass(frozen=True)
@@ -208,14 +218,17 @@ def choose_plan(candidates: Sequence[Plan], memory: MemoryModel, budget_bytes: f
                         f"predicted of {budget_bytes / gib:.1f} GiB usable", needs(plan), budget_bytes)
 
 
-def next_plan(failed: Plan, candidates: Sequence[Plan], memory: MemoryModel | None, tokens_per_row: int) -> Plan | None:
-    """After `failed` ran out of memory: the fastest candidate predicted to need less memory, or None. Without a
-    memory model: the next smaller micro-batch with the same checkpointing, else one more checkpointed layer."""
+def next_plan(failed: Plan, candidates: Sequence[Plan], memory: MemoryModel | None, tokens_per_row: int,
+              host_budget_bytes: float = float("inf")) -> Plan | None:
+    """After `failed` ran out of memory: the fastest candidate predicted to need less GPU memory (and to fit the
+    host RAM its offloaded inputs take), or None. Without a memory model: the next smaller micro-batch with the
+    same checkpointing, else one more checkpointed layer."""
     if memory is not None:
         def needs(plan: Plan) -> float:
             return memory.step_bytes(plan, plan.micro_batch_size * tokens_per_row)
 
-        smaller = [plan for plan in candidates if needs(plan) < needs(failed)]
+        smaller = [plan for plan in candidates if needs(plan) < needs(failed)
+                   and memory.host_bytes(plan, plan.micro_batch_size * tokens_per_row) <= host_budget_bytes]
         return max(smaller, key=lambda plan: (predicted_speed(plan, tokens_per_row), -needs(plan)), default=None)
     level = (failed.recomputed, failed.offloaded)
     same_level = [plan for plan in candidates if (plan.recomputed, plan.offloaded) == level
@@ -284,8 +297,9 @@ class PlannedSteps:
 
     def __init__(self, model, choice: Choice, candidates: Sequence[Plan], memory: MemoryModel | None,
                  tokens_per_row: int, batch_size: int, offload_function: Callable | None = None,
-                 probe: dict | None = None):
+                 probe: dict | None = None, host_budget_bytes: float = float("inf")):
         self.model, self.candidates, self.memory = model, list(candidates), memory
+        self.host_budget_bytes = host_budget_bytes   # host RAM offloaded inputs may take (a fallback's too)
         self.tokens_per_row, self.batch_size, self.offload_function = tokens_per_row, batch_size, offload_function
         self.probe = probe   # what the memory probe measured (ftpipe.model.memory_probe), when it ran
         self.plan = choice.plan
@@ -325,7 +339,7 @@ class PlannedSteps:
         gc.collect()
         torch.cuda.empty_cache()
         failed = self.plan
-        plan = next_plan(failed, self.candidates, self.memory, self.tokens_per_row)
+        plan = next_plan(failed, self.candidates, self.memory, self.tokens_per_row, self.host_budget_bytes)
         if plan is None:
             raise PipelineError(
                 f"train: out of GPU memory at step {step} with {failed.describe(self.batch_size)}, and no plan needs "

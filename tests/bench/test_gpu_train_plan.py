@@ -73,3 +73,40 @@ def test_the_comparison_states_the_issues_targets_from_the_jobs_that_ran():
     assert out["8b longest context beyond Unsloth's published 342,733"] is True
     assert out["8b longest context under GPU memory caps"] == {
         "8 GiB": {"stage": 7_168, "transformers + peft + bnb": 0}, "16 GiB": {"stage": 40_960}}
+
+
+def test_a_trial_that_runs_out_of_memory_falls_back_as_the_stage_does_until_a_plan_fits():
+    # plans as numbers of layers offloaded; a step fits from 3 offloaded on
+    tried = []
+
+    def attempt(plan):
+        tried.append(plan)
+        return {"fits": plan >= 3, "plan": plan}
+
+    record = bench.step_with_fallbacks(344_064, 1, attempt, lambda plan: plan + 1 if plan < 5 else None)
+    assert tried == [1, 2, 3]
+    assert record["fits"] and record["plan"] == 3 and record["length"] == 344_064
+    assert [a["fits"] for a in record["attempts"]] == [False, False, True]
+
+
+def test_a_trial_fails_only_when_no_plan_is_left():
+    record = bench.step_with_fallbacks(8192, 4, lambda plan: {"fits": False, "plan": plan},
+                                       lambda plan: plan + 1 if plan < 5 else None)
+    assert not record["fits"] and [a["plan"] for a in record["attempts"]] == [4, 5]
+
+
+def test_the_comparison_counts_the_variable_length_stages_redone_steps():
+    history = [{"step": 0}, {"step": 1}, {"step": 1}]
+    jobs = {"8b-variable-stage": {"useful_tokens_per_s": 12_000.0, "losses": [1.0, 0.9],
+                                  "training_plan": {"history": history}},
+            "8b-variable-unsloth_loop": {"tokens_per_s": 11_800.0, "losses": [1.0, 0.91]}}
+    comparison = bench.compare(jobs)
+    assert comparison["8b-variable: stage steps redone after running out of memory"] == 2
+    ratio = comparison["8b variable-length: stage / hand-written loop with the stage's plan"]
+    assert ratio == round(12_000 / 11_800, 3)
+
+
+def test_jobs_run_in_the_order_of_the_prefixes_asked_for_each_once():
+    names = [job["name"] for job in bench.selected_jobs("8b-longest,8b-cap,8b-longest-capped")]
+    assert names == ["8b-longest", "8b-longest-capped", "8b-longest-capped-hf_peft_bnb", "8b-cap24-stage",
+                     "8b-cap24-unsloth_default", "8b-cap48-stage", "8b-cap48-unsloth_default"]

@@ -204,3 +204,15 @@ def test_throughput_skips_steps_logged_without_counts():
     assert throughput(old) == {}
     new = old + [{"tokens": 100, "useful_tokens": 100, "seconds": 2.0}]
     assert throughput(new) == {"tokens_per_s": 50.0, "useful_tokens_per_s": 50.0, "useful_token_share": 1.0}
+
+
+def test_a_micro_batch_stays_as_collated_off_the_gpu():
+    # on a GPU its tensors are copied from pinned memory without waiting (measured in bench/gpu_train_plan.py);
+    # elsewhere the trainer moves the batch itself, and nothing is copied here
+    import torch
+
+    from ftpipe.model.training import to_gpu_without_waiting
+
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1, 2, 3]])}
+    assert to_gpu_without_waiting(batch, torch.device("cpu")) is batch
+    assert to_gpu_without_waiting(batch, "cpu") is batch

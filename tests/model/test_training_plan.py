@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from ftpipe.core.errors import PipelineError
+from ftpipe.model.memory_probe import offload_bytes
 from ftpipe.model.training_plan import (
     KEEP,
     OFFLOAD,
@@ -77,6 +78,45 @@ def test_the_memory_model_is_recovered_from_three_probe_steps():
     assert fitted.other_per_token == pytest.approx(truth.other_per_token)
     assert fitted.transient_per_token == pytest.approx(truth.transient_per_token)
     assert fitted.step_fixed == pytest.approx(truth.step_fixed + 0.5 * GIB)   # plus the optimizer's state
+
+
+def test_the_offload_probe_gives_what_offloading_keeps_on_the_gpu():
+    # what the H200 measured for a row of the 8B model (bench/results/gpu_longest_memory.json): offloading every
+    # layer takes 32 KiB a token more than transient + other; recomputation does not
+    truth = dataclasses.replace(LLAMA_8B, offload_per_token=32 * KIB)
+    layers = 32
+
+    def probe(plan, rows):
+        return truth.step_bytes(plan, rows * SEQ)
+
+    fitted = MemoryModel.fit(layers, SEQ, keep=probe(Plan(1, 0, 0, layers), 1),
+                             recompute=probe(Plan(1, layers, 0, layers), 1),
+                             recompute_double=probe(Plan(2, layers, 0, layers), 2),
+                             input_per_token=truth.input_per_token, offload=probe(Plan(1, 0, layers, layers), 1))
+    assert fitted.offload_per_token == pytest.approx(32 * KIB)
+    mixed = Plan(1, 16, 16, layers)
+    assert fitted.step_bytes(mixed, 300_000) == pytest.approx(truth.step_bytes(mixed, 300_000))
+    assert fitted.step_bytes(Plan(1, 32, 0, 32), SEQ) == pytest.approx(truth.step_bytes(Plan(1, 32, 0, 32), SEQ))
+    # without the probe (no offloading backend): nothing added
+    assert MemoryModel.fit(layers, SEQ, None, 4 * GIB, 7 * GIB, 8 * KIB).offload_per_token == 0.0
+
+
+def test_an_offload_probe_that_ran_out_of_memory_rules_out_offloading():
+    assert offload_bytes({"recompute": 1.0}) is None                       # not probed
+    assert offload_bytes({"offload": None}) == float("inf")               # ran out of memory
+    fitted = MemoryModel.fit(32, SEQ, None, 4 * GIB, 7 * GIB, 8 * KIB, offload=offload_bytes({"offload": None}))
+    choice = choose_plan(candidate_plans(1, 1, "auto", 32, True), fitted, 20 * GIB, SEQ, 1)
+    assert choice.plan.offloaded == 0
+
+
+def test_a_fallback_keeps_offloaded_inputs_within_host_ram():
+    candidates = candidate_plans(1, 1, "auto", 32, True)
+    length = 344_064   # each offloaded layer's input: 8 KiB x 344,064 tokens = 2.6 GiB of host RAM
+    # the fastest plan needing less GPU memory offloads one layer more
+    assert next_plan(Plan(1, 29, 3, 32), candidates, LLAMA_8B, length, 20 * GIB) == Plan(1, 28, 4, 32)
+    # 7 layers (18.4 GiB) fit 20 GiB of host RAM, 8 (21 GiB) do not: nothing is left to fall back to
+    assert next_plan(Plan(1, 25, 7, 32), candidates, LLAMA_8B, length, 20 * GIB) is None
+    assert next_plan(Plan(1, 25, 7, 32), candidates, LLAMA_8B, length) == Plan(1, 24, 8, 32)   # RAM unbounded
 
 
 def test_a_keep_probe_that_ran_out_of_memory_rules_out_keeping_layers():
