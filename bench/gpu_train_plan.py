@@ -58,8 +58,9 @@ import gpu_train_bench as measured  # noqa: E402 - StepClock, host memory, the m
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED = 42
-# The jobs; --jobs selects by name prefix ("8b" runs every 8b job), in the order of its prefixes. Effective batch 16
-# rows of 2048 tokens for every method; the capped runs and the 1B take fewer steps (speed and fit, not curves).
+# The jobs; --jobs selects by name or name prefix ("8b" runs every 8b job), in the order it names them. Effective
+# batch 16 rows of 2048 tokens for every method; the capped runs and the 1B take fewer steps (speed and fit, not
+# curves).
 JOBS = [
     {"name": "8b-stage", "model": "8b", "method": "stage", "steps": 30, "warmup": 10},
     {"name": "8b-unsloth_default", "model": "8b", "method": "unsloth_default", "steps": 30, "warmup": 10},
@@ -658,12 +659,13 @@ def run_all(args) -> None:
     report_file.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
-def selected_jobs(prefixes: str) -> list[dict]:
-    """The jobs --jobs names (comma-separated name prefixes), in the order of the prefixes, each prefix's jobs
-    in JOBS order: a session runs first what it needs most."""
+def selected_jobs(names: str) -> list[dict]:
+    """The jobs --jobs names (comma-separated: a job's name, else a prefix of names), in the order named, a
+    prefix's jobs in JOBS order: a session runs first what it needs most."""
     selected = []
-    for prefix in prefixes.split(","):
-        selected += [job for job in JOBS if job["name"].startswith(prefix) and job not in selected]
+    for name in names.split(","):
+        exact = [job for job in JOBS if job["name"] == name]
+        selected += [job for job in exact or JOBS if job["name"].startswith(name) and job not in selected]
     return selected
 
 
@@ -764,7 +766,8 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help="run the jobs here, in the foreground")
     parser.add_argument("--wait", type=float, help="wait up to this many seconds for the jobs, then copy results")
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--jobs", default="8b,1b", help="job name prefixes, comma-separated")
+    parser.add_argument("--jobs", default="8b,1b", help="job names or name prefixes, comma-separated, run in "
+                                                            "this order")
     parser.add_argument("--cpu-smoke", action="store_true", help="a dry run on the CPU with a tiny model")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=16, help="rows per optimizer step, for every method")

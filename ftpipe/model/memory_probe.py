@@ -3,7 +3,8 @@
 Three probe steps (forward and backward on random tokens, in the trainer's batch layout, no optimizer step):
 one row of max_seq_length tokens with every decoder layer kept, the same with every layer recomputed, and two
 rows with every layer recomputed; a fourth where layers can be offloaded (Unsloth): one row with every layer
-offloaded, for the buffers offloading keeps on the GPU. Their peak memory above the resident model fits
+offloaded, for the buffers offloading keeps on the GPU. Packed rows hold examples of the lengths of the data's
+busiest rows (busiest_layouts). Their peak memory above the resident model fits
 MemoryModel; a probe that runs out of memory is recorded as such. The probes leave no trace: gradients are
 cleared and the random state restored, so a run's numbers are those it has without them.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import gc
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ftpipe.model.training_plan import (
     ADAM_STATE_BYTES,
@@ -85,17 +86,47 @@ def probe_step_bytes(model, collate: Callable[[list[dict]], dict], rows: list[di
     return peak
 
 
-def random_rows(count: int, tokens: int, vocab_size: int, packed: bool, seed: int = 0) -> list[dict]:
-    """Rows of random token ids (every position a target), shaped as the trainer's rows."""
+# Packed rows whose examples' lengths the probe copies: the first ones of the data set (reading every row's
+# positions would take long on a large one)
+LAYOUT_SAMPLE_ROWS = 512
+
+
+def busiest_layouts(rows: Sequence[dict], count: int = 2) -> list[list[int]]:
+    """The examples' lengths of the `count` packed rows holding the most examples (of the first
+    LAYOUT_SAMPLE_ROWS): the probe's rows take their layout. Unsloth runs padding-free attention per example,
+    and rows of many examples take more memory than rows of one (8B, micro-batch 8 on an H200: 71.6 GiB above
+    the model for the default data set packed, 60.2 for rows of one example; bench/results/gpu_train_plan.json)."""
+    def lengths(positions) -> list[int]:
+        starts = [index for index, position in enumerate(positions) if position == 0] or [0]
+        return [end - start for start, end in zip(starts, [*starts[1:], len(positions)])]
+
+    layouts = [lengths(row["position_ids"]) for row in rows[:LAYOUT_SAMPLE_ROWS]]
+    return sorted(layouts, key=len, reverse=True)[:count]
+
+
+def layout_positions(lengths: Sequence[int], tokens: int) -> list[int]:
+    """Position ids of a row of exactly `tokens` tokens holding examples of `lengths`, repeated as needed (the
+    last one cut short)."""
+    positions: list[int] = []
+    while len(positions) < tokens:
+        for length in lengths:
+            positions += range(length)
+    return positions[:tokens]
+
+
+def random_rows(count: int, tokens: int, vocab_size: int, packed: bool, seed: int = 0,
+                layouts: Sequence[Sequence[int]] | None = None) -> list[dict]:
+    """Rows of random token ids (every position a target), shaped as the trainer's rows: packed rows hold one
+    example each, or examples of the lengths of `layouts` (one per row, in turn)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for _ in range(count):
+    for index in range(count):
         ids = torch.randint(0, vocab_size, (tokens,), generator=generator).tolist()
         row = {"input_ids": ids, "labels": ids}
         if packed:
-            row["position_ids"] = list(range(tokens))
+            row["position_ids"] = layout_positions(layouts[index % len(layouts)] if layouts else [tokens], tokens)
         rows.append(row)
     return rows
 
@@ -120,11 +151,11 @@ def offload_bytes(measured: dict) -> float | None:
 
 
 def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: int, packed: bool, dtype,
-                 trainable_parameters: int, offload_function: Callable | None = None
-                 ) -> tuple[MemoryModel | None, dict]:
+                 trainable_parameters: int, offload_function: Callable | None = None,
+                 layouts: Sequence[Sequence[int]] | None = None) -> tuple[MemoryModel | None, dict]:
     """The memory model of this model on this GPU from the probe steps (module docstring; the offload probe
-    where `offload_function` is given), and what was measured. None when even one row with every layer
-    recomputed does not fit."""
+    where `offload_function` is given; packed rows laid out as `layouts`, busiest_layouts of the data), and what
+    was measured. None when even one row with every layer recomputed does not fit."""
     import torch
 
     layers = len(decoder_layers(model))
@@ -138,10 +169,11 @@ def probe_memory(model, collate: Callable[[list[dict]], dict], max_seq_length: i
     with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
         for name, plan in probes:
             apply_plan(model, plan, offload_function)
-            rows = random_rows(plan.micro_batch_size, max_seq_length, vocab_size, packed)
+            rows = random_rows(plan.micro_batch_size, max_seq_length, vocab_size, packed, layouts=layouts)
             measured[name] = probe_step_bytes(model, collate, rows, dtype)
     silence_unsloth_probe_warning()
     record = {"tokens_per_row": max_seq_length, "layers": layers,
+              "examples_per_row": [len(layout) for layout in layouts] if packed and layouts else 1 if packed else None,
               **{f"{name}_step_gib": round(value / 2**30, 3) if value is not None else None
                  for name, value in measured.items()}}
     if measured["recompute"] is None or measured["recompute_double"] is None:

@@ -106,7 +106,9 @@ def test_the_comparison_counts_the_variable_length_stages_redone_steps():
     assert ratio == round(12_000 / 11_800, 3)
 
 
-def test_jobs_run_in_the_order_of_the_prefixes_asked_for_each_once():
-    names = [job["name"] for job in bench.selected_jobs("8b-longest,8b-cap,8b-longest-capped")]
-    assert names == ["8b-longest", "8b-longest-capped", "8b-longest-capped-hf_peft_bnb", "8b-cap24-stage",
-                     "8b-cap24-unsloth_default", "8b-cap48-stage", "8b-cap48-unsloth_default"]
+def test_jobs_run_in_the_order_named_each_once_a_name_before_a_prefix():
+    names = [job["name"] for job in bench.selected_jobs("8b-longest,8b-cap,8b-longest-c,8b-cap24-stage")]
+    assert names == ["8b-longest", "8b-cap24-stage", "8b-cap24-unsloth_default", "8b-cap48-stage",
+                     "8b-cap48-unsloth_default", "8b-longest-capped", "8b-longest-capped-hf_peft_bnb"]
+    assert [job["name"] for job in bench.selected_jobs("8b-longest-capped")] == ["8b-longest-capped"]
+    assert [job["name"] for job in bench.selected_jobs("1b-u")] == ["1b-unsloth_default", "1b-unsloth_best"]
