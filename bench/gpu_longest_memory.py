@@ -45,9 +45,8 @@ def measure(out: Path) -> None:
     for name, plan in (("offload_all", Plan(1, 0, layers, layers)), ("recompute_all", Plan(1, layers, 0, layers))):
         apply_plan(model, plan, offload)
         for length in LENGTHS:
-            ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
-            batch = {key: value.cuda() for key, value in padding_free_batch(
-                [{"input_ids": ids, "labels": ids, "position_ids": list(range(length))}]).items()}
+            batch = {key: value.cuda() for key, value in
+                     padding_free_batch(plan_bench.one_long_row(length, seed=0)).items()}
             record, began = {"plan": name, "L": length}, time.time()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

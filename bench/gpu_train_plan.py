@@ -464,9 +464,7 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
 
         def attempt(length: int, choice_plan, predicted_bytes: float) -> dict:
             apply_plan(model, choice_plan, offload)
-            ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
-            batch = {k: v.cuda() for k, v in padding_free_batch([{"input_ids": ids, "labels": ids,
-                                                                   "position_ids": list(range(length))}]).items()}
+            batch = {k: v.cuda() for k, v in padding_free_batch(one_long_row(length, seed=0)).items()}
             torch.cuda.reset_peak_memory_stats()
             measured.reset_peak_rss()
             fitted, seconds = step_at(model, optimizer, batch)
@@ -490,6 +488,15 @@ def run_longest(args, job: dict, model_dir: Path) -> dict:
         return {**search, **found}
 
     return {"probe": probe, **longest_jobs(args, job, run_one)}
+
+
+def one_long_row(length: int, seed: int) -> list[dict]:
+    """A batch of one row of `length` random tokens (every position a target), one example, as the trainer's
+    packed rows: the longest-context searches' steps and probes."""
+    import torch
+
+    ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [{"input_ids": ids, "labels": ids, "position_ids": list(range(length))}]
 
 
 def step_with_fallbacks(length: int, plan, attempt, fall_back, label: str = "") -> dict:
@@ -526,9 +533,7 @@ def longest_probe(model, tokens: int, offload, trainable_parameters: int):
     measured_bytes = {}
     for name, (plan, length) in probes.items():
         apply_plan(model, plan, offload)
-        ids = torch.randint(3, 32000, (length,), generator=torch.Generator().manual_seed(1)).tolist()
-        measured_bytes[name] = probe_step_bytes(model, padding_free_batch, [{"input_ids": ids, "labels": ids,
-                                                                             "position_ids": list(range(length))}],
+        measured_bytes[name] = probe_step_bytes(model, padding_free_batch, one_long_row(length, seed=1),
                                                 torch.bfloat16)
     record = {"tokens": tokens, **{f"{name}_step_gib": None if value is None else round(value / 2**30, 3)
                                    for name, value in measured_bytes.items()}}

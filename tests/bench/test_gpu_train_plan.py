@@ -112,3 +112,10 @@ def test_jobs_run_in_the_order_named_each_once_a_name_before_a_prefix():
                      "8b-cap48-unsloth_default", "8b-longest-capped", "8b-longest-capped-hf_peft_bnb"]
     assert [job["name"] for job in bench.selected_jobs("8b-longest-capped")] == ["8b-longest-capped"]
     assert [job["name"] for job in bench.selected_jobs("1b-u")] == ["1b-unsloth_default", "1b-unsloth_best"]
+
+
+def test_a_long_row_is_one_example_every_position_a_target_the_same_for_a_seed():
+    [row] = bench.one_long_row(5, seed=0)
+    assert row["position_ids"] == [0, 1, 2, 3, 4] and row["labels"] == row["input_ids"]
+    assert all(3 <= token < 32000 for token in row["input_ids"])
+    assert bench.one_long_row(5, seed=0) == [row] and bench.one_long_row(5, seed=1) != [row]
