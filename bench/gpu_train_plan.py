@@ -18,6 +18,8 @@ per process):
   longest_hf_peft_bnb
                    the same for transformers + peft + bitsandbytes under the caps, without a memory model
                    (from 1,024 tokens up, then bisected)
+  dense_check      one micro-batch (2 and 4 rows) with Unsloth dequantizing the 4-bit weights in every pass, and
+                   with them dequantized once and kept: seconds, and the numbers against Unsloth's
 
 Same for every method: a random-initialized Llama built on the spot (8b: Llama 3.1 8B dimensions; 1b: Llama 3.2
 1B), rows of --seq-len random token ids, --batch rows per optimizer step (the effective batch), LoRA r=16 alpha=32
@@ -88,6 +90,8 @@ JOBS = [
     # the longest context under 8, 16 and 32 GB caps, for the stage and transformers + peft + bnb
     {"name": "8b-longest-capped", "model": "8b", "method": "longest", "caps": [8, 16, 32]},
     {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
+    # base weights dequantized once and kept, against Unsloth's dequantizing in every pass (an experiment: no gain)
+    {"name": "8b-dense", "model": "8b", "method": "dense_check", "micro_batches": [2, 4], "repeats": 10},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
@@ -111,7 +115,8 @@ def train_params(args, job: dict, mode: str, micro):
     lora = dataclasses.replace(train.lora, r=16, alpha=32, dropout=0.0, bias="none", target_modules=TARGETS)
     quantization = dataclasses.replace(train.quantization, compute_dtype="float32" if args.cpu_smoke else "bfloat16")
     return dataclasses.replace(train, backend="cpu" if args.cpu_smoke else "unsloth", seed=SEED,
-                               max_steps=job["steps"], num_epochs=None, batch_size=args.batch, micro_batch_size=micro,
+                               max_steps=job.get("steps", 1), num_epochs=None, batch_size=args.batch,
+                               micro_batch_size=micro,
                                learning_rate=2e-4, lr_scheduler="linear", warmup_steps=2, weight_decay=0.0,
                                max_grad_norm=1.0, gradient_checkpointing=mode, checkpoint_every=10_000,
                                checkpoint_runs_kept=0, lora=lora, quantization=quantization)
@@ -323,6 +328,80 @@ def hf_model(model_dir: Path):
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+    """One micro-batch's forward and backward pass, no recomputation, at each of the job's micro-batch sizes: with
+    Unsloth dequantizing the 4-bit weights in every pass (twice a micro-batch), and with every decoder layer's
+    weights dequantized once and kept (13 GiB for the 8B): the seconds a micro-batch of each, and the loss and
+    LoRA gradients against Unsloth's (the same pass twice without dense weights shows what the kernels themselves
+    vary). The dense weights reach Unsloth's fused LoRA kernels through its get_lora_parameters, looked up in
+    unsloth.kernels.fast_lora at each call, without a quant state (fast_dequantize returns such a weight as it is).
+    Session 4 measured no gain (0.998x, 0.995x): the stage does not keep dense weights."""
+    import torch
+    import unsloth.kernels.fast_lora as fast_lora
+    from transformers import set_seed
+    from unsloth.kernels.utils import fast_dequantize
+
+    from ftpipe.model.modeling import pad_batch
+    from ftpipe.model.training import load_trainable_model
+
+    params = train_params(args, job, "off", max(job["micro_batches"]))
+    set_seed(SEED)
+    model = load_trainable_model(params.backend, params, model_dir, args.seq_len, "bfloat16")
+    model.train()
+    projections = [module for module in model.modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+                   and getattr(module.base_layer.weight, "quant_state", None) is not None]
+    dense: dict[int, torch.Tensor] = {}
+    original = fast_lora.get_lora_parameters
+
+    def get_lora_parameters(proj):
+        weight, quant_state, *lora = original(proj)
+        return (dense[id(proj)], None, *lora) if id(proj) in dense else (weight, quant_state, *lora)
+
+    fast_lora.get_lora_parameters = get_lora_parameters
+
+    def micro_step(batch: dict):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.detach()
+
+    def outcome(batch: dict) -> dict:
+        loss = micro_step(batch)
+        return {"loss": loss, **{name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                                 if parameter.grad is not None}}
+
+    def largest_difference(left: dict, right: dict) -> float:
+        return max(float((left[name].float() - right[name].float()).abs().max()) for name in left)
+
+    def seconds(batch: dict) -> float:
+        micro_step(batch)
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(job["repeats"]):
+            micro_step(batch)
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - began) / job["repeats"], 4)
+
+    result = {"projections": len(projections), "by_micro_batch": {}}
+    for micro in job["micro_batches"]:
+        batch = {key: value.cuda() for key, value in pad_batch(rows[:micro], 0).items()}
+        dense.clear()
+        plain, again, plain_seconds = outcome(batch), outcome(batch), seconds(batch)
+        dense.update({id(proj): fast_dequantize(proj.base_layer.weight, proj.base_layer.weight.quant_state)
+                      for proj in projections})
+        kept, kept_seconds = outcome(batch), seconds(batch)
+        result["dense_gib"] = round(sum(weight.numel() * weight.element_size() for weight in dense.values()) / 2**30, 2)
+        result["by_micro_batch"][str(micro)] = {
+            "seconds_dequantizing": plain_seconds, "seconds_dense": kept_seconds,
+            "speedup": round(plain_seconds / kept_seconds, 4),
+            "bitwise_identical": all(torch.equal(plain[name], kept[name]) for name in plain),
+            "largest_difference_dense": largest_difference(plain, kept),
+            "largest_difference_repeated": largest_difference(plain, again)}
+        print(micro, result["by_micro_batch"][str(micro)], flush=True)
+    return result
 
 
 def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
@@ -590,6 +669,8 @@ def worker(args) -> None:
         result = run_longest_hf(args, job, model_dir)
     elif job["method"] == "hf_peft_bnb":
         result = run_hf(args, job, model_dir, load_tokenized("train", data_dir))
+    elif job["method"] == "dense_check":
+        result = run_dense_check(args, job, model_dir, load_tokenized("train", data_dir))
     else:
         result = run_loop(args, job, model_dir, load_tokenized("train", data_dir))
     Path(args.result).write_text(json.dumps(result, indent=1, default=str))
@@ -620,7 +701,7 @@ def run_all(args) -> None:
     jobs = selected_jobs(args.jobs)
     if args.cpu_smoke:
         jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
-                and not job["method"].startswith(("hf_peft_bnb", "longest")) and not job.get("cap_gib")]
+                and not job["method"].startswith(("hf_peft_bnb", "longest", "dense")) and not job.get("cap_gib")]
     env = os.environ if args.cpu_smoke else site_environment()
     report.setdefault("sessions", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                               "jobs": [job["name"] for job in jobs]})
@@ -707,6 +788,10 @@ def compare(jobs: dict) -> dict:
         out["8b longest context, whole GPU: stage"] = whole["longest_fitting"]
         out[f"8b longest context beyond Unsloth's published {UNSLOTH_PUBLISHED_LONGEST:,}"] = (
             whole["longest_fitting"] > UNSLOTH_PUBLISHED_LONGEST)
+    dense = jobs.get("8b-dense", {}).get("by_micro_batch")
+    if dense:
+        out["8b dense base weights: micro-batch speed-up, and bitwise the same loss and gradients"] = {
+            f"micro-batch {micro}": [entry["speedup"], entry["bitwise_identical"]] for micro, entry in dense.items()}
     capped = {method: jobs.get(name, {}).get("searches", {}) for method, name in
               (("stage", "8b-longest-capped"), ("transformers + peft + bnb", "8b-longest-capped-hf_peft_bnb"))}
     labels = sorted({label for searches in capped.values() for label in searches},
@@ -739,12 +824,18 @@ def wait(seconds: float, out: Path) -> None:
     base = root()
     deadline = time.time() + seconds
     report_file = base / "gpu_train_plan.json"
+
+    def failed() -> set[str]:
+        jobs = json.loads(report_file.read_text()).get("jobs", {}) if report_file.exists() else {}
+        return {name for name, job in jobs.items() if job.get("exit")}
+
+    failed_before = failed()   # an earlier wait returned on those; this one waits for the jobs after them
     while time.time() < deadline:
         log = (base / "run.log").read_text(errors="replace") if (base / "run.log").exists() else ""
         if "Traceback" in log:
             break   # the runner itself failed
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
-        if report.get("state") == "done" or any(job.get("exit") for job in report.get("jobs", {}).values()):
+        if report.get("state") == "done" or failed() - failed_before:
             break   # done, or a job failed: its log is worth reading before the rest runs
         time.sleep(5)
     out.mkdir(parents=True, exist_ok=True)

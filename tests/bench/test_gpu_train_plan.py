@@ -65,8 +65,12 @@ def test_the_comparison_states_the_issues_targets_from_the_jobs_that_ran():
             "8b-longest": {"searches": {"uncapped": {"longest_fitting": 409_600}}},
             "8b-longest-capped": {"searches": {"16 GiB": {"longest_fitting": 40_960},
                                                "8 GiB": {"longest_fitting": 7_168}}},
-            "8b-longest-capped-hf_peft_bnb": {"searches": {"8 GiB": {"longest_fitting": 0}}}}
+            "8b-longest-capped-hf_peft_bnb": {"searches": {"8 GiB": {"longest_fitting": 0}}},
+            "8b-dense": {"by_micro_batch": {"2": {"speedup": 1.04, "bitwise_identical": True},
+                                            "4": {"speedup": 1.02, "bitwise_identical": False}}}}
     out = bench.compare(jobs)
+    assert out["8b dense base weights: micro-batch speed-up, and bitwise the same loss and gradients"] == {
+        "micro-batch 2": [1.04, True], "micro-batch 4": [1.02, False]}
     assert out["8b-cap24: stage / unsloth_default"] == 1.5   # real tokens, not the padded count
     assert out["8b-cap24: stage steps redone after running out of memory"] == 1
     assert out["8b longest context, whole GPU: stage"] == 409_600
