@@ -18,6 +18,7 @@ per process):
   longest_hf_peft_bnb
                    the same for transformers + peft + bitsandbytes under the caps, without a memory model
                    (from 1,024 tokens up, then bisected)
+  profile          where one micro-batch's time goes (2 and 4 rows, torch.profiler): GPU kernels against wall time
   dense_check      one micro-batch (2 and 4 rows) with Unsloth dequantizing the 4-bit weights in every pass, and
                    with them dequantized once and kept: seconds, and the numbers against Unsloth's
 
@@ -92,6 +93,8 @@ JOBS = [
     {"name": "8b-longest-capped-hf_peft_bnb", "model": "8b", "method": "longest_hf_peft_bnb", "caps": [8, 16, 32]},
     # base weights dequantized once and kept, against Unsloth's dequantizing in every pass (an experiment: no gain)
     {"name": "8b-dense", "model": "8b", "method": "dense_check", "micro_batches": [2, 4], "repeats": 10},
+    # where a micro-batch's time goes (torch.profiler): the next step for the 24 and 48 GB targets
+    {"name": "8b-profile", "model": "8b", "method": "profile", "micro_batches": [2, 4], "repeats": 3},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
@@ -404,6 +407,58 @@ def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     return result
 
 
+def run_profile(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+    """Where one micro-batch's forward and backward pass (no recomputation) spends its time, at each of the job's
+    micro-batch sizes: wall seconds, the GPU's kernel seconds within them (the rest is the GPU waiting for the
+    host), and the kernels and host operations taking the most time (torch.profiler)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import set_seed
+
+    from ftpipe.model.modeling import pad_batch
+    from ftpipe.model.training import load_trainable_model
+
+    params = train_params(args, job, "off", max(job["micro_batches"]))
+    set_seed(SEED)
+    model = load_trainable_model(params.backend, params, model_dir, args.seq_len, "bfloat16")
+    model.train()
+
+    def micro_step(batch: dict) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def top(events, key: str, count: int = 15) -> list:
+        ranked = sorted(events, key=lambda event: getattr(event, key), reverse=True)[:count]
+        return [{"name": event.key[:120], "calls": event.count, "ms": round(getattr(event, key) / 1e3, 2)}
+                for event in ranked]
+
+    result = {}
+    for micro in job["micro_batches"]:
+        batch = {key: value.cuda() for key, value in pad_batch(rows[:micro], 0).items()}
+        for _ in range(2):
+            micro_step(batch)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            began = time.perf_counter()
+            for _ in range(job["repeats"]):
+                micro_step(batch)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - began) / job["repeats"]
+        events = profiler.key_averages()
+        # the GPU's own entries (kernels, copies, memsets); an operator's entry repeats its kernels' time
+        on_gpu = [event for event in events if event.device_type == DeviceType.CUDA]
+        kernel = sum(event.self_device_time_total for event in on_gpu) / 1e6 / job["repeats"]
+        result[str(micro)] = {"wall_seconds": round(wall, 4), "kernel_seconds": round(kernel, 4),
+                              "gpu_busy_share": round(kernel / wall, 4),
+                              "kernels": top(on_gpu, "self_device_time_total"),
+                              "host": top(events, "self_cpu_time_total")}
+        print(micro, {key: result[str(micro)][key] for key in ("wall_seconds", "kernel_seconds")}, flush=True)
+    return {"by_micro_batch": result}
+
+
 def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     from ftpipe.model.gpu import base_parameter_count
 
@@ -669,6 +724,8 @@ def worker(args) -> None:
         result = run_longest_hf(args, job, model_dir)
     elif job["method"] == "hf_peft_bnb":
         result = run_hf(args, job, model_dir, load_tokenized("train", data_dir))
+    elif job["method"] == "profile":
+        result = run_profile(args, job, model_dir, load_tokenized("train", data_dir))
     elif job["method"] == "dense_check":
         result = run_dense_check(args, job, model_dir, load_tokenized("train", data_dir))
     else:
@@ -701,7 +758,8 @@ def run_all(args) -> None:
     jobs = selected_jobs(args.jobs)
     if args.cpu_smoke:
         jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
-                and not job["method"].startswith(("hf_peft_bnb", "longest", "dense")) and not job.get("cap_gib")]
+                and not job["method"].startswith(("hf_peft_bnb", "longest", "dense", "profile"))
+                and not job.get("cap_gib")]
     env = os.environ if args.cpu_smoke else site_environment()
     report.setdefault("sessions", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                               "jobs": [job["name"] for job in jobs]})
