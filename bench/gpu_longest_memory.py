@@ -33,7 +33,7 @@ def measure(out: Path) -> None:
     from ftpipe.model.training import load_trainable_model, offload_function
     from ftpipe.model.training_plan import Plan, apply_plan, decoder_layers
 
-    args = argparse_defaults()
+    args = plan_bench.argument_parser().parse_args([])   # the bench's default settings
     set_seed(plan_bench.SEED)
     model = load_trainable_model("unsloth", plan_bench.train_params(args, {"steps": 1}, "auto", 1),
                                  plan_bench.root() / "model-8b", plan_bench.LONGEST, "bfloat16")
@@ -73,11 +73,6 @@ def measure(out: Path) -> None:
             out.write_text(json.dumps({"base_gib": base / 2**30, "rows": rows}, indent=1))
             if "oom" in record:
                 break
-
-
-def argparse_defaults():
-    """The bench's settings that train_params reads (gpu_train_plan.py's defaults)."""
-    return type("Settings", (), dict(seq_len=2048, batch=16, best_micro=8, cpu_smoke=False))()
 
 
 def main() -> None:

@@ -913,7 +913,8 @@ def wait(seconds: float, out: Path) -> None:
         print(json.dumps(report.get("comparison"), indent=1))
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The bench's command line; its defaults are the bench's settings (gpu_longest_memory.py reads them too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--start", action="store_true", help="start the jobs in the background and return")
     parser.add_argument("--fresh", action="store_true", help="with --start: forget earlier results on this machine")
@@ -935,6 +936,11 @@ def main() -> None:
     parser.add_argument("--build")
     parser.add_argument("--worker")
     parser.add_argument("--result")
+    return parser
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     if args.build:
         size = args.build

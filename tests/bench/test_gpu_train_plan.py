@@ -123,3 +123,12 @@ def test_a_long_row_is_one_example_every_position_a_target_the_same_for_a_seed()
     assert row["position_ids"] == [0, 1, 2, 3, 4] and row["labels"] == row["input_ids"]
     assert all(3 <= token < 32000 for token in row["input_ids"])
     assert bench.one_long_row(5, seed=0) == [row] and bench.one_long_row(5, seed=1) != [row]
+
+
+def test_the_default_settings_give_every_methods_train_params():
+    """gpu_longest_memory.py trains with the bench's default settings: the parser's, read as train_params reads."""
+    args = bench.argument_parser().parse_args([])
+    params = bench.train_params(args, {"steps": 1}, "auto", 1)
+    assert (params.batch_size, params.micro_batch_size, params.max_steps, params.backend) == (16, 1, 1, "unsloth")
+    assert params.gradient_checkpointing == "auto" and params.lora.r == 16 and params.seed == bench.SEED
+    assert bench.train_params(args, {}, "off", 8).max_steps == 1   # jobs without steps (profile, dense_check)
