@@ -343,19 +343,20 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     packed = "position_ids" in rows[0]
     collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
     rows_per_process = per_process_rows(params.batch_size, world_size())
-    planner = plan_steps(model, params, backend, max_seq_length, packed, collator.collate, torch_dtype(compute_dtype),
-                         rows_per_process, busiest_layouts(rows) if packed else None)
+    planner = plan_steps(model, params, backend, max_seq_length, collator.collate, torch_dtype(compute_dtype),
+                         rows_per_process, rows)
     base_parameters = base_parameter_count(base_dir)
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, output_dir),
                            rows, collator, callbacks, base_parameters, planner)
     return trainer, base_parameters
 
 
-def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, packed: bool, collate,
-               dtype, rows: int, layouts: list[list[int]] | None = None) -> PlannedSteps:
+def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, collate, dtype, rows: int,
+               data: list[dict]) -> PlannedSteps:
     """How this process runs its `rows` of each step (ftpipe/model/training_plan.py): on a GPU, the plan chosen
-    from a memory probe when params leave a choice (auto), else the one params set; on the CPU, all its rows at
-    once (memory rarely binds there, and that is the fastest), with every layer recomputed for `on`."""
+    from a memory probe (packed rows laid out as the busiest rows of `data`) when params leave a choice (auto),
+    else the one params set; on the CPU, all its rows at once (memory rarely binds there, and that is the
+    fastest), with every layer recomputed for `on`."""
     import torch
 
     layers = len(decoder_layers(model))
@@ -375,7 +376,9 @@ def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, pa
         return PlannedSteps(model, Choice(candidates[0], "as params.yaml sets it"), candidates, None, max_seq_length,
                             rows, offload)
     trainable, _ = model.get_nb_trainable_parameters()
-    memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable, offload, layouts)
+    packed = "position_ids" in data[0]
+    memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable, offload,
+                                 busiest_layouts(data) if packed else None)
     budget, host_budget = usable_gpu_bytes(), usable_host_bytes() if offload is not None else float("inf")
     if memory is None:
         choice = Choice(candidates[-1], "one row does not fit even with every layer recomputed: the plan needing "

@@ -162,6 +162,10 @@ class MemoryModel:
     def host_bytes(self, plan: Plan, tokens: int) -> float:
         return plan.offloaded * self.input_per_token * tokens
 
+    def fits_host(self, plan: Plan, tokens_per_row: int, host_budget_bytes: float) -> bool:
+        """Whether the plan's offloaded layer inputs fit `host_budget_bytes` of host RAM."""
+        return self.host_bytes(plan, plan.micro_batch_size * tokens_per_row) <= host_budget_bytes
+
     @classmethod
     def fit(cls, layers: int, tokens: int, keep: float | None, recompute: float, recompute_double: float,
             input_per_token: float, fixed_extra: float = 0.0, offload: float | None = None) -> "MemoryModel":
@@ -206,7 +210,7 @@ def choose_plan(candidates: Sequence[Plan], memory: MemoryModel, budget_bytes: f
         return memory.step_bytes(plan, plan.micro_batch_size * tokens_per_row)
 
     fitting = [plan for plan in candidates if needs(plan) <= budget_bytes
-               and memory.host_bytes(plan, plan.micro_batch_size * tokens_per_row) <= host_budget_bytes]
+               and memory.fits_host(plan, tokens_per_row, host_budget_bytes)]
     gib = 2**30
     if not fitting:
         plan = min(candidates, key=needs)
@@ -228,7 +232,7 @@ def next_plan(failed: Plan, candidates: Sequence[Plan], memory: MemoryModel | No
             return memory.step_bytes(plan, plan.micro_batch_size * tokens_per_row)
 
         smaller = [plan for plan in candidates if needs(plan) < needs(failed)
-                   and memory.host_bytes(plan, plan.micro_batch_size * tokens_per_row) <= host_budget_bytes]
+                   and memory.fits_host(plan, tokens_per_row, host_budget_bytes)]
         return max(smaller, key=lambda plan: (predicted_speed(plan, tokens_per_row), -needs(plan)), default=None)
     level = (failed.recomputed, failed.offloaded)
     same_level = [plan for plan in candidates if (plan.recomputed, plan.offloaded) == level

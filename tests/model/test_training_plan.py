@@ -117,6 +117,9 @@ def test_a_fallback_keeps_offloaded_inputs_within_host_ram():
     # 7 layers (18.4 GiB) fit 20 GiB of host RAM, 8 (21 GiB) do not: nothing is left to fall back to
     assert next_plan(Plan(1, 25, 7, 32), candidates, LLAMA_8B, length, 20 * GIB) is None
     assert next_plan(Plan(1, 25, 7, 32), candidates, LLAMA_8B, length) == Plan(1, 24, 8, 32)   # RAM unbounded
+    assert LLAMA_8B.fits_host(Plan(1, 25, 7, 32), length, 20 * GIB)
+    assert not LLAMA_8B.fits_host(Plan(1, 24, 8, 32), length, 20 * GIB)
+    assert LLAMA_8B.fits_host(Plan(2, 0, 0, 32), length, 0)   # nothing offloaded: no host RAM needed
 
 
 def test_a_keep_probe_that_ran_out_of_memory_rules_out_keeping_layers():
