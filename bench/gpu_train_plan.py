@@ -333,6 +333,34 @@ def hf_model(model_dir: Path):
                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
+def one_pass_model(args, job: dict, model_dir: Path):
+    """The Unsloth model without recomputation, in training mode, with `micro_step(batch)`: one forward and backward
+    pass (gradients cleared first, so they are that pass's), returning the loss; and `micro_batch(rows, size)`: the
+    first `size` rows as a batch on the GPU. What the dense_check and profile jobs measure a micro-batch with."""
+    import torch
+    from transformers import set_seed
+
+    from ftpipe.model.modeling import pad_batch
+    from ftpipe.model.training import load_trainable_model
+
+    params = train_params(args, job, "off", max(job["micro_batches"]))
+    set_seed(SEED)
+    model = load_trainable_model(params.backend, params, model_dir, args.seq_len, "bfloat16")
+    model.train()
+
+    def micro_step(batch: dict):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.detach()
+
+    def micro_batch(rows: list[dict], size: int) -> dict:
+        return {key: value.cuda() for key, value in pad_batch(rows[:size], 0).items()}
+
+    return model, micro_step, micro_batch
+
+
 def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     """One micro-batch's forward and backward pass, no recomputation, at each of the job's micro-batch sizes: with
     Unsloth dequantizing the 4-bit weights in every pass (twice a micro-batch), and with every decoder layer's
@@ -343,16 +371,9 @@ def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     Session 4 measured no gain (0.998x, 0.995x): the stage does not keep dense weights."""
     import torch
     import unsloth.kernels.fast_lora as fast_lora
-    from transformers import set_seed
     from unsloth.kernels.utils import fast_dequantize
 
-    from ftpipe.model.modeling import pad_batch
-    from ftpipe.model.training import load_trainable_model
-
-    params = train_params(args, job, "off", max(job["micro_batches"]))
-    set_seed(SEED)
-    model = load_trainable_model(params.backend, params, model_dir, args.seq_len, "bfloat16")
-    model.train()
+    model, micro_step, micro_batch = one_pass_model(args, job, model_dir)
     projections = [module for module in model.modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")
                    and getattr(module.base_layer.weight, "quant_state", None) is not None]
     dense: dict[int, torch.Tensor] = {}
@@ -363,13 +384,6 @@ def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
         return (dense[id(proj)], None, *lora) if id(proj) in dense else (weight, quant_state, *lora)
 
     fast_lora.get_lora_parameters = get_lora_parameters
-
-    def micro_step(batch: dict):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        return loss.detach()
 
     def outcome(batch: dict) -> dict:
         loss = micro_step(batch)
@@ -390,7 +404,7 @@ def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
 
     result = {"projections": len(projections), "by_micro_batch": {}}
     for micro in job["micro_batches"]:
-        batch = {key: value.cuda() for key, value in pad_batch(rows[:micro], 0).items()}
+        batch = micro_batch(rows, micro)
         dense.clear()
         plain, again, plain_seconds = outcome(batch), outcome(batch), seconds(batch)
         dense.update({id(proj): fast_dequantize(proj.base_layer.weight, proj.base_layer.weight.quant_state)
@@ -414,21 +428,8 @@ def run_profile(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    from transformers import set_seed
 
-    from ftpipe.model.modeling import pad_batch
-    from ftpipe.model.training import load_trainable_model
-
-    params = train_params(args, job, "off", max(job["micro_batches"]))
-    set_seed(SEED)
-    model = load_trainable_model(params.backend, params, model_dir, args.seq_len, "bfloat16")
-    model.train()
-
-    def micro_step(batch: dict) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    _, micro_step, micro_batch = one_pass_model(args, job, model_dir)
 
     def top(events, key: str, count: int = 15) -> list:
         ranked = sorted(events, key=lambda event: getattr(event, key), reverse=True)[:count]
@@ -437,7 +438,7 @@ def run_profile(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
 
     result = {}
     for micro in job["micro_batches"]:
-        batch = {key: value.cuda() for key, value in pad_batch(rows[:micro], 0).items()}
+        batch = micro_batch(rows, micro)
         for _ in range(2):
             micro_step(batch)
         torch.cuda.synchronize()
@@ -883,17 +884,19 @@ def wait(seconds: float, out: Path) -> None:
     deadline = time.time() + seconds
     report_file = base / "gpu_train_plan.json"
 
-    def failed() -> set[str]:
-        jobs = json.loads(report_file.read_text()).get("jobs", {}) if report_file.exists() else {}
-        return {name for name, job in jobs.items() if job.get("exit")}
+    def read_report() -> dict:
+        return json.loads(report_file.read_text()) if report_file.exists() else {}
 
-    failed_before = failed()   # an earlier wait returned on those; this one waits for the jobs after them
+    def failed(report: dict) -> set[str]:
+        return {name for name, job in report.get("jobs", {}).items() if job.get("exit")}
+
+    failed_before = failed(read_report())   # an earlier wait returned on those; this one waits for the jobs after
     while time.time() < deadline:
         log = (base / "run.log").read_text(errors="replace") if (base / "run.log").exists() else ""
         if "Traceback" in log:
             break   # the runner itself failed
-        report = json.loads(report_file.read_text()) if report_file.exists() else {}
-        if report.get("state") == "done" or failed() - failed_before:
+        report = read_report()
+        if report.get("state") == "done" or failed(report) - failed_before:
             break   # done, or a job failed: its log is worth reading before the rest runs
         time.sleep(5)
     out.mkdir(parents=True, exist_ok=True)
@@ -905,8 +908,8 @@ def wait(seconds: float, out: Path) -> None:
         for path in [*sorted(base.glob("*.log")), *sorted(base.glob("*.result.json"))]:
             if path.name != "run.log":
                 archive.add(path, arcname=path.name)
-    if report_file.exists():
-        report = json.loads(report_file.read_text())
+    report = read_report()
+    if report:
         print("state:", report.get("state"))
         for name, job in report["jobs"].items():
             print(name, job.get("exit"), {k: job.get(k) for k in ("tokens_per_s", "peak_memory_gib", "mfu")})

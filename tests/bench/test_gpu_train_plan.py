@@ -132,3 +132,27 @@ def test_the_default_settings_give_every_methods_train_params():
     assert (params.batch_size, params.micro_batch_size, params.max_steps, params.backend) == (16, 1, 1, "unsloth")
     assert params.gradient_checkpointing == "auto" and params.lora.r == 16 and params.seed == bench.SEED
     assert bench.train_params(args, {}, "off", 8).max_steps == 1   # jobs without steps (profile, dense_check)
+
+
+def test_a_wait_returns_on_a_job_failing_after_it_began_not_on_an_earlier_failure(tmp_path, monkeypatch):
+    import json
+    import tarfile
+
+    monkeypatch.setenv("FTPIPE_TRAIN_PLAN_ROOT", str(tmp_path / "root"))
+    report_file = tmp_path / "root/gpu_train_plan.json"
+    report_file.parent.mkdir()
+    report = {"state": "running", "jobs": {"8b-dense": {"exit": 1}, "8b-cap24-stage": {"exit": 0}}}
+    report_file.write_text(json.dumps(report))
+    sleeps = []
+
+    def sleep(seconds):   # the runner goes on while the wait sleeps: the next job fails
+        sleeps.append(seconds)
+        report["jobs"][f"job-{len(sleeps)}"] = {"exit": 1 if len(sleeps) == 2 else 0}
+        report_file.write_text(json.dumps(report))
+
+    monkeypatch.setattr(bench.time, "sleep", sleep)
+    bench.wait(600, tmp_path / "out")
+    assert len(sleeps) == 2   # not at once on 8b-dense's earlier failure; at once on job-2's
+    assert json.loads((tmp_path / "out/gpu_train_plan.json").read_text())["jobs"]["job-2"] == {"exit": 1}
+    with tarfile.open(tmp_path / "out/jobs.tar.gz") as archive:
+        assert archive.getnames() == []
