@@ -228,7 +228,19 @@ def run_stage(args, job: dict, model_dir: Path, data_dir: Path) -> dict:
     (root() / order_file(job)).write_text(json.dumps(order[:job["steps"]]))
     return {**throughput(curve, skip_first=job["warmup"]), "steps": len(curve), "row_order": order[:job["steps"]],
             "losses": [round(row["loss"], 5) for row in curve],
-            "training_plan": result["metrics"]["training_plan"], "mfu_stage": result["metrics"].get("mfu")}
+            "training_plan": result["metrics"]["training_plan"], "mfu_stage": result["metrics"].get("mfu"),
+            **({"allocator": allocator_record()} if torch.cuda.is_available() else {})}
+
+
+def allocator_record() -> dict:
+    """The CUDA allocator's config and how often it had to free its cache to allocate (each time a device-wide
+    wait), over the process."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {"config": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
+            "device_frees": stats.get("num_device_free")}
 
 
 def order_file(job: dict) -> str:
@@ -313,7 +325,7 @@ def run_loop(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     model = load_trainable_model(params.backend, params, model_dir, args.seq_len, params.quantization.compute_dtype)
     result = accumulating_loop(model, step_rows(job, rows, args.batch), micro, job, base_parameter_count(model_dir),
                                args.cpu_smoke, layout)
-    return {**result, "gradient_checkpointing": mode}
+    return {**result, "gradient_checkpointing": mode, **({} if args.cpu_smoke else {"allocator": allocator_record()})}
 
 
 def hf_model(model_dir: Path):
@@ -709,10 +721,13 @@ def run_longest_hf(args, job: dict, model_dir: Path) -> dict:
 
 def worker(args) -> None:
     job = json.loads(args.worker)
-    if job.get("cap_gib"):   # before anything is loaded
-        cap_memory(job["cap_gib"])
     if not job["method"].startswith(("hf_peft_bnb", "longest_hf")) and not args.cpu_smoke:
         import unsloth  # noqa: F401 - before transformers, trl and peft, in this process only
+    # The cap after Unsloth's import: importing it sets the allocator's config (expandable segments) in the
+    # environment, which CUDA's first use reads; a cap set first ran capped jobs on the default allocator, unlike a
+    # card of that size (sessions 1-3: their stage runs near the cap freed and re-reserved memory every step)
+    if job.get("cap_gib"):   # before any model is loaded
+        cap_memory(job["cap_gib"])
     from ftpipe.data.tokenized import load_tokenized
 
     model_dir = root() / f"model-{job['model']}"
