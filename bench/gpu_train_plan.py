@@ -21,6 +21,9 @@ per process):
   profile          where one micro-batch's time goes (2 and 4 rows, torch.profiler): GPU kernels against wall time
   dense_check      one micro-batch (2 and 4 rows) with Unsloth dequantizing the 4-bit weights in every pass, and
                    with them dequantized once and kept: seconds, and the numbers against Unsloth's
+  graphs_check     micro-batches (2 and 4 rows) replayed as CUDA graphs (ftpipe/model/cuda_graphs.py, as the stage
+                   replays them) against run as they are: seconds a pass, peak memory, and the accumulated loss
+                   and LoRA gradients against the eager passes'
 
 Same for every method: a random-initialized Llama built on the spot (8b: Llama 3.1 8B dimensions; 1b: Llama 3.2
 1B), rows of --seq-len random token ids, --batch rows per optimizer step (the effective batch), LoRA r=16 alpha=32
@@ -95,6 +98,11 @@ JOBS = [
     {"name": "8b-dense", "model": "8b", "method": "dense_check", "micro_batches": [2, 4], "repeats": 10},
     # where a micro-batch's time goes (torch.profiler): the next step for the 24 and 48 GB targets
     {"name": "8b-profile", "model": "8b", "method": "profile", "micro_batches": [2, 4], "repeats": 3},
+    # passes replayed as CUDA graphs (what the stage does since) against run as they are: speed, memory, numbers
+    {"name": "8b-graphs", "model": "8b", "method": "graphs_check", "micro_batches": [2, 4], "accumulate": 4,
+     "repeats": 12},
+    {"name": "1b-graphs", "model": "1b", "method": "graphs_check", "micro_batches": [2, 4], "accumulate": 4,
+     "repeats": 12},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
@@ -472,6 +480,93 @@ def run_profile(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     return {"by_micro_batch": result}
 
 
+def run_graphs_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
+    """At each of the job's micro-batch sizes, `accumulate` passes (forward and backward, no recomputation, the
+    loss summed over the passes' target count as the trainer's) with the model's body run as it is and replayed as
+    CUDA graphs (ftpipe.model.cuda_graphs.BackboneGraphs, installed in Unsloth's forward as the stage installs it):
+    seconds a pass (over `repeats` passes), peak GPU memory, and the accumulated loss and LoRA gradients against
+    the eager passes'. Unsloth's kernels are not bitwise reproducible from one pass to the next (8b-dense measured
+    it), so the graphs' difference from the eager passes is set beside the eager passes' difference from
+    themselves. A failed capture's whole traceback goes to the job's log."""
+    import traceback
+
+    import torch
+
+    import ftpipe.model.cuda_graphs as cuda_graphs
+    from ftpipe.model.cuda_graphs import BackboneGraphs, to_gpu_without_waiting
+    from ftpipe.model.modeling import pad_batch
+    from ftpipe.model.training_plan import loss_token_count
+
+    named = cuda_graphs.first_cause
+
+    def first_cause(error):
+        traceback.print_exception(error)
+        return named(error)
+
+    cuda_graphs.first_cause = first_cause
+    model, _, _ = one_pass_model(args, job, model_dir)
+    graphs = BackboneGraphs(model.parameters(), torch.device("cuda", 0))
+    why_not = graphs.install()
+    if why_not:
+        raise SystemExit(why_not)
+
+    def pass_(batch: dict, count, plan):
+        graphs.use(plan)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**to_gpu_without_waiting(batch, "cuda"), num_items_in_batch=count, use_cache=False).loss
+        loss.backward()
+        return loss.detach()
+
+    def eager(batch, count):
+        return pass_(batch, count, None)
+
+    def graphed(batch, count):
+        return pass_(batch, count, "no recomputation")
+
+    def accumulated(run, batches: list[dict], count) -> dict:
+        model.zero_grad(set_to_none=True)
+        loss = sum(run(batch, count) for batch in batches)
+        return {"loss": loss.clone(), **{name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                                         if parameter.grad is not None}}
+
+    def largest_difference(left: dict, right: dict) -> float:
+        return max(float((left[name].float() - right[name].float()).abs().max()) for name in left)
+
+    def timed(run, batches: list[dict], count) -> dict:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        for index in range(job["repeats"]):
+            run(batches[index % len(batches)], count)
+        torch.cuda.synchronize()
+        return {"seconds": round((time.perf_counter() - began) / job["repeats"], 4),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+    result = {"by_micro_batch": {}}
+    for micro in job["micro_batches"]:
+        step = rows[:micro * job["accumulate"]]
+        batches = [pad_batch(step[start:start + micro], 0) for start in range(0, len(step), micro)]
+        count = torch.tensor(sum(loss_token_count(row) for row in step), device="cuda")
+        plain, again = accumulated(eager, batches, count), accumulated(eager, batches, count)
+        plain_time = timed(eager, batches, count)
+        accumulated(graphed, batches, count)   # the first pass runs as it is, the second is captured
+        replayed = accumulated(graphed, batches, count)
+        graphed_time = timed(graphed, batches, count)
+        entry = {"eager": plain_time, "graphed": graphed_time,
+                 "speedup": round(plain_time["seconds"] / graphed_time["seconds"], 4),
+                 "tokens_per_s_eager": round(micro * args.seq_len / plain_time["seconds"], 1),
+                 "tokens_per_s_graphed": round(micro * args.seq_len / graphed_time["seconds"], 1),
+                 "loss_eager": float(plain["loss"]), "loss_graphed": float(replayed["loss"]),
+                 "largest_difference_graphed": largest_difference(plain, replayed),
+                 "largest_difference_repeated": largest_difference(plain, again), "graphs": graphs.summary()}
+        result["by_micro_batch"][str(micro)] = entry
+        print(micro, entry, flush=True)
+        graphs.release()
+    graphs.uninstall()
+    return result
+
+
 def run_hf(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     from ftpipe.model.gpu import base_parameter_count
 
@@ -744,6 +839,8 @@ def worker(args) -> None:
         result = run_profile(args, job, model_dir, load_tokenized("train", data_dir))
     elif job["method"] == "dense_check":
         result = run_dense_check(args, job, model_dir, load_tokenized("train", data_dir))
+    elif job["method"] == "graphs_check":
+        result = run_graphs_check(args, job, model_dir, load_tokenized("train", data_dir))
     else:
         result = run_loop(args, job, model_dir, load_tokenized("train", data_dir))
     Path(args.result).write_text(json.dumps(result, indent=1, default=str))
@@ -774,7 +871,7 @@ def run_all(args) -> None:
     jobs = selected_jobs(args.jobs)
     if args.cpu_smoke:
         jobs = [dict(job, steps=4, warmup=1) for job in jobs if job["model"] == "8b"
-                and not job["method"].startswith(("hf_peft_bnb", "longest", "dense", "profile"))
+                and not job["method"].startswith(("hf_peft_bnb", "longest", "dense", "profile", "graphs"))
                 and not job.get("cap_gib")]
     env = os.environ if args.cpu_smoke else site_environment()
     report.setdefault("sessions", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -862,6 +959,13 @@ def compare(jobs: dict) -> dict:
         out["8b longest context, whole GPU: stage"] = whole["longest_fitting"]
         out[f"8b longest context beyond Unsloth's published {UNSLOTH_PUBLISHED_LONGEST:,}"] = (
             whole["longest_fitting"] > UNSLOTH_PUBLISHED_LONGEST)
+    for model in ("8b", "1b"):
+        graphs = jobs.get(f"{model}-graphs", {}).get("by_micro_batch")
+        if graphs:
+            out[f"{model} CUDA graphs of the body: pass speed-up; largest gradient difference, graphed and eager "
+                f"repeated"] = {f"micro-batch {micro}": [entry["speedup"], entry["largest_difference_graphed"],
+                                                         entry["largest_difference_repeated"]]
+                                for micro, entry in graphs.items()}
     dense = jobs.get("8b-dense", {}).get("by_micro_batch")
     if dense:
         out["8b dense base weights: micro-batch speed-up, and bitwise the same loss and gradients"] = {
@@ -890,6 +994,9 @@ def start(args) -> None:
         command += ["--longest-resume", str(Path(args.longest_resume).resolve())]
     if args.merge:
         command += ["--merge", str(Path(args.merge).resolve())]
+    report_file = base / "gpu_train_plan.json"
+    if report_file.exists():   # a wait right after must not take the last run's "done" for this one's
+        report_file.write_text(json.dumps({**json.loads(report_file.read_text()), "state": "starting"}, indent=1))
     subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"started; log {base / 'run.log'}")
 

@@ -102,7 +102,11 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
     planner = trainer.planner
     print(f"train: plan: {planner.plan.describe(planner.batch_size)} ({planner.history[0]['reason']})")
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if trainer.graphs is not None:   # Unsloth's own forward back in place, the graphs' memory freed
+            trainer.graphs.uninstall()
     if not main_process:
         return {}
     trainer.model.save_pretrained(str(out_dir))
@@ -126,7 +130,9 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         # and every plan taken with why
         "training_plan": {"final": planner.plan.as_dict(planner.batch_size),
                           "description": planner.plan.describe(planner.batch_size), "history": planner.history,
-                          "memory_probe": planner.probe},
+                          "memory_probe": planner.probe,
+                          "cuda_graphs": trainer.graphs.summary() if trainer.graphs is not None
+                          else {"off_reason": trainer.graphs_off}},
     }
     result = {"metrics": metrics, "curve": curve, "start": start}
     save_completed(checkpoint_dir, out_dir, result)

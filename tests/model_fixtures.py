@@ -35,7 +35,7 @@ PACKED_TOKENIZE = dataclasses.replace(TOKENIZE, packing=True)
 TRAIN = TrainParams(
     backend="cpu", seed=0, max_steps=6, num_epochs=None, batch_size=4, micro_batch_size="auto", devices="auto",
     learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=1, weight_decay=0.0, max_grad_norm=1.0,
-    gradient_checkpointing="off", checkpoint_every=2, checkpoint_runs_kept=2,
+    gradient_checkpointing="off", cuda_graphs="auto", checkpoint_every=2, checkpoint_runs_kept=2,
     lora=LoraParams(r=4, alpha=8, dropout=0.0, bias="none", target_modules=TARGET_MODULES),
     quantization=QuantizationParams(quant_type="nf4", double_quant=True, compute_dtype="float32"))
 # 24 training rows = exactly 6 steps of 4: one epoch, so every row is trained on once.

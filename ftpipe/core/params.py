@@ -190,6 +190,9 @@ class TrainParams:
     # as needed, then Unsloth's offloading, then smaller micro-batches); on: every layer recomputed; unsloth:
     # Unsloth's offloaded checkpointing; off: none. YAML's true/false read as on/off.
     gradient_checkpointing: Union[bool, Literal["auto", "unsloth", "on", "off"]]
+    # auto: replay the model body's forward and backward pass as CUDA graphs where a pass can be (Unsloth, one GPU,
+    # no recomputation, rows not packed: ftpipe/model/cuda_graphs.py); off: never. Changes no number.
+    cuda_graphs: Union[bool, Literal["auto", "off"]]
     checkpoint_every: int        # steps between checkpoints (changes no result: not in the run fingerprint)
     checkpoint_runs_kept: int    # checkpoint folders of other runs (params, data, code) kept, newest first
     lora: LoraParams
@@ -202,6 +205,8 @@ class TrainParams:
         _check(self.num_epochs is None or self.num_epochs > 0, "num_epochs: must be positive")
         if isinstance(self.gradient_checkpointing, bool):   # YAML reads an unquoted on/off as a boolean
             object.__setattr__(self, "gradient_checkpointing", "on" if self.gradient_checkpointing else "off")
+        if isinstance(self.cuda_graphs, bool):   # likewise: on (where it can be) is auto
+            object.__setattr__(self, "cuda_graphs", "auto" if self.cuda_graphs else "off")
         _check(self.batch_size > 0, "batch_size: must be positive (rows per optimizer step)")
         _check(self.devices == "auto" or self.devices > 0, f"devices: must be auto or positive, got {self.devices!r}")
         _check(self.micro_batch_size == "auto" or 0 < self.micro_batch_size <= self.batch_size,

@@ -33,10 +33,11 @@ from ftpipe.core.provenance import package_version
 # The training plan's params too (ftpipe/model/training_plan.py): a step's gradient is the whole batch's however
 # it is split and whatever is recomputed; a run resumed under another plan continues the same numbers (up to
 # the order of floating-point sums).
+# CUDA graphs replay the same kernels on the same inputs (ftpipe/model/cuda_graphs.py).
 # So is the number of devices: the processes share each step's rows and sum their gradients (DDP), so a run
 # interrupted on N GPUs resumes on M.
 RESULT_NEUTRAL = ("checkpoint_every", "checkpoint_runs_kept", "gradient_checkpointing", "micro_batch_size",
-                  "devices")
+                  "devices", "cuda_graphs")
 # Params whose value is resolved on the machine ('auto'): the fingerprint holds the resolved value instead
 # (backend: unsloth, transformers or cpu; compute dtype: bfloat16 on a GPU, float32 on the CPU).
 RESOLVED = ("backend", "quantization.compute_dtype")

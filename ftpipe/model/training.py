@@ -21,6 +21,7 @@ from typing import Any
 
 from ftpipe.core.errors import PipelineError
 from ftpipe.core.params import TrainParams
+from ftpipe.model.cuda_graphs import BackboneGraphs, to_gpu_without_waiting
 from ftpipe.model.distributed import gather, per_process_rows, under_launcher, world_size
 from ftpipe.model.gpu import base_parameter_count, bf16_peak_flops, mfu
 from ftpipe.model.lora import ALL_LINEAR, LoraTargets, lora_targets
@@ -230,9 +231,10 @@ class TokenCountingCollator:
 
 
 def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator, callbacks: list,
-                 base_parameters: int, planner: PlannedSteps):
-    """A transformers Trainer that runs each step as the plan's micro-batches (`planner`) and logs each step's
-    token counts and rates (MeasuringTrainer)."""
+                 base_parameters: int, planner: PlannedSteps, graphs: BackboneGraphs | None = None):
+    """A transformers Trainer that runs each step as the plan's micro-batches (`planner`), replaying the model's
+    body as CUDA graphs where a pass can be (`graphs`, when given), and logs each step's token counts and rates
+    (MeasuringTrainer)."""
     import torch
     from transformers import Trainer
 
@@ -254,6 +256,8 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             def micro_step(micro_rows: list[dict], share: float, last: bool):
                 batch = collator.collate(micro_rows)
                 collator.count(batch, micro_rows)
+                if graphs is not None:
+                    graphs.use(planner.plan if capturable_pass(planner.plan, batch) else None)
                 batch = to_gpu_without_waiting(batch, self.args.device)
                 # Under DDP the gradients are averaged across processes once a step, in the last micro-batch's
                 # backward pass: processes may then run different numbers of micro-batches
@@ -311,21 +315,30 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
     trainer = MeasuringTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                                callbacks=callbacks)
     trainer.planner = planner
+    trainer.graphs = graphs
     return trainer
 
 
+def cuda_graphs(params: TrainParams, backend: str, model) -> tuple[BackboneGraphs | None, str | None]:
+    """The CUDA graphs of this run's model body (ftpipe/model/cuda_graphs.py), installed, or None and why not:
+    train.cuda_graphs off; not the Unsloth backend (they go into its forward, checked to capture by
+    bench/gpu_train_plan.py's graphs jobs); several processes (DDP exchanges gradients inside the backward pass)."""
+    if params.cuda_graphs == "off":
+        return None, "train.cuda_graphs: off"
+    if backend != "unsloth":
+        return None, f"the {backend} backend (CUDA graphs are used with Unsloth only)"
+    if world_size() > 1:
+        return None, "several processes (DDP exchanges gradients inside the backward pass)"
+    graphs = BackboneGraphs(model.parameters(), local_device())
+    why_not = graphs.install()
+    return (None, why_not) if why_not else (graphs, None)
 
-def to_gpu_without_waiting(batch: dict, device) -> dict:
-    """A micro-batch's tensors on the GPU, copied from pinned host memory without waiting for the GPU. The trainer
-    would copy them from pageable memory (where collation makes them), and CUDA makes such a copy wait for every
-    kernel queued before it: the GPU would then idle at each micro-batch while the next forward pass's first
-    kernels are launched. Elsewhere (the CPU) the batch as it is."""
-    import torch
 
-    if torch.device(device).type != "cuda":
-        return batch
-    return {key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()}
+def capturable_pass(plan: Plan, batch: dict) -> bool:
+    """Whether the body of a pass of `plan` on `batch` can be CUDA graphs: every layer's activations kept
+    (recomputation saves and restores random states, offloading copies to host RAM: neither can be captured), and
+    rows not packed (Unsloth's attention over packed examples reads their lengths on the host)."""
+    return plan.kept == plan.layers and "position_ids" not in batch
 
 
 def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_dir: Path, max_seq_length: int,
@@ -346,8 +359,12 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     planner = plan_steps(model, params, backend, max_seq_length, collator.collate, torch_dtype(compute_dtype),
                          rows_per_process, rows)
     base_parameters = base_parameter_count(base_dir)
+    graphs, graphs_off = cuda_graphs(params, backend, model)
+    if graphs is not None:
+        planner.free_memory = graphs.free_after_running_out
     trainer = make_trainer(model, training_arguments(params, backend, compute_dtype, output_dir),
-                           rows, collator, callbacks, base_parameters, planner)
+                           rows, collator, callbacks, base_parameters, planner, graphs)
+    trainer.graphs_off = graphs_off
     return trainer, base_parameters
 
 

@@ -309,6 +309,9 @@ class PlannedSteps:
         self.plan = choice.plan
         self.distributed = world_size() > 1   # under DDP a step cannot be redone on one process alone
         self.history: list[dict] = [{"step": 0, "plan": choice.plan.as_dict(batch_size), "reason": choice.reason}]
+        # Called when a step runs out of memory, before any fallback: frees memory held for speed (CUDA graphs'
+        # pool) and says what it freed, the step then redone on the same plan; or None when it held none.
+        self.free_memory: Callable[[], str | None] | None = None
         apply_plan(model, self.plan, offload_function)
 
     def run(self, rows: Sequence[dict], micro_step: Callable[[Sequence[dict], float, bool], Any], step: int):
@@ -341,8 +344,15 @@ class PlannedSteps:
 
         self.model.zero_grad(set_to_none=True)   # the failed step's partial gradients
         gc.collect()
+        freed = self.free_memory() if self.free_memory is not None else None
         torch.cuda.empty_cache()
         failed = self.plan
+        if freed is not None:
+            print(f"warning: train: step {step} ran out of GPU memory with {failed.describe(self.batch_size)}; "
+                  f"{freed}, and redid the step with the same plan", file=sys.stderr, flush=True)
+            self.history.append({"step": step, "plan": failed.as_dict(self.batch_size),
+                                 "reason": f"step {step} ran out of memory: {freed}"})
+            return
         plan = next_plan(failed, self.candidates, self.memory, self.tokens_per_row, self.host_budget_bytes)
         if plan is None:
             raise PipelineError(

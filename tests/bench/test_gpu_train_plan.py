@@ -156,3 +156,20 @@ def test_a_wait_returns_on_a_job_failing_after_it_began_not_on_an_earlier_failur
     assert json.loads((tmp_path / "out/gpu_train_plan.json").read_text())["jobs"]["job-2"] == {"exit": 1}
     with tarfile.open(tmp_path / "out/jobs.tar.gz") as archive:
         assert archive.getnames() == []
+
+
+def test_a_start_marks_the_last_runs_report_so_a_wait_does_not_return_on_it(tmp_path, monkeypatch):
+    """The runner writes its report after its first job: until then a wait read the last run's "done" and returned
+    at once, and the device machine, idle, was given back with the run under way."""
+    import json
+
+    monkeypatch.setenv("FTPIPE_TRAIN_PLAN_ROOT", str(tmp_path / "root"))
+    (tmp_path / "root").mkdir()
+    report_file = tmp_path / "root/gpu_train_plan.json"
+    report_file.write_text(json.dumps({"state": "done", "jobs": {"8b-stage": {"exit": 0}}}))
+    started = []
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda command, **kwargs: started.append(command))
+    bench.start(bench.argument_parser().parse_args(["--start", "--jobs", "8b-cap24"]))
+    assert started and "--run" in started[0]
+    assert json.loads(report_file.read_text()) == {"state": "starting", "jobs": {"8b-stage": {"exit": 0}}}
+

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 REPO_PARAMS = REPO / "params.yaml"
 TRAIN_KEYS = ("backend", "seed", "max_steps", "num_epochs", "batch_size", "micro_batch_size", "devices",
               "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
-              "gradient_checkpointing", "checkpoint_every", "checkpoint_runs_kept", "lora", "quantization")
+              "gradient_checkpointing", "cuda_graphs", "checkpoint_every", "checkpoint_runs_kept", "lora",
+              "quantization")
 
 
 def edited_text(tmp_path: Path, old: str, new: str) -> Path:
@@ -455,6 +456,19 @@ def test_gradient_checkpointing_reads_yaml_booleans_as_on_and_off(tmp_path, writ
     """YAML 1.1 reads an unquoted on/off as a boolean: both spellings mean the same."""
     path = edited_text(tmp_path, "  gradient_checkpointing: auto\n", f"  gradient_checkpointing: {written}\n")
     assert load_params(path).train.gradient_checkpointing == read
+
+
+@pytest.mark.parametrize("written, read", [("auto", "auto"), ("off", "off"), ("false", "off"), ("on", "auto")])
+def test_cuda_graphs_reads_yaml_booleans(tmp_path, written, read):
+    """An unquoted off is a YAML boolean and means off; on means auto (graphs where a pass can be one)."""
+    path = edited_text(tmp_path, "  cuda_graphs: auto\n", f"  cuda_graphs: {written}\n")
+    assert load_params(path).train.cuda_graphs == read
+
+
+def test_cuda_graphs_names_its_values(tmp_path):
+    path = edited_text(tmp_path, "  cuda_graphs: auto\n", "  cuda_graphs: always\n")
+    with pytest.raises(ParamsError, match="cuda_graphs"):
+        load_params(path)
 
 
 @pytest.mark.parametrize("micro, expected", [

@@ -14,6 +14,8 @@ from ftpipe.model.training import (
     PADDING_FREE_MULTIPLE,
     ROWS_KEY,
     TokenCountingCollator,
+    capturable_pass,
+    cuda_graphs,
     load_trainable_model,
     resolve_backend,
     throughput,
@@ -206,13 +208,47 @@ def test_throughput_skips_steps_logged_without_counts():
     assert throughput(new) == {"tokens_per_s": 50.0, "useful_tokens_per_s": 50.0, "useful_token_share": 1.0}
 
 
-def test_a_micro_batch_stays_as_collated_off_the_gpu():
-    # on a GPU its tensors are copied from pinned memory without waiting (measured in bench/gpu_train_plan.py);
-    # elsewhere the trainer moves the batch itself, and nothing is copied here
+def test_cuda_graphs_are_used_with_unsloth_on_one_process_and_otherwise_say_why_not(monkeypatch):
+    import sys
+    import types
+
     import torch
 
-    from ftpipe.model.training import to_gpu_without_waiting
+    from ftpipe.model.cuda_graphs import BackboneGraphs
 
-    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1, 2, 3]])}
-    assert to_gpu_without_waiting(batch, torch.device("cpu")) is batch
-    assert to_gpu_without_waiting(batch, "cpu") is batch
+    model = torch.nn.Linear(2, 2)
+    llama = types.ModuleType("unsloth.models.llama")
+    llama._run_backbone = original = lambda causal_lm, **kwargs: None
+    monkeypatch.setitem(sys.modules, "unsloth.models.llama", llama)
+    graphs, why_not = cuda_graphs(TRAIN, "unsloth", model)
+    assert isinstance(graphs, BackboneGraphs) and why_not is None and len(graphs.parameters) == 2
+    assert llama._run_backbone is not original   # installed; the train stage uninstalls it after training
+    graphs.uninstall()
+    monkeypatch.delitem(sys.modules, "unsloth.models.llama")
+    assert cuda_graphs(TRAIN, "unsloth", model) == (None, "this Unsloth runs no _run_backbone (CUDA graphs go in "
+                                                          "there)")
+    assert cuda_graphs(dataclasses.replace(TRAIN, cuda_graphs="off"), "unsloth", model) == (None,
+                                                                                             "train.cuda_graphs: off")
+    assert cuda_graphs(TRAIN, "transformers", model) == (
+        None, "the transformers backend (CUDA graphs are used with Unsloth only)")
+
+
+def test_cuda_graphs_are_off_under_ddp(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cuda_graphs(TRAIN, "unsloth", torch.nn.Linear(2, 2)) == (
+        None, "several processes (DDP exchanges gradients inside the backward pass)")
+
+
+def test_only_passes_keeping_every_layer_on_rows_not_packed_can_be_graphs():
+    from ftpipe.model.training_plan import Plan
+
+    rows = {"input_ids": None, "attention_mask": None, "labels": None}
+    assert capturable_pass(Plan(2, 0, 0, 4), rows)
+    assert not capturable_pass(Plan(2, 1, 0, 4), rows)     # recomputation stashes random states
+    assert not capturable_pass(Plan(2, 0, 1, 4), rows)     # offloading copies to host RAM
+    assert not capturable_pass(Plan(2, 0, 0, 4), {"input_ids": None, "labels": None, "position_ids": None,
+                                                   "packed_seq_lengths": None})
+

@@ -211,9 +211,10 @@ def step_rows(tiny_data):
     return load_tokenized("train", tiny_data[1])[:4]
 
 
-def lora_gradients(model, rows, plan: Plan, oom_when=None) -> tuple[dict, list]:
+def lora_gradients(model, rows, plan: Plan, oom_when=None, free_memory=None) -> tuple[dict, list]:
     """One step's LoRA gradients under `plan` (through PlannedSteps, the trainer's path), and the plans taken.
-    `oom_when(plan)`: raise CUDA's out-of-memory error on a micro-batch of that plan."""
+    `oom_when(plan)`: raise CUDA's out-of-memory error on a micro-batch of that plan; `free_memory`: the planner's
+    (what frees memory held for speed)."""
     import torch
 
     from ftpipe.model.modeling import pad_batch
@@ -222,6 +223,7 @@ def lora_gradients(model, rows, plan: Plan, oom_when=None) -> tuple[dict, list]:
     layers = len(decoder_layers(model))
     candidates = candidate_plans(4, "auto", "auto", layers, False)
     planner = PlannedSteps(model, Choice(plan, "test"), candidates, None, TOKENIZE.max_seq_length, 4)
+    planner.free_memory = free_memory
     total = sum(loss_token_count(row) for row in rows)
 
     lasts = []
@@ -293,6 +295,27 @@ def test_a_step_that_runs_out_of_memory_is_redone_on_the_next_plan_with_the_same
     assert history[1]["reason"] == "step 1 ran out of memory with the plan before"
     assert ("warning: train: step 1 ran out of GPU memory with micro-batch 4 (the whole batch), no recomputation; "
             "redoing it with micro-batch 2 x 2 accumulated, no recomputation") in capsys.readouterr().err
+
+
+def test_memory_held_for_speed_is_freed_first_and_the_step_redone_on_the_same_plan(lora_model, step_rows, capsys):
+    """A step running out of memory beside CUDA graphs' pool: the graphs are dropped (free_memory says so) and the
+    step is redone on the same plan, with the same result; with nothing more to free, the next plan."""
+    lora_model.train()
+    reference, _ = lora_gradients(lora_model, step_rows, Plan(4, 0, 0, 2))
+    failures, frees = iter([True]), iter(["dropped its CUDA graphs (off for the rest of the run)"])
+    redone, history = lora_gradients(lora_model, step_rows, Plan(4, 0, 0, 2),
+                                     oom_when=lambda plan: next(failures, False),
+                                     free_memory=lambda: next(frees, None))
+    assert_same_gradients(redone, reference, rtol=1e-6)
+    assert [entry["plan"]["micro_batch_size"] for entry in history] == [4, 4]
+    assert history[1]["reason"] == "step 1 ran out of memory: dropped its CUDA graphs (off for the rest of the run)"
+    assert ("warning: train: step 1 ran out of GPU memory with micro-batch 4 (the whole batch), no recomputation; "
+            "dropped its CUDA graphs (off for the rest of the run), and redid the step with the same plan"
+            ) in capsys.readouterr().err
+    failures = iter([True])   # again, with nothing left to free: the next plan
+    _, history = lora_gradients(lora_model, step_rows, Plan(4, 0, 0, 2), oom_when=lambda plan: next(failures, False),
+                                free_memory=lambda: next(frees, None))
+    assert [entry["plan"]["micro_batch_size"] for entry in history] == [4, 2]
 
 
 def test_running_out_of_memory_with_no_smaller_plan_names_the_fixes(lora_model, step_rows):
