@@ -56,6 +56,7 @@ from ftpipe.model.modeling import require_model_dir, resolve_compute_dtype
 from ftpipe.model.training import (
     CURVE_COLUMNS,
     GPU_BACKENDS,
+    are_packed,
     build_trainer,
     resolve_backend,
     throughput,
@@ -92,7 +93,7 @@ def train_adapter(params: TrainParams, max_seq_length: int, base_dir: Path, toke
         resume_from = None
     start = start_record(checkpoint_dir, resume_from, mlflow_run_id) if main_process else {}
     rows = load_tokenized("train", tokenized_dir)
-    packed = "position_ids" in rows[0]   # tokenize.packing wrote packed rows
+    packed = are_packed(rows)
     print(f"train: backend {backend}, compute dtype {compute_dtype}, run {run_id}, "
           f"{len(rows)} {'packed' if packed else 'one-example'} rows"
           + (f", resuming from {resume_from} (started by MLflow run {start.get('mlflow_run_id')})"

@@ -185,6 +185,12 @@ ROWS_KEY = "step_rows"   # a step's rows, which the trainer splits into the plan
 PADDING_FREE_MULTIPLE = 128
 
 
+def are_packed(rows: list[dict]) -> bool:
+    """Whether the tokenize stage packed these rows (tokenize.packing: several examples a row, each with its own
+    position ids)."""
+    return "position_ids" in rows[0]
+
+
 class StepRows:
     """A step's rows, carried through the trainer's batch untouched (not a list or a mapping, which accelerate
     would walk to move to the GPU)."""
@@ -212,7 +218,7 @@ class TokenCountingCollator:
         self.loss_tokens = 0
 
     def collate(self, rows: list[dict]) -> dict:
-        if "position_ids" not in rows[0]:
+        if not are_packed(rows):
             return pad_batch(rows, self.pad_id)
         if self.padding_free:
             return padding_free_batch(rows, PADDING_FREE_MULTIPLE, self.pad_id)
@@ -353,8 +359,7 @@ def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_di
     model = load_trainable_model(backend, params, base_dir, max_seq_length, compute_dtype)
     # Padding-free batches are Unsloth's layout (its varlen attention takes packed_seq_lengths); the transformers
     # backends get packed rows right-padded, the block-diagonal mask built from their position ids.
-    packed = "position_ids" in rows[0]
-    collator = TokenCountingCollator(pad_id, padding_free=packed and backend == "unsloth")
+    collator = TokenCountingCollator(pad_id, padding_free=are_packed(rows) and backend == "unsloth")
     rows_per_process = per_process_rows(params.batch_size, world_size())
     planner = plan_steps(model, params, backend, max_seq_length, collator.collate, torch_dtype(compute_dtype),
                          rows_per_process, rows)
@@ -393,7 +398,7 @@ def plan_steps(model, params: TrainParams, backend: str, max_seq_length: int, co
         return PlannedSteps(model, Choice(candidates[0], "as params.yaml sets it"), candidates, None, max_seq_length,
                             rows, offload)
     trainable, _ = model.get_nb_trainable_parameters()
-    packed = "position_ids" in data[0]
+    packed = are_packed(data)
     memory, probe = probe_memory(model, collate, max_seq_length, packed, dtype, trainable, offload,
                                  busiest_layouts(data) if packed else None)
     budget, host_budget = usable_gpu_bytes(), usable_host_bytes() if offload is not None else float("inf")
