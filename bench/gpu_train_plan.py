@@ -381,6 +381,17 @@ def one_pass_model(args, job: dict, model_dir: Path):
     return model, micro_step, micro_batch
 
 
+def loss_and_gradients(model, loss) -> dict:
+    """A pass's loss and a copy of each parameter's gradient, by name: what the checks compare."""
+    return {"loss": loss, **{name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                             if parameter.grad is not None}}
+
+
+def largest_difference(left: dict, right: dict) -> float:
+    """The largest absolute difference between two loss_and_gradients."""
+    return max(float((left[name].float() - right[name].float()).abs().max()) for name in left)
+
+
 def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     """One micro-batch's forward and backward pass, no recomputation, at each of the job's micro-batch sizes: with
     Unsloth dequantizing the 4-bit weights in every pass (twice a micro-batch), and with every decoder layer's
@@ -406,12 +417,7 @@ def run_dense_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict:
     fast_lora.get_lora_parameters = get_lora_parameters
 
     def outcome(batch: dict) -> dict:
-        loss = micro_step(batch)
-        return {"loss": loss, **{name: parameter.grad.clone() for name, parameter in model.named_parameters()
-                                 if parameter.grad is not None}}
-
-    def largest_difference(left: dict, right: dict) -> float:
-        return max(float((left[name].float() - right[name].float()).abs().max()) for name in left)
+        return loss_and_gradients(model, micro_step(batch))
 
     def seconds(batch: dict) -> float:
         micro_step(batch)
@@ -525,12 +531,7 @@ def run_graphs_check(args, job: dict, model_dir: Path, rows: list[dict]) -> dict
 
     def accumulated(run, batches: list[dict], count) -> dict:
         model.zero_grad(set_to_none=True)
-        loss = sum(run(batch, count) for batch in batches)
-        return {"loss": loss.clone(), **{name: parameter.grad.clone() for name, parameter in model.named_parameters()
-                                         if parameter.grad is not None}}
-
-    def largest_difference(left: dict, right: dict) -> float:
-        return max(float((left[name].float() - right[name].float()).abs().max()) for name in left)
+        return loss_and_gradients(model, sum(run(batch, count) for batch in batches).clone())
 
     def timed(run, batches: list[dict], count) -> dict:
         model.zero_grad(set_to_none=True)

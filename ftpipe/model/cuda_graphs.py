@@ -156,14 +156,16 @@ class BackboneGraphs:
         if self.plan != self.graphed_plan:
             self.release()
             self.graphed_plan = self.plan
+        # the call's other settings: the body's graphs hold them as they were at the capture
+        settings = {name: value for name, value in kwargs.items()
+                    if name not in ("input_ids", "attention_mask", "num_items_in_batch")}
         key = (tuple((tuple(tensor.shape), tensor.dtype) for tensor in inputs),
-               tuple(sorted((name, repr(value)) for name, value in kwargs.items()
-                            if name not in ("input_ids", "attention_mask", "num_items_in_batch"))))
+               tuple(sorted((name, repr(value)) for name, value in settings.items())))
         graphed = self.graphs.get(key)
         if graphed is None:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] > EAGER_PASSES_BEFORE_CAPTURE and len(self.graphs) < self.max_graphs:
-                graphed = self._capture(key, original, causal_lm, kwargs, inputs)
+                graphed = self._capture(key, original, causal_lm, settings, inputs)
         return graphed
 
     def summary(self) -> dict:
@@ -176,11 +178,16 @@ class BackboneGraphs:
         graph needs memory of its own beside their pool), saying so; None when none were held."""
         if not self.graphs:
             return None
-        self.off_reason = (f"a step ran out of memory beside the pool of {len(self.graphs)} CUDA graph(s) "
-                           f"(passes of other shapes need memory of their own)")
-        self.release()
-        self.gradients = None   # eager passes allocate their own
+        self._turn_off(f"a step ran out of memory beside the pool of {len(self.graphs)} CUDA graph(s) (passes of "
+                       f"other shapes need memory of their own)")
         return "dropped its CUDA graphs (off for the rest of the run)"
+
+    def _turn_off(self, reason: str) -> None:
+        """Graphs off for the rest of the run: their memory and the gradients' buffers given back (passes run as
+        they are allocate their own)."""
+        self.off_reason = reason
+        self.release()
+        self.gradients = None
 
     def release(self) -> None:
         """Drop the graphs and their memory pool."""
@@ -214,30 +221,26 @@ class BackboneGraphs:
         if cleared:
             torch._foreach_zero_(cleared)
 
-    def _capture(self, key: Hashable, original: Callable, causal_lm, kwargs: dict, inputs: tuple):
-        self._attach_gradients()
-        settings = {name: value for name, value in kwargs.items()
-                    if name not in ("input_ids", "attention_mask", "num_items_in_batch")}
+    def _capture(self, key: Hashable, original: Callable, causal_lm, settings: dict, inputs: tuple):
         body = body_module(original, causal_lm, settings, with_mask=len(inputs) == 2)
         if self.pool is None:
             self.pool = graph_pool(self.device)
         try:
             graphed = capture_body(body, inputs, self.pool)
         except Exception as error:   # noqa: BLE001 - any failure: run as it is, graphs off, the reason shown
-            self.off_reason = f"capturing a pass failed ({first_cause(error)})"
+            self._give_back_capture_memory()
+            self._turn_off(f"capturing a pass failed ({first_cause(error)})")
             print(f"warning: train: CUDA graphs off for this run: {self.off_reason}; training goes on without them",
                   file=sys.stderr, flush=True)
-            self._abandon_capture()
-            self.gradients = None
             return None
         self.graphs[key] = graphed
         self.captures += 1
         return graphed
 
-    def _abandon_capture(self) -> None:
-        """After a failed capture: the pool's memory back. When CUDA refuses to end a capture, torch's CUDAGraph raises
-        before it tells the allocator the capture is over, and the pool keeps what the capture allocated for good;
-        the allocator's own calls release it."""
+    def _give_back_capture_memory(self) -> None:
+        """After a failed capture: the pool's memory back (release() then frees it). When CUDA refuses to end a
+        capture, torch's CUDAGraph raises before it tells the allocator the capture is over, and the pool keeps what
+        the capture allocated for good; the allocator's own calls release it."""
         import torch
 
         if self.pool is not None:
@@ -245,7 +248,6 @@ class BackboneGraphs:
             for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
                 with contextlib.suppress(Exception):   # already done when the capture ended cleanly
                     getattr(torch._C, release)(device, self.pool)
-        self.release()
 
 
 def body_module(original: Callable, causal_lm, settings: dict, with_mask: bool):

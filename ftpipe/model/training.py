@@ -263,7 +263,7 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
                 batch = collator.collate(micro_rows)
                 collator.count(batch, micro_rows)
                 if graphs is not None:
-                    graphs.use(planner.plan if capturable_pass(planner.plan, batch) else None)
+                    graphs.use(planner.plan if capturable_pass(planner.plan, micro_rows) else None)
                 batch = to_gpu_without_waiting(batch, self.args.device)
                 # Under DDP the gradients are averaged across processes once a step, in the last micro-batch's
                 # backward pass: processes may then run different numbers of micro-batches
@@ -340,11 +340,11 @@ def cuda_graphs(params: TrainParams, backend: str, model) -> tuple[BackboneGraph
     return (None, why_not) if why_not else (graphs, None)
 
 
-def capturable_pass(plan: Plan, batch: dict) -> bool:
-    """Whether the body of a pass of `plan` on `batch` can be CUDA graphs: every layer's activations kept
+def capturable_pass(plan: Plan, rows: list[dict]) -> bool:
+    """Whether the body of a pass of `plan` on `rows` can be CUDA graphs: every layer's activations kept
     (recomputation saves and restores random states, offloading copies to host RAM: neither can be captured), and
     rows not packed (Unsloth's attention over packed examples reads their lengths on the host)."""
-    return plan.kept == plan.layers and "position_ids" not in batch
+    return plan.kept == plan.layers and not are_packed(rows)
 
 
 def build_trainer(params: TrainParams, backend: str, compute_dtype: str, base_dir: Path, max_seq_length: int,

@@ -245,10 +245,9 @@ def test_cuda_graphs_are_off_under_ddp(monkeypatch):
 def test_only_passes_keeping_every_layer_on_rows_not_packed_can_be_graphs():
     from ftpipe.model.training_plan import Plan
 
-    rows = {"input_ids": None, "attention_mask": None, "labels": None}
+    rows = [{"input_ids": [1, 2], "labels": [1, 2]}] * 2
     assert capturable_pass(Plan(2, 0, 0, 4), rows)
     assert not capturable_pass(Plan(2, 1, 0, 4), rows)     # recomputation stashes random states
     assert not capturable_pass(Plan(2, 0, 1, 4), rows)     # offloading copies to host RAM
-    assert not capturable_pass(Plan(2, 0, 0, 4), {"input_ids": None, "labels": None, "position_ids": None,
-                                                   "packed_seq_lengths": None})
+    assert not capturable_pass(Plan(2, 0, 0, 4), [{"input_ids": [1, 2], "labels": [1, 2], "position_ids": [0, 1]}])
 
