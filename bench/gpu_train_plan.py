@@ -103,6 +103,8 @@ JOBS = [
      "repeats": 12},
     {"name": "1b-graphs", "model": "1b", "method": "graphs_check", "micro_batches": [2, 4], "accumulate": 4,
      "repeats": 12},
+    # where the stage's host waits for the GPU (torch's sync debug mode; slows the steps: no rates from it)
+    {"name": "1b-syncs", "model": "1b", "method": "stage", "steps": 6, "warmup": 3, "sync_sites": True},
 ]
 LONGEST = 1 << 19   # the longest sequence the model is loaded for (Unsloth sizes its RoPE tables by it)
 UNSLOTH_PUBLISHED_LONGEST = 342_733   # Unsloth's published longest context for Llama-3.1-8B QLoRA on an 80 GB GPU
@@ -230,14 +232,77 @@ def run_stage(args, job: dict, model_dir: Path, data_dir: Path) -> dict:
     work = root() / "work" / job["name"]
     shutil.rmtree(work, ignore_errors=True)
     params = train_params(args, job, "auto", "auto")
+    sites = sync_sites() if job.get("sync_sites") else None
     result = train_adapter(params, args.seq_len, model_dir, data_dir, work / "checkpoints", work / "adapter",
-                           [ResetPeak()])
+                           [ResetPeak()] + ([sites] if sites else []))
     curve = result["curve"]
     (root() / order_file(job)).write_text(json.dumps(order[:job["steps"]]))
     return {**throughput(curve, skip_first=job["warmup"]), "steps": len(curve), "row_order": order[:job["steps"]],
             "losses": [round(row["loss"], 5) for row in curve],
             "training_plan": result["metrics"]["training_plan"], "mfu_stage": result["metrics"].get("mfu"),
-            **({"allocator": allocator_record()} if torch.cuda.is_available() else {})}
+            **({"allocator": allocator_record()} if torch.cuda.is_available() else {}),
+            **({"host_waits": sites.record()} if sites else {})}
+
+
+SYNC_SITES_FROM_STEP = 2
+
+
+def sync_sites():
+    """A TrainerCallback recording where the host waited for the GPU while the stage trained
+    (torch.cuda.set_sync_debug_mode: each operation that synchronizes warns), counted by the innermost calls outside
+    torch, from the end of step SYNC_SITES_FROM_STEP (the steps before compile kernels and capture CUDA graphs) to
+    the end of the last step (not the final checkpoint's saving). A step should wait only where Unsloth's loss picks
+    its target rows (nonzero(), once a micro-batch) and where the last step's figures are read
+    (ftpipe/model/step_figures.py)."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+    from transformers import TrainerCallback
+
+    torch_folder = str(Path(torch.__file__).parent) + os.sep
+
+    class Sites(TrainerCallback):
+        def __init__(self):
+            self.counts: collections.Counter = collections.Counter()
+            self.steps = 0
+            self.shown = None
+            self.filters = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == SYNC_SITES_FROM_STEP and torch.cuda.is_available():
+                self.filters, self.shown = warnings.filters[:], warnings.showwarning
+                warnings.simplefilter("always")
+                warnings.showwarning = self.seen
+                torch.cuda.set_sync_debug_mode("warn")
+            elif state.global_step > SYNC_SITES_FROM_STEP and self.shown is not None:
+                self.steps += 1
+                if state.global_step >= state.max_steps:   # not the final checkpoint's saving (tensors to the host)
+                    self.stop()
+
+        def seen(self, message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self.shown(message, category, filename, lineno, file, line)
+            frames = [frame for frame in traceback.extract_stack()[:-1]
+                      if not frame.filename.startswith(torch_folder) and "warnings" not in frame.filename]
+            self.counts[" < ".join(f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+                                   for frame in reversed(frames[-3:]))] += 1
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.stop()
+
+        def stop(self):
+            if self.shown is not None:
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning, warnings.filters[:] = self.shown, self.filters
+                self.shown = None
+
+        def record(self) -> dict:
+            return {"steps": self.steps, "from_step": SYNC_SITES_FROM_STEP + 1,
+                    "sites": dict(self.counts.most_common())}
+
+    return Sites()
 
 
 def allocator_record() -> dict:

@@ -117,8 +117,9 @@ def build_tokenized(base_dir: Path, root: Path, params: TokenizeParams = TOKENIZ
 
 
 def model_probe():
-    """A TrainerCallback that records, when training begins, how the model being trained is built, and
-    then the sorted argument names of each of its forward calls ('forward_kwargs'): what it is given."""
+    """A TrainerCallback that records, when training begins, how the model being trained is built, then the
+    sorted argument names of each of its forward calls ('forward_kwargs'): what it is given, and for each step's
+    log entry the step and how many forward passes had begun by then ('logged_after_passes')."""
     import bitsandbytes as bnb
     from transformers import TrainerCallback
 
@@ -140,8 +141,13 @@ def model_probe():
                 "trainable": sorted(name for name, p in model.named_parameters() if p.requires_grad),
                 "use_cache": model.config.use_cache,
                 "forward_kwargs": [],
+                "logged_after_passes": [],
             }
             model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.seen["logged_after_passes"].append((state.global_step, len(self.seen["forward_kwargs"])))
 
     return ModelProbe()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from ftpipe.model.modeling import (
     padding_free_batch,
     torch_dtype,
 )
+from ftpipe.model.step_figures import StepFigures
 from ftpipe.model.training_plan import Choice, Plan, PlannedSteps, candidate_plans, choose_plan, decoder_layers
 
 # tokens: positions the model computed, padding included; useful_tokens: the real (non-padding) ones.
@@ -173,7 +173,12 @@ def training_arguments(params: TrainParams, backend: str, compute_dtype: str, ou
         # Mixed precision on a GPU, in the compute dtype; the CPU computes in it through bitsandbytes alone.
         report_to=[], use_cpu=backend == "cpu", bf16=backend in GPU_BACKENDS and compute_dtype == "bfloat16",
         fp16=backend in GPU_BACKENDS and compute_dtype == "float16", remove_unused_columns=False,
-        dataloader_num_workers=0, save_only_model=False, **steps)
+        dataloader_num_workers=0, save_only_model=False,
+        # Nothing between two steps waits for the GPU (ftpipe/model/step_figures.py says why): the loader's batch
+        # is copied from pinned memory without waiting, and the loss is not read after each step to filter out a
+        # NaN or infinite one (such a loss is logged as it is, which is what a review should see)
+        dataloader_pin_memory=True, accelerator_config={"non_blocking": True}, logging_nan_inf_filter=False,
+        **steps)
 
 
 ROWS_KEY = "step_rows"   # a step's rows, which the trainer splits into the plan's micro-batches
@@ -247,9 +252,12 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
     peak_flops = bf16_peak_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
     class MeasuringTrainer(Trainer):
-        """Adds tokens, useful tokens, their rates, peak GPU memory and MFU to each per-step log entry."""
-        last_time = time.perf_counter()
-        last_counts = (0, 0, 0)
+        """Adds tokens, useful tokens, their rates, peak GPU memory and MFU to each per-step log entry, and logs a
+        step once the next step's first micro-batch is queued (ftpipe/model/step_figures.py: the GPU never waits
+        for the host's logging)."""
+        step_began: StepFigures | None = None   # where the step being timed began: the last step's end
+        unlogged: dict | None = None            # the last step's figures, not logged yet
+        counted = (0, 0, 0)                     # the collator's counts when the last step ended
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """The step's rows as the plan's micro-batches, each a forward and backward pass of the trainer's own
@@ -258,8 +266,10 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             count, its mean loss weighted by its share of the targets."""
             micro_batch_step = super().training_step
             by_count = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+            if self.step_began is None:
+                self.step_began = StepFigures({}, self.args.device)
 
-            def micro_step(micro_rows: list[dict], share: float, last: bool):
+            def forward_backward(micro_rows: list[dict], share: float, last: bool):
                 batch = collator.collate(micro_rows)
                 collator.count(batch, micro_rows)
                 if graphs is not None:
@@ -278,7 +288,76 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
                     finally:
                         self.current_gradient_accumulation_steps = 1
 
+            def micro_step(micro_rows: list[dict], share: float, last: bool):
+                loss = forward_backward(micro_rows, share, last)
+                self.log_last_step()   # this pass is queued: the GPU runs it while the host logs the last step
+                return loss
+
             return planner.run(inputs[ROWS_KEY].rows, micro_step, self.state.global_step + 1)
+
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                     start_time, learning_rate=None):
+            """The step's figures taken (StepFigures), to be logged after the next step's first micro-batch is
+            queued; at once before a checkpoint (whose trainer state holds the log) or an evaluation, and under DDP
+            (the processes gather their counts at the same point of a step, and may run different numbers of
+            micro-batches). transformers' own logging of the step is then skipped, its saving and evaluating not."""
+            if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
+                counts = (collator.tokens, collator.useful_tokens, collator.loss_tokens)
+                self.unlogged = {
+                    "figures": StepFigures({"loss": tr_loss, "grad_norm": grad_norm}
+                                           if grad_norm is not None else {"loss": tr_loss}, self.args.device),
+                    "steps": self.state.global_step - self._globalstep_last_logged,
+                    "learning_rate": learning_rate if learning_rate is not None else self._get_learning_rate(),
+                    "counts": [now - before for now, before in zip(counts, self.counted)],
+                    "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                    if torch.cuda.is_available() else None,
+                    "start_time": start_time}
+                self.counted = counts
+                tr_loss -= tr_loss   # queued after the figures' copy
+                self._globalstep_last_logged = self.state.global_step
+                self.store_flos()
+                if self.control.should_save or self.control.should_evaluate or world_size() > 1:
+                    self.log_last_step()
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                             start_time, learning_rate)
+
+        def _finalize_training(self, *args, **kwargs):
+            self.log_last_step()
+            return super()._finalize_training(*args, **kwargs)
+
+        def log_last_step(self) -> None:
+            """Logs the step whose figures were taken last, if not yet: its loss (the sum over the steps since the
+            last log, as transformers logs it), gradient norm and learning rate, with its token counts, seconds,
+            rates, peak memory and MFU (of every process, under DDP)."""
+            step, self.unlogged = self.unlogged, None
+            if step is None:
+                return
+            figures = step["figures"].read()
+            self._total_loss_scalar += figures["loss"]
+            logs = {"loss": figures["loss"] / step["steps"]}
+            if "grad_norm" in figures:
+                logs["grad_norm"] = figures["grad_norm"]
+            logs["learning_rate"] = step["learning_rate"]
+            seconds = step["figures"].seconds_after(self.step_began)
+            self.step_began = step["figures"]
+            peak = step["peak_memory_gib"]
+            tokens, useful, loss_tokens = step["counts"]
+            ranks = gather({"tokens": tokens, "useful_tokens": useful, "loss_tokens": loss_tokens,
+                            "peak_memory_gib": peak})   # every process's, under DDP
+            for key in ("tokens", "useful_tokens", "loss_tokens"):   # the whole step's, all processes
+                logs[key] = sum(entry[key] for entry in ranks)
+            logs["seconds"] = round(seconds, 4)
+            logs["tokens_per_s"] = round(logs["tokens"] / seconds, 1) if seconds > 0 else 0.0
+            logs["useful_tokens_per_s"] = round(logs["useful_tokens"] / seconds, 1) if seconds > 0 else 0.0
+            if peak is not None:
+                logs["peak_memory_gib"] = max(entry["peak_memory_gib"] for entry in ranks)
+                logs["mfu"] = mfu(base_parameters, logs["tokens_per_s"] / len(ranks), peak_flops)   # per GPU
+            if len(ranks) > 1:
+                for index, entry in enumerate(ranks):
+                    logs[f"rank{index}/tokens"] = entry["tokens"]
+                    if entry["peak_memory_gib"] is not None:
+                        logs[f"rank{index}/peak_memory_gib"] = entry["peak_memory_gib"]
+            self.log(logs, step["start_time"])
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             if checkpoint is None or torch.cuda.is_available() or self.args.world_size == 1:
@@ -290,33 +369,6 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             self.optimizer.load_state_dict(torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu",
                                                       weights_only=True))
             self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
-
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()   # the step's kernels are done: the time is the step's
-                now = time.perf_counter()
-                seconds = now - self.last_time
-                counts = (collator.tokens, collator.useful_tokens, collator.loss_tokens)
-                own = [now_count - last for now_count, last in zip(counts, self.last_counts)]
-                peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
-                ranks = gather({"tokens": own[0], "useful_tokens": own[1], "loss_tokens": own[2],
-                                "peak_memory_gib": peak})   # every process's, under DDP
-                for key in ("tokens", "useful_tokens", "loss_tokens"):   # the whole step's, all processes
-                    logs[key] = sum(entry[key] for entry in ranks)
-                logs["seconds"] = round(seconds, 4)
-                logs["tokens_per_s"] = round(logs["tokens"] / seconds, 1) if seconds > 0 else 0.0
-                logs["useful_tokens_per_s"] = round(logs["useful_tokens"] / seconds, 1) if seconds > 0 else 0.0
-                if peak is not None:
-                    logs["peak_memory_gib"] = max(entry["peak_memory_gib"] for entry in ranks)
-                    logs["mfu"] = mfu(base_parameters, logs["tokens_per_s"] / len(ranks), peak_flops)   # per GPU
-                if len(ranks) > 1:
-                    for index, entry in enumerate(ranks):
-                        logs[f"rank{index}/tokens"] = entry["tokens"]
-                        if entry["peak_memory_gib"] is not None:
-                            logs[f"rank{index}/peak_memory_gib"] = entry["peak_memory_gib"]
-                self.last_time, self.last_counts = now, counts
-            super().log(logs, *args, **kwargs)
 
     trainer = MeasuringTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                                callbacks=callbacks)

@@ -132,6 +132,19 @@ def test_training_writes_the_adapter_and_a_full_curve(tiny_trained, tiny_base, t
     assert lines[0] == ",".join(CURVE_COLUMNS) and len(lines) == 7
 
 
+def test_each_step_is_logged_once_the_next_steps_pass_has_begun_or_before_its_checkpoint(tiny_trained):
+    # The GPU runs the next step's first pass while the host logs a step (ftpipe/model/step_figures.py). One pass
+    # a step; checkpoints every 2 steps: their trainer state must hold the step's log, so those steps log first.
+    assert tiny_trained["model"]["logged_after_passes"] == [(1, 2), (2, 2), (3, 4), (4, 4), (5, 6), (6, 6)]
+    checkpoints = tiny_trained["checkpoints"] / tiny_trained["result"]["metrics"]["run_fingerprint"]
+    for step in (2, 4, 6):
+        history = read_json(checkpoints / f"checkpoint-{step}" / "trainer_state.json")["log_history"]
+        assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, step + 1))
+    curve = tiny_trained["result"]["curve"]
+    assert all(row["seconds"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"], rel=1e-3)
+               for row in curve)
+
+
 def test_all_linear_trains_the_same_adapter_as_the_explicit_llama_list(tmp_path, tiny_base, tiny_data, tiny_trained,
                                                                       capsys):
     """params.yaml's default [all-linear] resolves, on the Llama default model, to the seven names the tests (and
