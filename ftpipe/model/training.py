@@ -248,6 +248,7 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
     (MeasuringTrainer)."""
     import torch
     from transformers import Trainer
+    from transformers.trainer_pt_utils import nested_gather
 
     peak_flops = bf16_peak_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
@@ -303,9 +304,11 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             micro-batches). transformers' own logging of the step is then skipped, its saving and evaluating not."""
             if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
                 counts = (collator.tokens, collator.useful_tokens, collator.loss_tokens)
+                # under DDP, the mean of every process's loss, as transformers logs it (a collective: same point)
+                loss = tr_loss if world_size() == 1 else nested_gather(tr_loss, self.args.parallel_mode).mean()
                 self.unlogged = {
-                    "figures": StepFigures({"loss": tr_loss, "grad_norm": grad_norm}
-                                           if grad_norm is not None else {"loss": tr_loss}, self.args.device),
+                    "figures": StepFigures({"loss": loss, "grad_norm": grad_norm}
+                                           if grad_norm is not None else {"loss": loss}, self.args.device),
                     "steps": self.state.global_step - self._globalstep_last_logged,
                     "learning_rate": learning_rate if learning_rate is not None else self._get_learning_rate(),
                     "counts": [now - before for now, before in zip(counts, self.counted)],
