@@ -252,8 +252,8 @@ def sync_sites():
     (torch.cuda.set_sync_debug_mode: each operation that synchronizes warns), counted by the innermost calls outside
     torch, from the end of step SYNC_SITES_FROM_STEP (the steps before compile kernels and capture CUDA graphs) to
     the end of the last step (not the final checkpoint's saving). A step should wait only where Unsloth's loss picks
-    its target rows (nonzero(), once a micro-batch) and where the last step's figures are read
-    (ftpipe/model/step_figures.py)."""
+    its target rows (nonzero(), once a micro-batch), and for the last step's figures (ftpipe/model/step_figures.py:
+    an event's wait, which the debug mode does not report, queued behind the next step's first pass)."""
     import collections
     import traceback
     import warnings

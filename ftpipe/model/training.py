@@ -304,8 +304,9 @@ def make_trainer(model, args, rows: list[dict], collator: TokenCountingCollator,
             micro-batches). transformers' own logging of the step is then skipped, its saving and evaluating not."""
             if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
                 counts = (collator.tokens, collator.useful_tokens, collator.loss_tokens)
-                # under DDP, the mean of every process's loss, as transformers logs it (a collective: same point)
-                loss = tr_loss if world_size() == 1 else nested_gather(tr_loss, self.args.parallel_mode).mean()
+                # the mean of every process's loss, as transformers logs it (under DDP a collective, at the same
+                # point on every process; on one, the loss itself)
+                loss = nested_gather(tr_loss, self.args.parallel_mode).mean()
                 self.unlogged = {
                     "figures": StepFigures({"loss": loss, "grad_norm": grad_norm}
                                            if grad_norm is not None else {"loss": loss}, self.args.device),
